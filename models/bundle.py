@@ -1,0 +1,277 @@
+"""The model bundle: the one contract between the offline (torch) and online (service) halves.
+
+A bundle is a directory (or a .tar of one) holding
+  detector.onnx   uint8 images [N, 3, H, W] in, `score` [N] float32 out (optionally `reconstruction`)
+  manifest.json   this module's `Manifest`, with the sha256 of every other file
+
+This module imports no torch. It also holds the image preprocessing both halves share
+(`to_rgb`, `prepare_image`), so the service scores exactly what training and calibration scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ONNX_NAME = "detector.onnx"
+ONNX_INPUT = "images"
+ONNX_SCORE = "score"
+ONNX_RECONSTRUCTION = "reconstruction"
+
+ResizeRule = Literal["resize", "shorter_side_center_crop"]
+
+
+class BundleError(Exception):
+    """A bundle is missing, malformed or tampered with. The message names the file and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class InputSpec(_Strict):
+    """What the graph takes and how any image becomes it."""
+
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    channels: Literal[3] = 3
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["uint8"] = "uint8"
+    resize: ResizeRule = "resize"
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    # Normalization runs inside the graph; recorded here so a reader knows what the encoder saw.
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class EncoderIdentity(_Strict):
+    architecture: str
+    kind: str  # cifar_resnet, torchvision_resnet, torchscript, onnx, factory
+    source: str  # file name or factory path it was loaded from
+    sha256: str | None  # of the weights file; None for a factory without a file
+    embedding_dim: int = Field(gt=0)
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class DecoderSpec(_Strict):
+    """Enough to rebuild the decoder and to know exactly which patches the graph sees."""
+
+    preset: str
+    config: dict[str, float | int | str | bool]
+    score: str  # how the discrepancy is computed, e.g. "sse_masked_normalized"
+    visible_patches: list[int]  # the fixed test-time mask: indices of the patches the decoder sees
+    num_patches: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _indices_in_range(self) -> DecoderSpec:
+        if any(i < 0 or i >= self.num_patches for i in self.visible_patches):
+            raise ValueError("visible_patches holds an index outside [0, num_patches)")
+        if len(set(self.visible_patches)) != len(self.visible_patches):
+            raise ValueError("visible_patches holds a repeated index")
+        return self
+
+
+class Threshold(_Strict):
+    value: float
+    fpr_target: float = Field(gt=0, lt=1)
+    n_calibration: int = Field(gt=0)
+    calibration_source: str
+    score_quantiles: dict[str, float]  # "q0.5" -> score, on the calibration split
+    realised_fpr: float | None = None  # on a second clean split
+    realised_fpr_ci95: tuple[float, float] | None = None
+    n_holdout: int | None = None
+
+
+class FileEntry(_Strict):
+    path: str
+    sha256: str
+    bytes: int = Field(ge=0)
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    model_name: str
+    model_version: str
+    created_at: str
+    input: InputSpec
+    encoder: EncoderIdentity
+    decoder: DecoderSpec
+    threshold: Threshold
+    onnx_outputs: list[str] = [ONNX_SCORE]
+    opset: int
+    files: list[FileEntry]
+    tools: dict[str, str]  # versions of torch, onnx, onnxruntime, dede that made it
+    parity: dict[str, float] = {}  # the export check's figures (max relative score difference, n)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Bundle:
+    """A verified bundle on disk. Build it with `load_bundle`, never directly."""
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root = root
+        self.manifest = manifest
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.root / ONNX_NAME
+
+    @property
+    def threshold(self) -> float:
+        return self.manifest.threshold.value
+
+
+def _open_root(path: Path) -> Path:
+    """A directory as is; a .tar unpacked (safely) into a private temporary directory."""
+    if path.is_dir():
+        return path
+    if path.is_file() and tarfile.is_tarfile(path):
+        target = Path(tempfile.mkdtemp(prefix="dede-bundle-"))
+        with tarfile.open(path) as archive:
+            archive.extractall(target, filter="data")  # "data" refuses links and paths out of target
+        entries = [p for p in target.iterdir()]
+        return entries[0] if len(entries) == 1 and entries[0].is_dir() else target
+    if not path.exists():
+        raise BundleError(f"bundle not found: {path} (build one with `dede export` or `dede demo`)")
+    raise BundleError(f"bundle {path} is neither a directory nor a .tar archive")
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read and verify a bundle: schema, then the hash of every file BEFORE any of them is parsed."""
+    root = _open_root(Path(path))
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path} is missing: not a dede bundle")
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path} is not readable JSON: {exc}") from exc
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{manifest_path}: schema_version {version!r} is not supported (this dede reads "
+            f"{SCHEMA_VERSION}); re-export the bundle with this version of dede"
+        )
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BundleError(f"{manifest_path}: field '{where}': {first['msg']}") from exc
+
+    listed = {entry.path for entry in manifest.files}
+    if ONNX_NAME not in listed:
+        raise BundleError(f"{manifest_path} lists no {ONNX_NAME}")
+    for entry in manifest.files:
+        file_path = (root / entry.path).resolve()
+        if root.resolve() not in file_path.parents:
+            raise BundleError(f"{manifest_path}: file path {entry.path!r} leaves the bundle")
+        if not file_path.is_file():
+            raise BundleError(f"{file_path} is listed in the manifest but missing")
+        try:
+            actual = sha256_file(file_path)
+        except OSError as exc:
+            raise BundleError(f"{file_path} cannot be read: {exc}") from exc
+        if actual != entry.sha256:
+            raise BundleError(
+                f"{file_path}: sha256 {actual[:12]}... does not match the manifest's "
+                f"{entry.sha256[:12]}...: the file was changed or corrupted; re-export the bundle"
+            )
+    return Bundle(root, manifest)
+
+
+def write_manifest(root: Path, manifest_fields: dict) -> Manifest:
+    """Hash every file in `root` (but the manifest) into the manifest, validate it, write it."""
+    files = [
+        FileEntry(path=p.name, sha256=sha256_file(p), bytes=p.stat().st_size)
+        for p in sorted(root.iterdir())
+        if p.is_file() and p.name != MANIFEST_NAME
+    ]
+    manifest = Manifest.model_validate({**manifest_fields, "files": [f.model_dump() for f in files]})
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Image preprocessing shared by training, `dede score` and the service.
+# ----------------------------------------------------------------------------------------------
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied, any mode to 8-bit RGB; transparency composited onto black.
+
+    Compositing onto black matches what `convert("RGB")` does for most modes while staying
+    defined for palette and LA images with a transparency key.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grey: scale to 8 bits instead of clipping (which turns most images white).
+        array = np.asarray(image, dtype=np.uint32) >> 8
+        image = Image.fromarray(array.clip(0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def prepare_image(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Any PIL image -> uint8 array [3, H, W] as the detector graph takes it."""
+    rgb = to_rgb(image)
+    resample = _RESAMPLE[spec.interpolation]
+    if rgb.size != (spec.width, spec.height):
+        if spec.resize == "shorter_side_center_crop":
+            scale = max(spec.width / rgb.width, spec.height / rgb.height)
+            size = (max(spec.width, round(rgb.width * scale)), max(spec.height, round(rgb.height * scale)))
+            rgb = rgb.resize(size, resample)
+            left = (rgb.width - spec.width) // 2
+            top = (rgb.height - spec.height) // 2
+            rgb = rgb.crop((left, top, left + spec.width, top + spec.height))
+        else:
+            rgb = rgb.resize((spec.width, spec.height), resample)
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def prepare_array(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 NHWC arrays (as in the .npz data sets) -> uint8 NCHW at the spec's size.
+
+    Arrays already at the right size pass through untouched, which is what `prepare_image` does
+    for an RGB image of that size too, so file and array paths agree.
+    """
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [N, H, W, 3], got {images.dtype} {images.shape}")
+    if images.shape[1:3] == (spec.height, spec.width):
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    return np.stack([prepare_image(Image.fromarray(img), spec) for img in images])
+
+
+def load_image_file(path: str | Path, spec: InputSpec) -> np.ndarray:
+    """An image file -> uint8 [3, H, W]. Offline use; the service adds upload limits first."""
+    data = Path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return prepare_image(image, spec)
