@@ -1,0 +1,271 @@
+"""HTTP endpoints: /detect, /healthz, /readyz, /v1/models, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from models.bundle import ONNX_NAME
+from service.batcher import BatcherClosed, InferenceFailed, QueueFull, ScoredImage
+from service.decoding import DecodeLimits, ImageRejected, decode_images
+from service.errors import ServiceError, unavailable
+from service.schemas import DetectResponse, ErrorResponse, ModelsResponse
+from service.state import ServiceState, service_state
+from service.uploads import Upload, read_uploads
+
+log = logging.getLogger("dede.api")
+
+router = APIRouter()
+
+State = Annotated[ServiceState, Depends(service_state)]
+
+
+def _given_key(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
+
+
+def require_api_key(request: Request, state: State) -> None:
+    """Checks `X-API-Key` or `Authorization: Bearer` against DEDE_API_KEY, in constant time."""
+    expected = state.settings.api_key
+    if expected is None:
+        return
+    given = _given_key(request)
+    if given is None or not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise ServiceError(
+            401,
+            "unauthorized",
+            "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+ApiKey = Annotated[None, Depends(require_api_key)]
+
+_ERRORS = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "malformed request or undecodable image",
+        401: "missing or wrong API key",
+        413: "request body or image too large",
+        415: "not an accepted image format (decided from the bytes)",
+        422: "no images, or too many",
+        503: "queue full, not ready, or draining (see Retry-After)",
+    }.items()
+}
+
+_DETECT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                    "required": ["images"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/detect",
+    response_model=DetectResponse,
+    responses=_ERRORS,
+    openapi_extra=_DETECT_BODY,
+    summary="Score images: is each one a backdoor (trigger-carrying) sample?",
+)
+async def detect(request: Request, state: State, _: ApiKey) -> Response:
+    started = time.perf_counter()
+    refusal = state.refusal()
+    if refusal is not None:
+        raise refusal
+    batcher = state.batcher
+    assert batcher is not None  # refusal() is None only once the batcher runs
+    settings = state.settings
+    state.in_flight += 1
+    state.metrics.in_flight.inc()
+    try:
+        with batcher.incoming():
+            uploads = await read_uploads(
+                request, max_bytes=settings.max_upload_bytes, max_images=settings.max_images_per_request
+            )
+            decode_started = time.perf_counter()
+            decoded = await asyncio.get_running_loop().run_in_executor(
+                state.decode_pool,
+                decode_images,
+                [upload.data for upload in uploads],
+                state.bundle.manifest.input,
+                DecodeLimits(settings.max_image_pixels),
+            )
+            decode_s = time.perf_counter() - decode_started
+            state.metrics.decode_time.observe(decode_s)
+            arrays = [item for item in decoded if isinstance(item, np.ndarray)]
+            if not arrays:
+                raise _all_rejected(state, uploads, decoded)
+            futures = _submit(state, arrays)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        body = _answer(state, uploads, decoded, outcomes, decode_s, started)
+        return JSONResponse(body)
+    finally:
+        state.in_flight -= 1
+        state.metrics.in_flight.dec()
+
+
+def _submit(state: ServiceState, arrays: list[np.ndarray]) -> list[asyncio.Future[ScoredImage]]:
+    assert state.batcher is not None
+    retry = state.settings.retry_after_s
+    try:
+        return state.batcher.submit(arrays)
+    except QueueFull as exc:
+        state.metrics.rejections.labels("queue_full").inc()
+        raise unavailable("queue_full", f"the queue is full ({exc}); retry shortly", retry) from exc
+    except BatcherClosed as exc:
+        state.metrics.rejections.labels("draining").inc()
+        raise unavailable("draining", "the service is shutting down", retry) from exc
+
+
+def _rejection_result(index: int, upload: Upload, rejection: ImageRejected) -> dict:
+    return {
+        "index": index,
+        "filename": upload.filename,
+        "score": None,
+        "flagged": None,
+        "error": {"code": rejection.code, "message": rejection.message},
+    }
+
+
+def _all_rejected(state: ServiceState, uploads: list[Upload], decoded: list) -> ServiceError:
+    """No image decoded: the request fails with the first image's status, listing every image's error."""
+    state.metrics.images.labels("error").inc(len(decoded))
+    first = decoded[0]
+    results = [_rejection_result(i, u, r) for i, (u, r) in enumerate(zip(uploads, decoded, strict=True))]
+    message = first.message if len(decoded) == 1 else f"none of the {len(decoded)} images could be decoded"
+    return ServiceError(first.status, first.code, message, images=results)
+
+
+def _answer(
+    state: ServiceState,
+    uploads: list[Upload],
+    decoded: list,
+    outcomes: list[ScoredImage | BaseException],
+    decode_s: float,
+    started: float,
+) -> dict:
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if failures:
+        _raise_failure(state, failures[0], len(uploads))
+    threshold = state.bundle.threshold
+    metrics = state.metrics
+    scored = iter(outcomes)
+    results = []
+    for index, (upload, item) in enumerate(zip(uploads, decoded, strict=True)):
+        if isinstance(item, ImageRejected):
+            metrics.images.labels("error").inc()
+            results.append(_rejection_result(index, upload, item))
+            continue
+        outcome = next(scored)
+        if not np.isfinite(outcome.score):
+            metrics.images.labels("error").inc()
+            error = {"code": "non_finite_score", "message": f"the model gave a score of {outcome.score}"}
+            results.append(
+                {"index": index, "filename": upload.filename, "score": None, "flagged": None, "error": error}
+            )
+            continue
+        flagged = outcome.score > threshold
+        metrics.images.labels("flagged" if flagged else "clean").inc()
+        metrics.score.observe(outcome.score)
+        results.append(
+            {"index": index, "filename": upload.filename, "score": outcome.score, "flagged": flagged}
+        )
+    manifest = state.bundle.manifest
+    return {
+        "model_name": manifest.model_name,
+        "model_version": manifest.model_version,
+        "threshold": threshold,
+        "images": results,
+        "timing": {
+            "decode_ms": round(1000 * decode_s, 3),
+            "queue_ms": round(1000 * max(o.queue_s for o in outcomes), 3),
+            "compute_ms": round(1000 * max(o.compute_s for o in outcomes), 3),
+            "total_ms": round(1000 * (time.perf_counter() - started), 3),
+        },
+    }
+
+
+def _raise_failure(state: ServiceState, failure: BaseException, image_count: int) -> None:
+    state.metrics.images.labels("error").inc(image_count)
+    if isinstance(failure, BatcherClosed):
+        raise unavailable(
+            "draining", "the service stopped before scoring these images", state.settings.retry_after_s
+        )
+    error_id = uuid.uuid4().hex[:12]
+    log.error("error id %s: %s", error_id, failure)
+    reason = "the model failed on this batch" if isinstance(failure, InferenceFailed) else "scoring failed"
+    raise ServiceError(500, "inference_failed", f"{reason}; quote error id {error_id}", error_id=error_id)
+
+
+@router.get("/healthz", summary="Liveness: the process is up")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: bundle verified, session loaded, warmed up, not draining")
+async def readyz(state: State) -> Response:
+    if state.ready and not state.draining:
+        return JSONResponse({"ready": True})
+    reason = "draining: shutting down" if state.draining else state.not_ready_reason
+    headers = {"Retry-After": str(state.settings.retry_after_s)}
+    return JSONResponse({"ready": False, "reason": reason}, status_code=503, headers=headers)
+
+
+@router.get(
+    "/v1/models", response_model=ModelsResponse, responses={401: _ERRORS[401]}, summary="The model served"
+)
+async def models(state: State, _: ApiKey) -> dict:
+    manifest = state.bundle.manifest
+    detector = state.detector
+    onnx_sha = next((f.sha256 for f in manifest.files if f.path == ONNX_NAME), "")
+    info = {
+        "name": manifest.model_name,
+        "version": manifest.model_version,
+        "created_at": manifest.created_at,
+        "provider": detector.provider if detector else "not loaded",
+        "providers": detector.providers if detector else [],
+        "threshold": manifest.threshold.value,
+        "fpr_target": manifest.threshold.fpr_target,
+        "input": manifest.input.model_dump(mode="json"),
+        "encoder": manifest.encoder.model_dump(mode="json"),
+        "decoder_preset": manifest.decoder.preset,
+        "score": manifest.decoder.score,
+        "max_batch_size": state.settings.max_batch_size,
+        "onnx_sha256": onnx_sha,
+    }
+    return {"models": [info]}
+
+
+async def _metrics_key(request: Request, state: State) -> None:
+    if state.settings.protect_metrics:
+        require_api_key(request, state)
+
+
+@router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(_metrics_key)])
+async def metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,117 @@
+"""The FastAPI app factory. Startup: bundle verified (in `create_app`), session loaded (lifespan),
+warm-up of every batch bucket in the background, then ready. Shutdown: no new work, queue drained."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from models.bundle import Bundle, load_bundle
+from service.api import router
+from service.batcher import Batcher
+from service.errors import ServiceError
+from service.metrics import Metrics
+from service.middleware import RequestContextMiddleware
+from service.runtime import Detector, batch_buckets, resolve_providers
+from service.settings import Settings
+from service.state import ServiceState
+
+log = logging.getLogger("dede.service")
+
+
+def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
+    """Build the app. Verifies the bundle now (raises `BundleError`); the model loads at startup."""
+    settings = settings or Settings()
+    bundle = bundle or load_bundle(settings.bundle)
+    manifest = bundle.manifest
+    metrics = Metrics(settings.max_batch_size, bundle.threshold)
+    state = ServiceState(settings=settings, bundle=bundle, metrics=metrics)
+
+    app = FastAPI(
+        title="dede detection service",
+        summary="Flags images carrying a backdoor trigger for a self-supervised encoder (DeDe).",
+        version=manifest.model_version,
+        lifespan=_lifespan,
+    )
+    app.state.service = state
+    app.include_router(router)
+    app.add_exception_handler(ServiceError, _service_error_response)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    # Added last, so it is the outermost: it sees every answer, CORS preflights included.
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, access_log_enabled=settings.access_log)
+    return app
+
+
+async def _service_error_response(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return exc.to_response()
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: ServiceState = app.state.service
+    settings = state.settings
+    manifest = state.bundle.manifest
+    providers = resolve_providers(settings.execution_providers)
+    # Loading can take seconds on a large graph; keep the loop free meanwhile.
+    detector = await asyncio.to_thread(
+        Detector, state.bundle.onnx_path, manifest.input, providers, settings.intra_op_threads
+    )
+    state.detector = detector
+    state.metrics.set_model(
+        manifest.model_name, manifest.model_version, detector.provider, state.bundle.threshold
+    )
+    state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="dede-decode")
+    state.batcher = Batcher(
+        detector.score,
+        max_batch_size=settings.max_batch_size,
+        max_delay_s=settings.max_batch_delay_ms / 1000,
+        max_queue=settings.max_queue,
+        metrics=state.metrics,
+    )
+    state.batcher.start()
+    state.set_ready(False, "warming up")
+    warm_up = asyncio.create_task(_warm_up(state))
+    log.info(
+        "serving %s %s (threshold %.6g) on %s",
+        manifest.model_name,
+        manifest.model_version,
+        state.bundle.threshold,
+        detector.provider,
+    )
+    try:
+        yield
+    finally:
+        state.start_draining()
+        warm_up.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await warm_up
+        await state.batcher.stop(settings.drain_timeout_s)
+        state.decode_pool.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")
+
+
+async def _warm_up(state: ServiceState) -> None:
+    assert state.detector is not None
+    buckets = batch_buckets(state.settings.max_batch_size)
+    try:
+        await asyncio.to_thread(state.detector.warm_up, buckets)
+    except Exception as exc:
+        log.exception("warm-up failed; the service stays not ready")
+        state.set_ready(False, f"warm-up failed: {exc}")
+        return
+    state.set_ready(True)

@@ -1,0 +1,120 @@
+"""Untrusted image bytes -> the detector's uint8 [3, H, W] input, or a clear per-image rejection.
+
+The safety layer runs before the shared `prepare_image` (models/bundle.py), in this order:
+  1. empty input refused;
+  2. the format is decided from the leading bytes, never from a declared type or file name,
+     and only JPEG, PNG, WebP and BMP pass (415 otherwise);
+  3. Pillow is told to try that format alone, so a file cannot be routed to another decoder;
+  4. the pixel count is read from the header and checked BEFORE the pixels are decoded (413);
+     Pillow's own decompression-bomb guard, should it fire, is also a 413;
+  5. truncated or corrupt data is refused (400), never padded out with grey;
+  6. `prepare_image` (EXIF orientation, any mode to RGB, resize rule) exactly as training did it.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from models.bundle import InputSpec, prepare_image
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+
+# Formats we recognise only to name them in the refusal.
+_REFUSED_SIGNATURES = {
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"%PDF": "PDF",
+    b"\x00\x00\x01\x00": "ICO",
+}
+
+
+class ImageRejected(Exception):
+    """One image cannot be scored. `status` is what a request holding only this image answers."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_image_pixels: int
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The allowed format these bytes start with, or None."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data.startswith(b"BM"):
+        return "BMP"
+    return None
+
+
+def _refused_format_message(data: bytes) -> str:
+    allowed = "JPEG, PNG, WebP or BMP"
+    for signature, name in _REFUSED_SIGNATURES.items():
+        if data.startswith(signature):
+            return f"{name} images are not accepted; send {allowed}"
+    return f"not a recognised image (format decided from the bytes); send {allowed}"
+
+
+def decode_image(data: bytes, spec: InputSpec, limits: DecodeLimits) -> np.ndarray:
+    """Bytes of one uploaded image -> uint8 [3, H, W]; raises `ImageRejected` with the reason."""
+    if not data:
+        raise ImageRejected(400, "empty_image", "the image is empty (0 bytes)")
+    image_format = sniff_format(data)
+    if image_format is None:
+        raise ImageRejected(415, "unsupported_format", _refused_format_message(data))
+    try:
+        with Image.open(io.BytesIO(data), formats=[image_format]) as image:
+            width, height = image.size  # from the header: nothing decoded yet
+            if width * height > limits.max_image_pixels:
+                raise ImageRejected(
+                    413,
+                    "image_too_large",
+                    f"image is {width}x{height} = {width * height} pixels; the limit is "
+                    f"{limits.max_image_pixels}",
+                )
+            image.load()
+            return prepare_image(image, spec)
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(413, "image_too_large", f"refused as a decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageRejected(
+            400, "corrupt_image", f"starts like {image_format} but its header cannot be read"
+        ) from exc
+    except OSError as exc:
+        # Pillow reports truncation as OSError("image file is truncated ...").
+        code = "truncated_image" if "truncated" in str(exc) else "corrupt_image"
+        raise ImageRejected(400, code, f"{image_format} data cannot be decoded: {exc}") from exc
+    except (ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as exc:
+        # Malformed headers surface from Pillow's plugins as any of these.
+        raise ImageRejected(400, "corrupt_image", f"{image_format} data cannot be decoded: {exc}") from exc
+
+
+def decode_images(
+    images: list[bytes], spec: InputSpec, limits: DecodeLimits
+) -> list[np.ndarray | ImageRejected]:
+    """Decode every image of one request; a failure is returned in its place, never raised."""
+    results: list[np.ndarray | ImageRejected] = []
+    for data in images:
+        try:
+            results.append(decode_image(data, spec, limits))
+        except ImageRejected as rejection:
+            results.append(rejection)
+    return results

@@ -1,0 +1,134 @@
+"""Start the service under uvicorn, with a graceful drain on SIGTERM/SIGINT.
+
+Entry points (for `dede serve` and `python -m service`):
+    run(settings: Settings | None = None) -> None
+        Serve until stopped. `None` reads every setting from DEDE_* environment variables.
+        Exits with a one-line message (status 2) if the bundle is missing or fails verification.
+    main(argv: list[str] | None = None) -> None
+        Parse `--bundle DIR --port N ...` (one flag per setting, overriding DEDE_* variables),
+        then `run`. `build_parser()` gives the parser alone, e.g. to embed in another CLI.
+
+Drain: the first signal turns readiness off and answers new /detect requests with 503; requests
+already accepted (queued or running) finish; then uvicorn stops. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from models.bundle import BundleError
+from service.app import create_app
+from service.logs import configure_logging
+from service.settings import Settings, describe_settings
+from service.state import ServiceState
+
+log = logging.getLogger("dede.service")
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, but the first SIGTERM/SIGINT drains accepted work before stopping."""
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
+        super().__init__(config)
+        self._state = state
+        self._drain_signal: int | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler runs between any two bytecodes of the loop's thread: only set a flag here
+        # (no locks, no metrics); `on_tick` starts the drain on the loop within 100 ms.
+        if self._drain_signal is not None or not self.started:
+            super().handle_exit(sig, frame)
+            return
+        self._drain_signal = sig
+        self._state.draining = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_signal is not None and self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain())
+        return await super().on_tick(counter)
+
+    async def _drain(self) -> None:
+        state = self._state
+        state.start_draining()
+        name = signal.Signals(self._drain_signal).name if self._drain_signal else "signal"
+        log.info("%s received: not ready, refusing new work, finishing %d request(s)", name, state.in_flight)
+        deadline = time.monotonic() + state.settings.drain_timeout_s
+        while _work_left(state) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if _work_left(state):
+            log.warning("drain timeout (%.0f s) reached with work left", state.settings.drain_timeout_s)
+        else:
+            log.info("drained: every accepted request answered")
+        self.should_exit = True
+
+
+def _work_left(state: ServiceState) -> bool:
+    return state.in_flight > 0 or (state.batcher is not None and state.batcher.queue_depth > 0)
+
+
+def run(settings: Settings | None = None) -> None:
+    """Serve the bundle named by `settings` (default: from DEDE_* environment variables)."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        app = create_app(settings)
+    except BundleError as exc:
+        raise SystemExit(f"dede serve: {exc}") from None
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep the logging set up above (text or JSON, request ids)
+        log_level=settings.log_level,
+        access_log=False,  # the service writes its own access line, with the request id
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+        server_header=False,
+    )
+    server = _DrainingServer(config, app.state.service)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+
+
+def build_parser(prog: str = "python -m service") -> argparse.ArgumentParser:
+    """One flag per setting; a flag overrides its DEDE_* variable, which overrides the default."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve a dede detector bundle over HTTP (POST /detect, /metrics, /docs).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for env_name, default, description in describe_settings():
+        name = env_name.removeprefix("DEDE_").lower()
+        shown = default if name != "api_key" else "unset"
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            help=f"{description} [env {env_name}; default: {shown or 'empty'}]",
+        )
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
+    overrides = {name: value for name, value in vars(args).items() if value is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        parser.error(problems)
+        raise  # parser.error exits; this line is for type checkers
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    run(settings_from_args(parser.parse_args(argv), parser))

@@ -1,0 +1,105 @@
+"""Prometheus metrics, prefix `dede_`, in a registry of their own per app.
+
+One registry per app (not the global default) lets tests build several apps in one process.
+The service runs one worker process per replica (one ORT session per process); scale out with
+replicas behind a load balancer, so no multiprocess collector is needed.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+# Seconds: from half a millisecond (a tiny model's batch) to ten seconds (a stuck queue).
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# Scores only mean something relative to the calibrated threshold, so their buckets are multiples of it.
+_SCORE_MULTIPLES = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 10.0)
+
+IMAGE_OUTCOMES = ("clean", "flagged", "error")
+
+
+def _batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    sizes = {1, max_batch_size}
+    size = 2
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def _score_buckets(threshold: float) -> tuple[float, ...]:
+    if threshold <= 0:
+        return (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+    return tuple(sorted({round(threshold * m, 12) for m in _SCORE_MULTIPLES}))
+
+
+class Metrics:
+    """Every metric the service exports, created on one registry."""
+
+    def __init__(self, max_batch_size: int, threshold: float) -> None:
+        disable_created_metrics()  # the *_created series only double the output; nothing reads them
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.requests = Counter(
+            "dede_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
+        )
+        self.images = Counter("dede_images", "Images answered, by outcome", ["outcome"], registry=r)
+        self.rejections = Counter(
+            "dede_rejections", "Requests refused with 503, by reason", ["reason"], registry=r
+        )
+        self.inference_failures = Counter(
+            "dede_inference_failures", "Batches whose model run raised an error", registry=r
+        )
+        self.request_latency = Histogram(
+            "dede_request_duration_seconds",
+            "End-to-end request latency inside the server, by endpoint",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_time = Histogram(
+            "dede_decode_seconds",
+            "Time to decode the images of one request",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "dede_queue_wait_seconds",
+            "Time an image waited in the queue before its batch ran",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_compute = Histogram(
+            "dede_batch_compute_seconds", "Model run time per batch", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "dede_batch_size", "Images per model run", buckets=_batch_size_buckets(max_batch_size), registry=r
+        )
+        self.score = Histogram(
+            "dede_score", "Detection scores of answered images", buckets=_score_buckets(threshold), registry=r
+        )
+        self.queue_depth = Gauge("dede_queue_depth", "Images waiting for the model", registry=r)
+        self.in_flight = Gauge("dede_requests_in_flight", "/detect requests being served", registry=r)
+        self.ready = Gauge("dede_ready", "1 when the service takes work, else 0", registry=r)
+        self.model_info = Gauge(
+            "dede_model_info",
+            "The model being served (value is always 1)",
+            ["name", "version", "provider", "threshold"],
+            registry=r,
+        )
+        for outcome in IMAGE_OUTCOMES:
+            self.images.labels(outcome)  # export zeros from the start so rates work at once
+
+    def set_model(self, name: str, version: str, provider: str, threshold: float) -> None:
+        self.model_info.clear()
+        self.model_info.labels(name, version, provider, repr(threshold)).set(1)

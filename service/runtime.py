@@ -1,0 +1,145 @@
+"""The ONNX Runtime session that scores batches: provider choice, checks against the manifest, warm-up.
+
+Only the batcher's single inference thread calls `Detector.score`; nothing here is shared across
+threads while a batch runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from models.bundle import ONNX_INPUT, ONNX_SCORE, InputSpec
+
+log = logging.getLogger("dede.runtime")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+class RuntimeLoadError(Exception):
+    """The graph cannot serve this bundle; the message says what does not match."""
+
+
+def _nvidia_device_visible() -> bool:
+    # onnxruntime-gpu lists CUDA as available even on machines without a GPU, and asking for it
+    # there fills the log with library-loading errors; look for the driver's device node first.
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
+def resolve_providers(requested: list[str]) -> list[str]:
+    """'auto' -> CUDA then CPU when a GPU is visible, else CPU; explicit lists end with CPU."""
+    available = ort.get_available_providers()
+    if requested == ["auto"]:
+        wanted = [CUDA, CPU] if CUDA in available and _nvidia_device_visible() else [CPU]
+    else:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            log.warning("execution provider(s) %s not in this onnxruntime build %s", missing, available)
+        wanted = [p for p in requested if p in available]
+        if CPU not in wanted:
+            wanted.append(CPU)
+    if CUDA in wanted and hasattr(ort, "preload_dlls"):
+        # Loads CUDA/cuDNN from the nvidia-* wheels when they are installed; harmless otherwise.
+        ort.preload_dlls()
+    return wanted
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Batch sizes to warm up: powers of two up to the maximum, and the maximum itself."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != max_batch_size:
+        sizes.append(max_batch_size)
+    return sizes
+
+
+class Detector:
+    """Scores uint8 [N, 3, H, W] batches with the bundle's graph."""
+
+    def __init__(
+        self, onnx_path: Path, spec: InputSpec, providers: list[str], intra_op_threads: int = 0
+    ) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        # Spinning threads between runs take CPU from the HTTP side; measured to matter on 2 cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise RuntimeLoadError(f"{onnx_path}: ONNX Runtime cannot load the graph: {exc}") from exc
+        self.spec = spec
+        self.providers = self._session.get_providers()
+        self.provider = self.providers[0]
+        self._check_signature()
+        if CUDA in providers and self.provider != CUDA:
+            log.warning("CUDA was requested but ONNX Runtime could not use it; running on %s", self.provider)
+        # On a GPU, bind the input once per run and let ORT copy only the scores back to the host.
+        self._use_io_binding = self.provider == CUDA
+        # cuDNN picks kernels per input shape, so on a GPU batches are padded up to a warmed-up
+        # bucket; on a CPU padding would only waste compute.
+        self._pad_buckets: list[int] = []
+        log.info("ONNX Runtime session on %s (providers %s)", self.provider, self.providers)
+
+    def _check_signature(self) -> None:
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        if ONNX_INPUT not in inputs or len(inputs) != 1:
+            raise RuntimeLoadError(f"the graph must have one input named '{ONNX_INPUT}', has {list(inputs)}")
+        if ONNX_SCORE not in outputs:
+            raise RuntimeLoadError(f"the graph has no output named '{ONNX_SCORE}' (has {list(outputs)})")
+        graph_input = inputs[ONNX_INPUT]
+        if graph_input.type != "tensor(uint8)":
+            raise RuntimeLoadError(f"input '{ONNX_INPUT}' is {graph_input.type}, expected tensor(uint8)")
+        expected = (3, self.spec.height, self.spec.width)
+        shape = graph_input.shape
+        fixed = tuple(shape[1:]) if len(shape) == 4 else None
+        if fixed != expected:
+            raise RuntimeLoadError(
+                f"input '{ONNX_INPUT}' has shape {shape}; the manifest says [N, {', '.join(map(str, expected))}]"
+            )
+        if isinstance(shape[0], int) and shape[0] != 1:
+            log.warning("input batch axis is fixed at %s; batches of other sizes will fail", shape[0])
+
+    def score(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, 3, H, W] -> float32 [N]."""
+        count = images.shape[0]
+        bucket = next((b for b in self._pad_buckets if b >= count), count)
+        if bucket > count:
+            padding = np.zeros((bucket - count, *images.shape[1:]), dtype=images.dtype)
+            images = np.concatenate([images, padding])
+        if self._use_io_binding:
+            binding = self._session.io_binding()
+            binding.bind_cpu_input(ONNX_INPUT, images)
+            binding.bind_output(ONNX_SCORE, "cpu")
+            self._session.run_with_iobinding(binding)
+            scores = binding.copy_outputs_to_cpu()[0]
+        else:
+            scores = self._session.run([ONNX_SCORE], {ONNX_INPUT: images})[0]
+        scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+        if scores.shape[0] != images.shape[0]:
+            raise RuntimeError(f"graph returned {scores.shape[0]} scores for {images.shape[0]} images")
+        return scores[:count]
+
+    def warm_up(self, batch_sizes: list[int]) -> dict[int, float]:
+        """Run every batch-size bucket once (allocations, kernel choice); seconds per bucket."""
+        timings = {}
+        rng = np.random.default_rng(0)
+        for size in batch_sizes:
+            batch = rng.integers(0, 256, size=(size, 3, self.spec.height, self.spec.width), dtype=np.uint8)
+            start = time.perf_counter()
+            self.score(batch)
+            timings[size] = time.perf_counter() - start
+        if self.provider == CUDA:
+            self._pad_buckets = sorted(batch_sizes)
+        log.info("warm-up done for batch sizes %s in %.0f ms", batch_sizes, 1000 * sum(timings.values()))
+        return timings

@@ -1,0 +1,116 @@
+"""Every knob of the service, read from environment variables with the `DEDE_` prefix.
+
+`DEDE_MAX_BATCH_SIZE=16 python -m service` or, equally, `python -m service --max-batch-size 16`.
+List-valued settings take comma-separated values (`DEDE_EXECUTION_PROVIDERS=cuda,cpu`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Short names a user may type for the ONNX Runtime providers we support.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def _default_decode_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class Settings(BaseSettings):
+    """The service's configuration. Field descriptions double as `--help` text."""
+
+    model_config = SettingsConfigDict(env_prefix="DEDE_", extra="ignore", validate_default=True)
+
+    bundle: Path = Field(Path("bundles/demo"), description="model bundle: a directory or a .tar of one")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
+
+    max_batch_size: int = Field(32, ge=1, le=4096, description="most images run through the model at once")
+    max_batch_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="longest wait for a batch to fill while more work is arriving"
+    )
+    max_queue: int = Field(
+        1024, ge=1, description="most images waiting for the model; beyond it requests get 503"
+    )
+    max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body, in bytes")
+    max_image_pixels: int = Field(
+        25_000_000, ge=1, description="largest image (width x height) accepted, checked before decoding"
+    )
+    max_images_per_request: int = Field(64, ge=1, description="most images in one /detect request")
+
+    execution_providers: Annotated[list[str], NoDecode] = Field(
+        ["auto"], description="ONNX Runtime providers in order (auto, cuda, tensorrt, cpu)"
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core)")
+    decode_threads: int = Field(
+        default_factory=_default_decode_threads, ge=1, description="threads decoding uploaded images"
+    )
+
+    api_key: SecretStr | None = Field(None, description="if set, /detect and /v1/models need this key")
+    protect_metrics: bool = Field(False, description="also require the API key on /metrics")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [], description="origins allowed by CORS, comma-separated (empty: CORS off)"
+    )
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="text, or one JSON object per line")
+    access_log: bool = Field(True, description="log one line per request")
+
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, longest wait for accepted requests to finish"
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503 answers")
+
+    @field_validator("execution_providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        names = _split_commas(value)
+        if isinstance(names, list):
+            resolved = [PROVIDER_ALIASES.get(str(n).lower(), str(n)) for n in names]
+            allowed = {"auto", *PROVIDER_ALIASES.values()}
+            unknown = [n for n in resolved if n not in allowed]
+            if unknown:
+                raise ValueError(f"unknown execution provider(s) {unknown}; use auto, cuda, tensorrt or cpu")
+            if "auto" in resolved and len(resolved) > 1:
+                raise ValueError("'auto' cannot be combined with other providers")
+            if not resolved:
+                raise ValueError("give at least one execution provider (or auto)")
+            return resolved
+        return names
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        # An empty DEDE_API_KEY= would otherwise "protect" the API with the empty string.
+        return None if value == "" else value
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every setting, for --help and the README."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(default)
+        rows.append((f"DEDE_{name.upper()}", str(default) if default is not None else "", field.description))
+    return rows
