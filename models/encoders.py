@@ -407,8 +407,9 @@ def _load_encoder(
 
 
 def _guess_width(state: dict[str, torch.Tensor]) -> int | None:
-    for key, value in state.items():
-        if key.endswith("conv1.weight") and value.ndim == 4 and value.shape[1] == 3:
+    """The stem's output channels: the first conv weight that reads 3 input channels."""
+    for value in state.values():
+        if value.ndim == 4 and value.shape[1] == 3:
             return int(value.shape[0])
     return None
 

@@ -24,7 +24,12 @@ def threshold_for_fpr(scores: np.ndarray, fpr: float) -> float:
         raise ValueError("no calibration scores")
     ordered = np.sort(np.asarray(scores, dtype=np.float64))
     allowed_above = math.floor(fpr * len(ordered))  # scores strictly above t
-    return float(ordered[len(ordered) - 1 - allowed_above])
+    k = len(ordered) - 1 - allowed_above
+    if allowed_above == 0:
+        return float(ordered[k])
+    # Midway to the next score: the same count lies above, and no calibration score sits on the
+    # threshold, where float noise between runtimes could flip its flag.
+    return float((ordered[k] + ordered[k + 1]) / 2)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -80,5 +85,6 @@ def calibrate_run(
     threshold = calibrate(scores[calibration_idx], scores[holdout_idx], fpr, source)
     result = {"score_kind": score_kind, "seed": seed, "threshold": threshold}
     (run_dir / CALIBRATION_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    np.save(run_dir / PARITY_IMAGES, images[order[:256]])
+    # Parity images come from the held-out half first: none of them defines the threshold.
+    np.save(run_dir / PARITY_IMAGES, images[np.concatenate([holdout_idx, calibration_idx])[:256]])
     return result

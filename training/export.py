@@ -96,7 +96,7 @@ def _compose_onnx_encoder(run: FittedRun, head_path: Path, out_path: Path, size:
 
     example = (torch.zeros(2, 3, *size, dtype=torch.uint8),)
     program = torch.onnx.export(
-        Prologue(),
+        Prologue().eval(),
         example,
         input_names=[ONNX_INPUT],
         output_names=["normalized", "images_passthrough"],
@@ -221,7 +221,10 @@ def export_bundle(
     calibration = json.loads(calibration_path.read_text())
     parity_images = np.load(run.run_dir / PARITY_IMAGES)
     if len(parity_images) < 256:
-        raise ExportError(f"parity check needs >= 256 images, the run holds {len(parity_images)}")
+        raise ExportError(
+            f"the ONNX parity check needs >= 256 clean images; {run.run_dir} was calibrated on "
+            f"{len(parity_images)}: run `dede calibrate` again with at least 256 images"
+        )
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} exists; pass --force to replace it")
 

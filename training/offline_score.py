@@ -43,7 +43,8 @@ def expand_paths(paths: Iterable[str]) -> list[Path]:
 def score_files(bundle: Bundle, files: list[Path], batch_size: int = 64) -> list[FileScore]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(bundle.onnx_path), providers=ort.get_available_providers())
+    # CPU: offline scoring must run anywhere; the service is where CUDA is chosen when present.
+    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
     spec, threshold = bundle.manifest.input, bundle.threshold
     results: list[FileScore] = []
     for start in tqdm(

@@ -1,0 +1,57 @@
+"""Shared fixtures: small generated images and a tiny fitted run / exported bundle (session-wide,
+built once through the same library calls the CLI makes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """uint8 [n, size, size, 3] with low-frequency content (blocky colour fields plus noise):
+    cheap to make, and closer to natural images than white noise."""
+    rng = np.random.default_rng(seed)
+    cells = rng.random((n, 4, 4, 3))
+    images = np.kron(cells, np.ones((1, size // 4, size // 4, 1)))
+    images = images + rng.normal(0, 0.03, images.shape)
+    return (np.clip(images, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    aux, clean = smooth_images(400, seed=0), smooth_images(300, seed=1)
+    np.savez(root / "aux.npz", x=aux, y=np.zeros(len(aux), np.int64))
+    np.savez(root / "clean.npz", x=clean, y=np.zeros(len(clean), np.int64))
+    return {"aux": root / "aux.npz", "clean": root / "clean.npz", "root": root}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fitted and calibrated run: random width-8 CIFAR ResNet-18, `tiny` decoder, 2 epochs."""
+    from models.bundle import InputSpec
+    from models.encoders import load_encoder
+    from training.calibrate import calibrate_run
+    from training.data import load_images
+    from training.fit import FitSettings, fit_decoder
+
+    run_dir = tmp_path_factory.mktemp("run")
+    encoder = load_encoder("random:cifar_resnet18", width=8)
+    spec = InputSpec(height=32, width=32, mean=encoder.mean, std=encoder.std)
+    images, _ = load_images(str(tiny_data["aux"]), spec)
+    fit_decoder(encoder, images, run_dir, FitSettings(preset="tiny", epochs=2, batch_size=128))
+    clean, _ = load_images(str(tiny_data["clean"]), spec)
+    calibrate_run(run_dir, clean, fpr=0.05, source="clean.npz")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.export import export_bundle
+    from training.fit import load_run
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(load_run(tiny_run), out, model_name="tiny-test", model_version="0")
+    return out

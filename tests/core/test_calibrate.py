@@ -1,0 +1,34 @@
+"""Calibration math on score distributions whose answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.calibrate import calibrate, threshold_for_fpr, wilson_interval
+
+
+def test_threshold_leaves_exactly_fpr_above() -> None:
+    scores = np.arange(1, 1001, dtype=np.float64)  # 1..1000
+    t = threshold_for_fpr(scores, 0.01)
+    assert t == 990.5 and (scores > t).sum() == 10
+    assert threshold_for_fpr(scores, 0.0105) == 990.5  # never more than fpr above: floor(10.5) = 10
+    with pytest.raises(ValueError):
+        threshold_for_fpr(scores, 0.0)
+
+
+def test_realised_fpr_on_a_second_split_of_the_same_distribution() -> None:
+    rng = np.random.default_rng(0)
+    calibration, holdout = rng.normal(0, 1, 20_000), rng.normal(0, 1, 20_000)
+    result = calibrate(calibration, holdout, fpr=0.05)
+    assert result["value"] == pytest.approx(1.6449, abs=0.03)  # the normal's 95% quantile
+    low, high = result["realised_fpr_ci95"]
+    assert low <= 0.05 <= high and abs(result["realised_fpr"] - 0.05) < 0.006
+    assert result["n_calibration"] == result["n_holdout"] == 20_000
+    assert result["score_quantiles"]["q0.5"] == pytest.approx(0.0, abs=0.03)
+
+
+def test_wilson_interval_known_value() -> None:
+    low, high = wilson_interval(10, 100)
+    assert low == pytest.approx(0.0552, abs=1e-3) and high == pytest.approx(0.1744, abs=1e-3)
+    assert wilson_interval(0, 50)[0] == 0.0

@@ -1,0 +1,157 @@
+"""fit -> calibrate -> export -> score, through the library and through the `dede` command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import training.fit as fit_module
+from models.bundle import InputSpec, load_bundle, load_image_file
+from models.encoders import load_encoder
+from training.cli import main
+from training.export import ExportError, export_bundle
+from training.fit import FitSettings, fit_decoder, load_run
+
+
+def _images(path: Path, limit: int = 200) -> np.ndarray:
+    x = np.load(path)["x"][:limit]
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def test_a_killed_fit_resumes_to_the_same_weights(
+    tiny_data: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    encoder = load_encoder("random:cifar_resnet18", width=8)
+    images = _images(tiny_data["aux"])
+    settings = FitSettings(preset="tiny", epochs=3, batch_size=64)
+    straight = fit_decoder(encoder, images, tmp_path / "straight", settings)
+
+    calls = {"n": 0}
+    real_loss = fit_module.training_loss
+
+    def crash_in_third_epoch(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] > 2 * 4:  # 4 steps per epoch (190 train images / 64), crash in epoch 3
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "training_loss", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fit_decoder(encoder, images, tmp_path / "resumed", settings)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(fit_module, "training_loss", real_loss)
+    resumed = fit_decoder(encoder, images, tmp_path / "resumed", settings)
+
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = list(csv.DictReader(open(tmp_path / "resumed" / "log.csv")))
+    assert [row["epoch"] for row in log] == ["1", "2", "3"]
+
+
+def test_export_refuses_when_onnx_disagrees(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
+    import training.export as export_module
+
+    real = export_module._ort_scores
+    monkeypatch.setattr(export_module, "_ort_scores", lambda *a: real(*a) * 1.001)
+    with pytest.raises(ExportError, match="disagrees"):
+        export_bundle(load_run(tiny_run), tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_onnx_black_box_encoder_exports_one_graph(tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    from training.calibrate import calibrate_run
+
+    torch.manual_seed(0)
+    module = load_encoder("random:cifar_resnet18", width=8).module
+    onnx_encoder = tmp_path / "encoder.onnx"
+    torch.onnx.export(
+        module,
+        (torch.zeros(2, 3, 32, 32),),
+        str(onnx_encoder),
+        input_names=["pixels"],
+        output_names=["embedding"],
+        dynamic_axes={"pixels": {0: "n"}, "embedding": {0: "n"}},
+        dynamo=False,
+    )
+    encoder = load_encoder(str(onnx_encoder))
+    run_dir = tmp_path / "run"
+    fit_decoder(encoder, _images(tiny_data["aux"]), run_dir, FitSettings(preset="tiny", epochs=1))
+    calibrate_run(run_dir, _images(tiny_data["clean"], 300), 0.05, "clean")
+    manifest = export_bundle(load_run(run_dir), tmp_path / "bundle")
+    assert manifest.encoder.kind == "onnx"
+    assert manifest.parity["max_relative_diff_ort_vs_torch"] <= 1e-4
+
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "bundle" / "detector.onnx")).graph
+    assert [i.name for i in graph.input] == ["images"]
+
+
+def test_cli_workflow_and_pytorch_equals_dede_score(
+    tiny_data: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    common = ["--encoder", "random:cifar_resnet18", "--width", "8"]
+    assert (
+        main(
+            [
+                "fit",
+                *common,
+                "--data",
+                str(tiny_data["aux"]),
+                "--preset",
+                "tiny",
+                "--epochs",
+                "1",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
+    assert main(["calibrate", "--run", str(run), "--data", str(tiny_data["clean"]), "--fpr", "0.05"]) == 0
+    assert main(["export", "--run", str(run), "--out", str(bundle)]) == 0
+    assert main(["export", "--run", str(run), "--out", str(bundle)]) == 2  # exists: refused, no traceback
+    assert "pass --force" in capsys.readouterr().err
+
+    # Image files of other sizes and modes go through the one shared preprocessing function.
+    files = tmp_path / "files"
+    files.mkdir()
+    source = np.load(tiny_data["clean"])["x"]
+    Image.fromarray(source[0]).save(files / "a.png")
+    Image.fromarray(source[1]).resize((50, 40)).save(files / "b.jpg", quality=90)
+    Image.fromarray(source[2]).convert("L").save(files / "c.bmp")
+    (files / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "scores.jsonl"
+    assert (
+        main(["score", "--bundle", str(bundle), str(files), "--format", "jsonl", "--output", str(out)]) == 1
+    )
+    rows = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["broken.png"]["error"] and rows["broken.png"]["score"] is None
+
+    manifest = load_bundle(bundle).manifest
+    spec = InputSpec.model_validate(manifest.input.model_dump())
+    detector = load_run(run).detector()
+    for name in ("a.png", "b.jpg", "c.bmp"):
+        pixels = torch.from_numpy(load_image_file(files / name, spec)).unsqueeze(0)
+        with torch.no_grad():
+            expected = detector(pixels)[0].item()
+        assert rows[name]["score"] == pytest.approx(expected, rel=1e-5)
+        assert rows[name]["flagged"] == (rows[name]["score"] > manifest.threshold.value)
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "not a dede run" in capsys.readouterr().err
+    assert main(["score", "--bundle", str(tmp_path / "missing"), str(tmp_path)]) == 2
+    assert "bundle not found" in capsys.readouterr().err
+    shutil.rmtree(tmp_path)

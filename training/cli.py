@@ -1,0 +1,261 @@
+"""The `dede` command line: fit, calibrate, export, score, demo, serve (and the lab's commands).
+
+Each subcommand is a thin layer over a library function; errors that a user can fix are printed as
+one line (`dede: error: ...`) with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from models.bundle import BundleError
+
+USER_ERRORS: tuple[type[Exception], ...] = (BundleError, FileNotFoundError, ValueError)
+
+
+def _floats3(text: str) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in text.split(","))
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError("expected three comma-separated numbers, e.g. 0.5,0.5,0.5")
+    return values  # type: ignore[return-value]
+
+
+def _size(text: str) -> tuple[int, int]:
+    values = tuple(int(v) for v in text.lower().replace("x", ",").split(","))
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError("expected a size like 32 or 32x32")
+    return values  # type: ignore[return-value]
+
+
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("encoder under test")
+    group.add_argument(
+        "--encoder",
+        required=True,
+        help="a state dict (.pt/.pth/.safetensors), TorchScript (.ts), ONNX (.onnx) file, "
+        "`package.module:factory`, or `random:ARCH` (a freshly initialised encoder)",
+    )
+    group.add_argument("--arch", help="architecture of a state dict, e.g. cifar_resnet18, resnet50")
+    group.add_argument("--width", type=int, help="base width of a CIFAR ResNet (64 = standard)")
+    group.add_argument("--input-size", type=_size, help="encoder input size, e.g. 32 or 224x224")
+    group.add_argument("--mean", type=_floats3, help="normalization mean, e.g. 0.4914,0.4822,0.4465")
+    group.add_argument("--std", type=_floats3, help="normalization std")
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from models.bundle import InputSpec
+    from models.encoders import load_encoder
+    from training.data import load_images
+    from training.fit import FitSettings, fit_decoder
+
+    encoder = load_encoder(args.encoder, args.arch, args.width, args.input_size, args.mean, args.std)
+    h, w = encoder.identity.input_size
+    spec = InputSpec(height=h, width=w, mean=encoder.mean, std=encoder.std)
+    images, _ = load_images(args.data, spec, args.limit)
+    settings = FitSettings(
+        preset=args.preset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        data_source=str(args.data),
+        poison_rate=args.poison_rate,
+    )
+    poison = None
+    if args.poison_rate > 0:
+        from training.triggers import load_trigger
+
+        poison = load_trigger(args.trigger, (h, w)).apply_uint8_nchw
+    path = fit_decoder(encoder, images, Path(args.out), settings, args.device, not args.no_resume, poison)
+    print(f"fitted decoder: {path}  (loss per epoch: {Path(args.out) / 'log.csv'})")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from models.bundle import InputSpec
+    from training.calibrate import calibrate_run
+    from training.data import load_images
+    from training.fit import load_run
+
+    run = load_run(Path(args.run))
+    h, w = run.encoder.identity.input_size
+    spec = InputSpec(height=h, width=w, mean=run.encoder.mean, std=run.encoder.std)
+    images, _ = load_images(args.data, spec, args.limit)
+    if args.data == run.info["fit"].get("data_source") and args.limit is None:
+        print("warning: calibrating on the fitting data underestimates clean scores; use held-out images")
+    result = calibrate_run(Path(args.run), images, args.fpr, str(args.data), args.score, args.seed)
+    t = result["threshold"]
+    low, high = t["realised_fpr_ci95"]
+    print(
+        f"threshold {t['value']:.4f} for FPR {args.fpr} on {t['n_calibration']} clean images; "
+        f"realised FPR on {t['n_holdout']} held-out clean images: {t['realised_fpr']:.4f} "
+        f"(95% CI {low:.4f}-{high:.4f})"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from training.export import export_bundle
+    from training.fit import load_run
+
+    manifest = export_bundle(load_run(Path(args.run)), Path(args.out), args.name, args.version, args.force)
+    size = sum(f.bytes for f in manifest.files)
+    print(f"bundle written: {args.out} ({size / 1e6:.1f} MB); parity: {json.dumps(manifest.parity)}")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from training.offline_score import run_score_command
+
+    return run_score_command(args.bundle, args.paths, args.format, args.output, args.batch_size)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from training.demo import build_demo_bundle
+
+    path = build_demo_bundle(Path(args.out), rebuild=args.rebuild)
+    print(f"demo bundle ready: {path}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from service.main import run
+
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    bundle = args.bundle
+    if bundle is None and "DEDE_BUNDLE" not in __import__("os").environ:
+        from training.demo import DEFAULT_DEMO_DIR, build_demo_bundle
+
+        bundle = str(build_demo_bundle(DEFAULT_DEMO_DIR))
+    if bundle is not None:
+        overrides["bundle"] = bundle
+    run(Settings(**overrides))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dede",
+        description="Detect backdoor samples for self-supervised image encoders (DeDe): fit a decoder "
+        "that rebuilds images from the encoder's embeddings, calibrate a threshold on clean images, "
+        "export one ONNX bundle, and serve it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = sub.add_parser("fit", help="train the DeDe decoder for a frozen encoder on auxiliary images")
+    add_encoder_arguments(fit)
+    fit.add_argument(
+        "--data",
+        required=True,
+        help="auxiliary images: .npz (x, y), CIFAR-10 batches folder, image folder, or a name in $DEDE_DATA_DIR such as tinyimagenet_val",
+    )
+    fit.add_argument("--limit", type=int, help="use only the first N images")
+    fit.add_argument(
+        "--preset",
+        default="lab",
+        choices=["lab", "paper", "tiny"],
+        help="decoder size (default: lab, sized for CPU; paper for GPUs)",
+    )
+    fit.add_argument("--epochs", type=int, help="default: the preset's (lab 30, paper 200)")
+    fit.add_argument("--batch-size", type=int, default=256)
+    fit.add_argument("--lr", type=float, default=1e-3)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present)")
+    fit.add_argument(
+        "--poison-rate",
+        type=float,
+        default=0.0,
+        help="trigger this fraction of the auxiliary images (emulates a slightly poisoned set)",
+    )
+    fit.add_argument(
+        "--trigger",
+        default="patch",
+        help="trigger for --poison-rate: `patch` (10x10 white square) or a .npz/.png file",
+    )
+    fit.add_argument("--out", required=True, help="run directory (checkpoints, loss log, decoder)")
+    fit.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    fit.set_defaults(func=_cmd_fit)
+
+    cal = sub.add_parser("calibrate", help="set the threshold on clean held-out images for a target FPR")
+    cal.add_argument("--run", required=True, help="a fitted run directory")
+    cal.add_argument("--data", required=True, help="CLEAN held-out images (never triggered ones)")
+    cal.add_argument("--limit", type=int)
+    cal.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
+    cal.add_argument(
+        "--score", default="sse", choices=["sse", "max_patch"], help="how per-patch errors become a score"
+    )
+    cal.add_argument("--seed", type=int, default=0, help="seed of the calibration / held-out split")
+    cal.set_defaults(func=_cmd_calibrate)
+
+    exp = sub.add_parser("export", help="write detector.onnx + manifest.json, verified against PyTorch")
+    exp.add_argument("--run", required=True)
+    exp.add_argument("--out", required=True, help="bundle directory to create")
+    exp.add_argument("--name", default="dede-detector", help="model name in the manifest")
+    exp.add_argument("--version", default="1", help="model version in the manifest")
+    exp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    exp.set_defaults(func=_cmd_export)
+
+    score = sub.add_parser("score", help="score image files offline through a bundle (ONNX Runtime)")
+    score.add_argument("--bundle", required=True)
+    score.add_argument("paths", nargs="+", help="image files or directories")
+    score.add_argument("--format", default="table", choices=["table", "csv", "jsonl"])
+    score.add_argument("--output", help="write to this file instead of standard output")
+    score.add_argument("--batch-size", type=int, default=64)
+    score.set_defaults(func=_cmd_score)
+
+    demo = sub.add_parser("demo", help="build (or reuse) a small demo bundle from CIFAR-10")
+    demo.add_argument("--out", default="bundles/demo")
+    demo.add_argument("--rebuild", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a bundle over HTTP (POST /detect); without --bundle or DEDE_BUNDLE, builds the demo",
+        description="Every setting is an environment variable with the DEDE_ prefix; see README.",
+    )
+    serve.add_argument("--bundle", help="bundle directory or .tar (default: $DEDE_BUNDLE, else the demo)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=_cmd_serve)
+
+    try:
+        from training.lab_commands import register
+    except ImportError:  # the lab's commands are optional while it is being built
+        register = None
+    if register is not None:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from models.encoders import EncoderLoadError
+    from training.data import DataError
+    from training.fit import RunError
+
+    try:
+        return int(args.func(args) or 0)
+    except (*USER_ERRORS, EncoderLoadError, DataError, RunError, _export_error()) as exc:
+        print(f"dede: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dede: interrupted (long jobs resume from their last checkpoint)", file=sys.stderr)
+        return 130
+
+
+def _export_error() -> type[Exception]:
+    from training.export import ExportError
+
+    return ExportError
+
+
+if __name__ == "__main__":
+    sys.exit(main())
