@@ -53,7 +53,8 @@ def test_a_killed_fit_resumes_to_the_same_weights(
 
     a, b = load_file(str(straight)), load_file(str(resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    log = list(csv.DictReader(open(tmp_path / "resumed" / "log.csv")))
+    with open(tmp_path / "resumed" / "log.csv") as handle:
+        log = list(csv.DictReader(handle))
     assert [row["epoch"] for row in log] == ["1", "2", "3"]
 
 
