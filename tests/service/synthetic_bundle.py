@@ -47,14 +47,15 @@ def build_graph(height: int, width: int, extra_work: int = 0, width_hidden: int 
             numpy_helper.from_array(np.array([1], np.int64), "axis1"),
         ]
         nodes.append(helper.make_node("Reshape", ["x01", "flat_shape"], ["h0"]))
-        fan_in = features
-        for layer in range(extra_work):
-            name = f"w{layer}"
+        # One input layer, then one hidden weight shared by every further layer: compute grows with
+        # `extra_work`, the file does not.
+        for name, fan_in in (("w_in", features), ("w_hidden", width_hidden)):
             weight = rng.normal(0, 1 / np.sqrt(fan_in), (fan_in, width_hidden)).astype(np.float32)
             inits.append(numpy_helper.from_array(weight, name))
-            nodes.append(helper.make_node("MatMul", [f"h{layer}", name], [f"m{layer}"]))
+        for layer in range(extra_work):
+            weight_name = "w_in" if layer == 0 else "w_hidden"
+            nodes.append(helper.make_node("MatMul", [f"h{layer}", weight_name], [f"m{layer}"]))
             nodes.append(helper.make_node("Tanh", [f"m{layer}"], [f"h{layer + 1}"]))
-            fan_in = width_hidden
         nodes += [
             helper.make_node("ReduceSum", [f"h{extra_work}", "axis1"], ["work"], keepdims=0),
             helper.make_node("Mul", ["work", "zero"], ["nothing"]),
@@ -70,10 +71,15 @@ def build_graph(height: int, width: int, extra_work: int = 0, width_hidden: int 
 
 
 def make_synthetic_bundle(
-    root: Path, height: int = 32, width: int = 32, extra_work: int = 0, name: str = "synthetic"
+    root: Path,
+    height: int = 32,
+    width: int = 32,
+    extra_work: int = 0,
+    width_hidden: int = 256,
+    name: str = "synthetic",
 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    onnx.save(build_graph(height, width, extra_work), root / ONNX_NAME)
+    onnx.save(build_graph(height, width, extra_work, width_hidden), root / ONNX_NAME)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     write_manifest(
         root,
@@ -94,7 +100,7 @@ def make_synthetic_bundle(
             },
             "decoder": {
                 "preset": "none",
-                "config": {"extra_work": extra_work},
+                "config": {"extra_work": extra_work, "width_hidden": width_hidden},
                 "score": "mean_square_intensity",
                 "visible_patches": [0],
                 "num_patches": 1,
