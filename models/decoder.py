@@ -41,7 +41,7 @@ PRESETS: dict[str, DecoderConfig] = {
     # The reference configuration (for GPUs).
     "paper": DecoderConfig(),
     # Sized for 2 CPU cores: see benchmarks/fit/REPORT.md for the loss curves behind the choice.
-    "lab": DecoderConfig(width=128, depth=2, decoder_depth=2, heads=4),
+    "lab": DecoderConfig(width=96, depth=2, decoder_depth=2, heads=3),
     # For tests only: a few thousand parameters.
     "tiny": DecoderConfig(width=32, depth=1, decoder_depth=1, heads=2),
 }

@@ -123,20 +123,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from service.main import run
+def serve(argv: list[str]) -> int:
+    """`dede serve [FLAGS]`: the service's own flags (see `dede serve --help`); with no bundle
+    given and no demo bundle yet, the demo bundle is built first (minutes, progress shown)."""
+    from service.main import build_parser as service_parser
+    from service.main import run, settings_from_args
+    from training.demo import DEFAULT_DEMO_DIR, build_demo_bundle
 
-    from service.settings import Settings
-
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    bundle = args.bundle
-    if bundle is None and "DEDE_BUNDLE" not in __import__("os").environ:
-        from training.demo import DEFAULT_DEMO_DIR, build_demo_bundle
-
-        bundle = str(build_demo_bundle(DEFAULT_DEMO_DIR))
-    if bundle is not None:
-        overrides["bundle"] = bundle
-    run(Settings(**overrides))
+    parser = service_parser(prog="dede serve")
+    settings = settings_from_args(parser.parse_args(argv), parser)
+    if not settings.bundle.exists() and settings.bundle.resolve() == DEFAULT_DEMO_DIR.resolve():
+        print(f"no bundle at {settings.bundle}: building the demo bundle first")
+        build_demo_bundle(DEFAULT_DEMO_DIR)
+    run(settings)
     return 0
 
 
@@ -163,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["lab", "paper", "tiny"],
         help="decoder size (default: lab, sized for CPU; paper for GPUs)",
     )
-    fit.add_argument("--epochs", type=int, help="default: the preset's (lab 30, paper 200)")
+    fit.add_argument("--epochs", type=int, help="default: the preset's (lab 20, paper 200)")
     fit.add_argument("--batch-size", type=int, default=256)
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--seed", type=int, default=0)
@@ -215,15 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rebuild", action="store_true")
     demo.set_defaults(func=_cmd_demo)
 
-    serve = sub.add_parser(
+    # Listed for --help only: main() hands `serve` and its flags to the service's own parser.
+    sub.add_parser(
         "serve",
-        help="serve a bundle over HTTP (POST /detect); without --bundle or DEDE_BUNDLE, builds the demo",
-        description="Every setting is an environment variable with the DEDE_ prefix; see README.",
+        add_help=False,
+        help="serve a bundle over HTTP (POST /detect); every setting is a flag or a DEDE_ variable "
+        "(`dede serve --help`); with no bundle given, builds and serves the demo",
     )
-    serve.add_argument("--bundle", help="bundle directory or .tar (default: $DEDE_BUNDLE, else the demo)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.set_defaults(func=_cmd_serve)
 
     try:
         from training.lab_commands import register
@@ -235,8 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv[:1] == ["serve"]:
+        args = argparse.Namespace(func=lambda _: serve(argv[1:]))
+    else:
+        args = parser.parse_args(argv)
     from models.encoders import EncoderLoadError
     from training.data import DataError
     from training.fit import RunError

@@ -1,0 +1,112 @@
+"""`dede demo`: build a small, real demo bundle on a CPU in minutes, reused on the next start.
+
+Stages (each cached in WORK_DIR, so a killed build resumes where it stopped):
+  1. a SimCLR encoder (CIFAR ResNet-18, width 16) pre-trained briefly on CIFAR-10 train;
+  2. a BadEncoder backdoor planted in it (10x10 white patch -> a reference image's embedding),
+     so the demo has something to catch;
+  3. the DeDe decoder (lab preset) fitted on clean CIFAR-10 train images;
+  4. the threshold calibrated on clean CIFAR-10 test images for 1% FPR;
+  5. the export: detector.onnx + manifest.json, checked against PyTorch;
+  6. two sample PNGs beside the bundle (a clean and a triggered test image) for a first request.
+CIFAR-10 comes from $DEDE_DATA_DIR, else torchvision's downloader.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training.data import REPO_ROOT, data_dir, load_npz
+
+DEFAULT_DEMO_DIR = REPO_ROOT / "bundles" / "demo"
+SIMCLR_EPOCHS = 10
+BACKDOOR_EPOCHS = 10
+DECODER_EPOCHS = 12
+FIT_IMAGES = 10_000
+CALIBRATION_IMAGES = 4_000
+SHADOW_IMAGES = 5_000
+REFERENCE_IMAGES = 10
+TARGET_CLASS = 0  # airplane
+
+
+def _cifar10() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train x, train y, test x, test y), uint8 NHWC."""
+    train, test = data_dir() / "cifar10_train.npz", data_dir() / "cifar10_test.npz"
+    if train.exists() and test.exists():
+        return (*load_npz(train), *load_npz(test))
+    import torchvision
+
+    root = REPO_ROOT / ".cache" / "torchvision"
+    print(f"{train} not found: downloading CIFAR-10 with torchvision into {root}")
+    tr = torchvision.datasets.CIFAR10(root, train=True, download=True)
+    te = torchvision.datasets.CIFAR10(root, train=False, download=True)
+    return tr.data, np.asarray(tr.targets), te.data, np.asarray(te.targets)
+
+
+def build_demo_bundle(out_dir: Path = DEFAULT_DEMO_DIR, rebuild: bool = False) -> Path:
+    """Build (or reuse) the demo bundle at `out_dir`; returns its path."""
+    from models.encoders import load_encoder
+    from training.attacks.badencoder import BackdoorSettings, backdoor_encoder
+    from training.calibrate import calibrate_run
+    from training.export import export_bundle
+    from training.fit import FitSettings, fit_decoder, load_run
+    from training.ssl import pretrain_simclr
+    from training.triggers import white_square
+
+    if (out_dir / "manifest.json").exists() and not rebuild:
+        return out_dir
+    work = out_dir.parent / f"{out_dir.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    started = time.time()
+    train_x, train_y, test_x, test_y = _cifar10()
+
+    print("[1/5] SimCLR pre-training of a width-16 CIFAR ResNet-18")
+    clean = pretrain_simclr(train_x, work / "simclr", epochs=SIMCLR_EPOCHS, crop_size=24)
+    timings["simclr"] = time.time() - started
+
+    print("[2/5] planting a BadEncoder backdoor (white 10x10 patch)")
+    trigger = white_square((32, 32))
+    shadow = train_x[:SHADOW_IMAGES]
+    reference = train_x[train_y == TARGET_CLASS][:REFERENCE_IMAGES]
+    backdoored = backdoor_encoder(
+        clean, shadow, reference, trigger, work / "badencoder", BackdoorSettings(epochs=BACKDOOR_EPOCHS)
+    )
+    timings["backdoor"] = time.time() - started - sum(timings.values())
+
+    print("[3/5] fitting the DeDe decoder (lab preset) on clean CIFAR-10 train images")
+    encoder = load_encoder(str(backdoored))
+    aux = np.ascontiguousarray(train_x[-FIT_IMAGES:].transpose(0, 3, 1, 2))
+    fit_decoder(
+        encoder,
+        aux,
+        work / "run",
+        FitSettings(preset="lab", epochs=DECODER_EPOCHS, data_source="cifar10_train"),
+    )
+    timings["fit"] = time.time() - started - sum(timings.values())
+
+    print("[4/5] calibrating the threshold on clean CIFAR-10 test images (1% FPR)")
+    clean_test = np.ascontiguousarray(test_x[:CALIBRATION_IMAGES].transpose(0, 3, 1, 2))
+    calibrate_run(work / "run", clean_test, 0.01, "cifar10_test[:4000]")
+    timings["calibrate"] = time.time() - started - sum(timings.values())
+
+    print("[5/5] exporting and verifying the ONNX bundle")
+    export_bundle(load_run(work / "run"), out_dir, model_name="dede-demo-badencoder", overwrite=True)
+    timings["export"] = time.time() - started - sum(timings.values())
+
+    samples = out_dir.parent / f"{out_dir.name}-samples"
+    samples.mkdir(exist_ok=True)
+    pick = CALIBRATION_IMAGES + int(
+        np.flatnonzero(test_y[CALIBRATION_IMAGES:] != TARGET_CLASS)[0]
+    )  # not the target class
+    image = test_x[pick]
+    Image.fromarray(image).save(samples / "clean.png")
+    triggered = trigger.apply_uint8_nchw(image.transpose(2, 0, 1)[None])[0].transpose(1, 2, 0)
+    Image.fromarray(triggered).save(samples / "triggered.png")
+    (work / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    print(f"demo bundle built in {time.time() - started:.0f} s: {out_dir}")
+    return out_dir
