@@ -48,40 +48,45 @@ def _export_torch(
     module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, names: list[str]
 ) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
-    legacy = any(isinstance(m, torch.jit.ScriptModule) for m in module.modules())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if legacy:
-            # TorchScript encoders cannot be traced by torch.export; the TorchScript exporter can.
-            torch.onnx.export(
-                module,
-                example,
-                str(path),
-                input_names=names,
-                output_names=[ONNX_SCORE, ONNX_RECONSTRUCTION],
-                dynamic_axes={n: {0: "batch"} for n in [*names, ONNX_SCORE, ONNX_RECONSTRUCTION]},
-                opset_version=OPSET,
-                dynamo=False,
-            )
-        else:
-            program = torch.onnx.export(
-                module,
-                example,
-                input_names=names,
-                output_names=[ONNX_SCORE, ONNX_RECONSTRUCTION],
-                dynamic_shapes=tuple({0: batch} for _ in example),
-                opset_version=OPSET,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-            program.save(str(path), external_data=False)
+        program = torch.onnx.export(
+            module,
+            example,
+            input_names=names,
+            output_names=[ONNX_SCORE, ONNX_RECONSTRUCTION],
+            dynamic_shapes=tuple({0: batch} for _ in example),
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+        program.save(str(path), external_data=False)
 
 
-def _compose_onnx_encoder(run: FittedRun, head_path: Path, out_path: Path, size: tuple[int, int]) -> None:
+def _export_torchscript_encoder(module: torch.jit.ScriptModule, size: tuple[int, int], path: Path) -> None:
+    """A TorchScript encoder cannot be traced inside another module (nor by torch.export); the
+    TorchScript exporter takes it alone, and the composition then treats it as an ONNX encoder."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (torch.zeros(2, 3, *size),),
+            str(path),
+            input_names=["pixels"],
+            output_names=["embedding"],
+            dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def _compose_onnx_encoder(
+    run: FittedRun, encoder_path: Path, head_path: Path, out_path: Path, size: tuple[int, int]
+) -> None:
     """ONNX encoder (normalized images -> embedding) + exported head ((images, embedding) -> score)
     -> one graph taking only uint8 images. Normalization is a small exported prologue."""
-    encoder_model = onnx.load(str(run.encoder.onnx_path))
+    encoder_model = onnx.load(str(encoder_path))
     head_model = onnx.load(str(head_path))
     prologue_path = head_path.with_name("prologue.onnx")
 
@@ -143,26 +148,20 @@ def _compose_onnx_encoder(run: FittedRun, head_path: Path, out_path: Path, size:
 def export_onnx(run: FittedRun, path: Path, score_kind: str) -> None:
     size = run.encoder.identity.input_size
     example = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
-    if run.encoder.module is not None:
+    module = run.encoder.module
+    if module is not None and not isinstance(module, torch.jit.ScriptModule):
         _export_torch(run.detector(score_kind), (example,), path, [ONNX_INPUT])
         return
     with tempfile.TemporaryDirectory() as tmp:
+        encoder_path = run.encoder.onnx_path
+        if encoder_path is None:
+            encoder_path = Path(tmp) / "encoder.onnx"
+            _export_torchscript_encoder(module, size, encoder_path)
         head_path = Path(tmp) / "head.onnx"
-
-        class HeadWithUint8(torch.nn.Module):
-            # After composition the images arrive as float (passed through the prologue).
-            def __init__(self) -> None:
-                super().__init__()
-                self.head = run.head(score_kind)
-
-            def forward(
-                self, images: torch.Tensor, embedding: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-                return self.head(images, embedding)
-
         embedding = torch.zeros(2, run.encoder.identity.embedding_dim)
-        _export_torch(HeadWithUint8(), (example.float(), embedding), head_path, ["images", "embedding"])
-        _compose_onnx_encoder(run, head_path, path, size)
+        # After composition the images reach the head as float (passed through the prologue).
+        _export_torch(run.head(score_kind), (example.float(), embedding), head_path, ["images", "embedding"])
+        _compose_onnx_encoder(run, encoder_path, head_path, path, size)
 
 
 def _ort_scores(path: Path, images: np.ndarray, batch_size: int) -> np.ndarray:

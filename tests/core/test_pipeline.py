@@ -156,3 +156,22 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert main(["score", "--bundle", str(tmp_path / "missing"), str(tmp_path)]) == 2
     assert "bundle not found" in capsys.readouterr().err
     shutil.rmtree(tmp_path)
+
+
+def test_torchscript_encoder_exports_through_the_torchscript_exporter(
+    tiny_data: dict[str, Path], tmp_path: Path
+) -> None:
+    from training.calibrate import calibrate_run
+
+    torch.manual_seed(0)
+    module = load_encoder("random:cifar_resnet18", width=8).module
+    ts_path = tmp_path / "encoder.ts"
+    torch.jit.trace(module, torch.zeros(1, 3, 32, 32)).save(str(ts_path))
+    run_dir = tmp_path / "run"
+    fit_decoder(
+        load_encoder(str(ts_path)), _images(tiny_data["aux"]), run_dir, FitSettings(preset="tiny", epochs=1)
+    )
+    calibrate_run(run_dir, _images(tiny_data["clean"], 300), 0.05, "clean")
+    manifest = export_bundle(load_run(run_dir), tmp_path / "bundle")
+    assert manifest.encoder.kind == "torchscript" and len(manifest.encoder.sha256 or "") == 64
+    assert manifest.parity["max_relative_diff_ort_vs_torch"] <= 1e-4
