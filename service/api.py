@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.bundle import ONNX_NAME
 from service.batcher import BatcherClosed, InferenceFailed, QueueFull, ScoredImage
-from service.decoding import DecodeLimits, ImageRejected, decode_images
+from service.decoding import DecodeLimits, ImageRejected, decode_images, header_pixels
 from service.errors import ServiceError, unavailable
 from service.schemas import DetectResponse, ErrorResponse, ModelsResponse
 from service.state import ServiceState, service_state
@@ -37,7 +37,7 @@ def _given_key(request: Request) -> str | None:
     return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
 
 
-def require_api_key(request: Request, state: State) -> None:
+async def require_api_key(request: Request, state: State) -> None:
     """Checks `X-API-Key` or `Authorization: Bearer` against DEDE_API_KEY, in constant time."""
     expected = state.settings.api_key
     if expected is None:
@@ -92,8 +92,11 @@ _DETECT_BODY = {
     openapi_extra=_DETECT_BODY,
     summary="Score images: is each one a backdoor (trigger-carrying) sample?",
 )
-async def detect(request: Request, state: State, _: ApiKey) -> Response:
+async def detect(request: Request) -> Response:
+    # No FastAPI dependencies on the hot path: solving them costs more than everything else here.
     started = time.perf_counter()
+    state = request.app.state.service
+    await require_api_key(request, state)
     refusal = state.refusal()
     if refusal is not None:
         raise refusal
@@ -108,13 +111,7 @@ async def detect(request: Request, state: State, _: ApiKey) -> Response:
                 request, max_bytes=settings.max_upload_bytes, max_images=settings.max_images_per_request
             )
             decode_started = time.perf_counter()
-            decoded = await asyncio.get_running_loop().run_in_executor(
-                state.decode_pool,
-                decode_images,
-                [upload.data for upload in uploads],
-                state.bundle.manifest.input,
-                DecodeLimits(settings.max_image_pixels),
-            )
+            decoded = await _decode(state, [upload.data for upload in uploads])
             decode_s = time.perf_counter() - decode_started
             state.metrics.decode_time.observe(decode_s)
             arrays = [item for item in decoded if isinstance(item, np.ndarray)]
@@ -127,6 +124,16 @@ async def detect(request: Request, state: State, _: ApiKey) -> Response:
     finally:
         state.in_flight -= 1
         state.metrics.in_flight.dec()
+
+
+async def _decode(state: ServiceState, images: list[bytes]) -> list:
+    spec, limits = state.bundle.manifest.input, DecodeLimits(state.settings.max_image_pixels)
+    if header_pixels(images) <= state.settings.inline_decode_max_pixels:
+        # Thumbnails: decoding takes microseconds, less than handing them to a thread and back.
+        return decode_images(images, spec, limits)
+    return await asyncio.get_running_loop().run_in_executor(
+        state.decode_pool, decode_images, images, spec, limits
+    )
 
 
 def _submit(state: ServiceState, arrays: list[np.ndarray]) -> list[asyncio.Future[ScoredImage]]:
@@ -263,7 +270,7 @@ async def models(state: State, _: ApiKey) -> dict:
 
 async def _metrics_key(request: Request, state: State) -> None:
     if state.settings.protect_metrics:
-        require_api_key(request, state)
+        await require_api_key(request, state)
 
 
 @router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(_metrics_key)])

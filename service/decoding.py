@@ -107,6 +107,24 @@ def decode_image(data: bytes, spec: InputSpec, limits: DecodeLimits) -> np.ndarr
         raise ImageRejected(400, "corrupt_image", f"{image_format} data cannot be decoded: {exc}") from exc
 
 
+def header_pixels(images: list[bytes]) -> int:
+    """Total width x height the images' headers declare, reading no pixel data.
+
+    Images that are refused or unreadable count as 0: `decode_image` rejects them before decoding.
+    """
+    total = 0
+    for data in images:
+        image_format = sniff_format(data)
+        if image_format is None:
+            continue
+        try:
+            with Image.open(io.BytesIO(data), formats=[image_format]) as image:
+                total += image.width * image.height
+        except Exception:  # noqa: BLE001 - any header Pillow cannot read is decode_image's to reject
+            continue
+    return total
+
+
 def decode_images(
     images: list[bytes], spec: InputSpec, limits: DecodeLimits
 ) -> list[np.ndarray | ImageRejected]:

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         ["auto"], description="ONNX Runtime providers in order (auto, cuda, tensorrt, cpu)"
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core)")
+    inline_decode_max_pixels: int = Field(
+        4096,
+        ge=0,
+        description="requests whose images total at most this many pixels (from their headers) are decoded "
+        "on the event loop: a thread hand-off costs more than decoding a few thumbnails (0: never)",
+    )
     decode_threads: int = Field(
         default_factory=_default_decode_threads, ge=1, description="threads decoding uploaded images"
     )

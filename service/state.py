@@ -52,5 +52,6 @@ class ServiceState:
         return None
 
 
-def service_state(request: Request) -> ServiceState:
+async def service_state(request: Request) -> ServiceState:
+    # async on purpose: FastAPI runs plain-def dependencies in a worker thread, a costly hop per request.
     return request.app.state.service

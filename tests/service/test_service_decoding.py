@@ -142,3 +142,13 @@ def test_decode_images_returns_failures_in_place() -> None:
     results = decode_images([good, b"nonsense", good], SPEC, LIMITS)
     assert isinstance(results[0], np.ndarray) and isinstance(results[2], np.ndarray)
     assert isinstance(results[1], ImageRejected) and results[1].status == 415
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_header_pixels_reads_sizes_without_decoding_and_ignores_refused_data() -> None:
+    from service.decoding import header_pixels
+
+    small = encode(random_images(1, seed=10, size=(20, 30))[0])
+    assert header_pixels([small, small]) == 2 * 600
+    assert header_pixels([small, b"nonsense", b"\x89PNG\r\n\x1a\n broken"]) == 600
+    assert header_pixels([png_header_claiming(12_000, 12_000)]) == 144_000_000  # so it goes to a thread

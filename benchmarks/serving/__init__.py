@@ -1,0 +1,1 @@
+"""Serving-speed benchmark of the detection service: `python -m benchmarks.serving.run --bundle DIR`."""

@@ -1,0 +1,338 @@
+"""Serving benchmark: the service on loopback under load, against the raw ONNX Runtime ceiling.
+
+    python -m benchmarks.serving.run --bundle bundles/demo
+
+writes benchmarks/serving/results.json and REPORT.md (with throughput.png). Steps:
+  1. raw session throughput at batch sizes 1..128 (the ceiling, no HTTP, no decode);
+  2. the batched server: concurrency 1, 8, 32, 128 x 1 and 8 images per request (closed loop),
+     then an open loop at half its saturation rate (latency tail at moderate load);
+  3. the same server with max batch size 1 (no batching), same grid.
+Images: CIFAR-10 test images from $DEDE_DATA_DIR/cifar10_test.npz, PNG-encoded as a client would.
+`--synthetic` runs the harness on a stand-in graph (no real bundle needed) and writes elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from benchmarks.serving.loadgen import CONTENT_TYPE, closed_loop, multipart_body, open_loop
+from benchmarks.serving.raw import raw_session_throughput, reference_scores
+from benchmarks.serving.report import write_report
+from benchmarks.serving.server import REPO_ROOT, BenchServer
+from models.bundle import Bundle, load_bundle, prepare_array
+
+HERE = Path(__file__).resolve().parent
+GOALS = {"saturation_vs_ceiling": 0.9, "batched_vs_batch1_at_32": 5.0, "p99_over_p50_at_half_load": 3.0}
+
+
+def _run_async(coroutine):  # uvloop (shipped with uvicorn[standard]) keeps the generator's own CPU down
+    try:
+        import uvloop
+
+        return uvloop.run(coroutine)
+    except ImportError:
+        return asyncio.run(coroutine)
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("DEDE_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+
+def load_test_images(bundle: Bundle, count: int) -> tuple[list[bytes], np.ndarray]:
+    """PNG bytes of `count` CIFAR-10 test images, and the same images as the graph's uint8 NCHW input."""
+    path = data_dir() / "cifar10_test.npz"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: set DEDE_DATA_DIR to the folder holding cifar10_test.npz")
+    with np.load(path, allow_pickle=False) as archive:
+        pixels = archive["x"][:count]
+    encoded = []
+    for image in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return encoded, prepare_array(pixels, bundle.manifest.input)
+
+
+def bodies_for(encoded: list[bytes], images_per_request: int) -> list[bytes]:
+    groups = [encoded[i : i + images_per_request] for i in range(0, len(encoded), images_per_request)]
+    return [
+        multipart_body(g, [f"{i}.png" for i in range(len(g))]) for g in groups if len(g) == images_per_request
+    ]
+
+
+def check_scores(server: BenchServer, encoded: list[bytes], expected: np.ndarray) -> bool:
+    """The server's scores for 8 images equal the raw session's, bit for bit."""
+    body = multipart_body(encoded[:8], [f"{i}.png" for i in range(8)])
+    response = httpx.post(
+        server.url + "/detect", content=body, headers={"Content-Type": CONTENT_TYPE}, timeout=60
+    )
+    response.raise_for_status()
+    got = np.array([r["score"] for r in response.json()["images"]], dtype=np.float32)
+    return bool(np.array_equal(got, expected[:8]))
+
+
+def measure_server(
+    name: str,
+    bundle_path: Path,
+    encoded: list[bytes],
+    expected: np.ndarray,
+    args: argparse.Namespace,
+    settings: dict,
+    log_dir: Path,
+) -> dict:
+    server = BenchServer(bundle_path, log_dir / f"server-{name}.log", **settings)
+    try:
+        server.wait_ready()
+        result: dict = {
+            "settings": settings,
+            "scores_match_raw_session": check_scores(server, encoded, expected),
+        }
+        points = []
+        for images_per_request in args.images_per_request:
+            bodies = bodies_for(encoded, images_per_request)
+            for concurrency in args.concurrency:
+                cpu_before, sums_before, wall_before = (
+                    server.cpu_seconds(),
+                    server.metric_sums(),
+                    time.perf_counter(),
+                )
+                load = _run_async(
+                    closed_loop(
+                        server.url, bodies, images_per_request, concurrency, args.seconds, args.warmup
+                    )
+                )
+                point = load.as_dict()
+                point.update(_server_side(server, cpu_before, sums_before, wall_before))
+                points.append(point)
+                print(
+                    f"  {name:8s} c={concurrency:<4d} x{images_per_request}: {point['images_per_s']:8.1f} img/s  "
+                    f"p50 {point['p50_ms']:7.2f} ms  p99 {point['p99_ms']:7.2f} ms  batch {point['mean_batch_size']:.1f}"
+                    f"  errors {point['errors']}",
+                    flush=True,
+                )
+        result["points"] = points
+        if args.open_loop and settings["max_batch_size"] > 1:
+            result["half_load"] = []
+            for images_per_request in args.images_per_request:
+                saturation = max(
+                    p["images_per_s"] for p in points if p["images_per_request"] == images_per_request
+                )
+                rate = 0.5 * saturation / images_per_request
+                bodies = bodies_for(encoded, images_per_request)
+                load = _run_async(
+                    open_loop(server.url, bodies, images_per_request, rate, args.seconds, args.warmup)
+                )
+                point = load.as_dict()
+                result["half_load"].append(point)
+                print(
+                    f"  {name:8s} open loop {rate:.0f} req/s x{images_per_request}: p50 {point['p50_ms']:.2f} ms "
+                    f"p99 {point['p99_ms']:.2f} ms ({point['images_per_s']:.0f} img/s)",
+                    flush=True,
+                )
+        return result
+    finally:
+        server.stop()
+
+
+def _server_side(server: BenchServer, cpu_before: float, sums_before: dict, wall_before: float) -> dict:
+    wall = time.perf_counter() - wall_before
+    sums = server.metric_sums()
+    delta = {k: sums[k] - sums_before[k] for k in sums}
+    batches = delta["dede_batch_size_count"]
+    return {
+        "server_cpu_cores": round((server.cpu_seconds() - cpu_before) / wall, 3),
+        "mean_batch_size": round(delta["dede_batch_size_sum"] / batches, 2) if batches else 0.0,
+        "mean_queue_wait_ms": round(
+            1000 * delta["dede_queue_wait_seconds_sum"] / max(1.0, delta["dede_queue_wait_seconds_count"]), 3
+        ),
+        "model_busy_fraction": round(delta["dede_batch_compute_seconds_sum"] / wall, 3),
+    }
+
+
+def goals(results: dict) -> dict:
+    ceiling = results["raw_session"]["ceiling_images_per_s"]
+    batched, batch1 = results["servers"]["batched"], results["servers"]["batch1"]
+    out: dict = {"targets": GOALS}
+    saturation = max(p["images_per_s"] for p in batched["points"])
+    out["saturation_images_per_s"] = saturation
+    out["saturation_vs_ceiling"] = round(saturation / ceiling, 3)
+    for ipr in sorted({p["images_per_request"] for p in batched["points"]}):
+        at32 = [p for p in batched["points"] if p["concurrency"] == 32 and p["images_per_request"] == ipr]
+        one32 = [p for p in batch1["points"] if p["concurrency"] == 32 and p["images_per_request"] == ipr]
+        if at32 and one32 and one32[0]["images_per_s"] > 0:
+            out[f"batched_vs_batch1_at_32_x{ipr}"] = round(
+                at32[0]["images_per_s"] / one32[0]["images_per_s"], 2
+            )
+    for point in batched.get("half_load", []):
+        ratio = point["p99_ms"] / point["p50_ms"] if point["p50_ms"] > 0 else float("nan")
+        out[f"p99_over_p50_at_half_load_x{point['images_per_request']}"] = round(ratio, 2)
+    return out
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in (
+        "onnxruntime-gpu",
+        "onnxruntime",
+        "fastapi",
+        "uvicorn",
+        "httpx",
+        "numpy",
+        "pillow",
+        "uvloop",
+        "httptools",
+    ):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    load = os.getloadavg()
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "packages": versions,
+        "load_average_at_start": [round(x, 2) for x in load],
+    }
+
+
+def commit() -> str:
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "service", "benchmarks/serving", "models/bundle.py")
+    return head + ("+dirty" if dirty else "")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",")]
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.serving.run", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--bundle", type=Path, default=REPO_ROOT / "bundles" / "demo", help="bundle to serve")
+    parser.add_argument(
+        "--synthetic", action="store_true", help="dry run on a stand-in graph (no bundle needed)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="folder for results.json and REPORT.md (default: this folder)"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds before each point")
+    parser.add_argument("--concurrency", type=ints, default=[1, 8, 32, 128])
+    parser.add_argument("--images-per-request", type=ints, default=[1, 8])
+    parser.add_argument(
+        "--max-batch-size", type=int, default=32, help="the batched server's DEDE_MAX_BATCH_SIZE"
+    )
+    parser.add_argument("--max-batch-delay-ms", type=float, default=2.0)
+    parser.add_argument(
+        "--no-open-loop", dest="open_loop", action="store_false", help="skip the half-load run"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="dede-bench-") as scratch:
+        scratch_dir = Path(scratch)
+        if args.synthetic:
+            sys.path.insert(0, str(REPO_ROOT / "tests" / "service"))
+            from synthetic_bundle import make_synthetic_bundle
+
+            bundle_path = make_synthetic_bundle(scratch_dir / "synthetic", extra_work=6, width_hidden=512)
+            out_dir = args.out or HERE / "dry-run"
+        else:
+            bundle_path = args.bundle
+            out_dir = args.out or HERE
+        bundle = load_bundle(bundle_path)
+        encoded, arrays = load_test_images(bundle, 512)
+        expected = reference_scores(bundle, arrays[:8])
+        print(
+            f"bundle {bundle.manifest.model_name} {bundle.manifest.model_version}; raw session ceiling ...",
+            flush=True,
+        )
+        raw = raw_session_throughput(
+            bundle, arrays, [1, 2, 4, 8, 16, 32, 64, 128], min(2.0, args.seconds / 3)
+        )
+        print(
+            f"  raw: {raw['images_per_s_by_batch']} -> ceiling {raw['ceiling_images_per_s']} img/s",
+            flush=True,
+        )
+        common = {
+            "access_log": "false",
+            "log_level": "warning",
+            "max_queue": 4096,
+            "max_images_per_request": 64,
+        }
+        servers = {
+            "batched": {
+                **common,
+                "max_batch_size": args.max_batch_size,
+                "max_batch_delay_ms": args.max_batch_delay_ms,
+            },
+            "batch1": {**common, "max_batch_size": 1, "max_batch_delay_ms": 0},
+        }
+        results = {
+            "command": "python -m benchmarks.serving.run "
+            + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "commit": commit(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine(),
+            "bundle": {
+                "path": str(bundle_path)
+                if not args.synthetic
+                else "synthetic (tests/service/synthetic_bundle.py)",
+                "model_name": bundle.manifest.model_name,
+                "model_version": bundle.manifest.model_version,
+                "encoder": bundle.manifest.encoder.architecture,
+                "input": [bundle.manifest.input.height, bundle.manifest.input.width],
+            },
+            "protocol": {
+                "seconds_per_point": args.seconds,
+                "warmup_s": args.warmup,
+                "images": "CIFAR-10 test, first 512, PNG-encoded",
+                "load_generator": "asyncio + httpx, one keep-alive connection per client, same machine",
+            },
+            "raw_session": raw,
+            "servers": {},
+        }
+        for name, settings in servers.items():
+            print(f"server {name}: {settings}", flush=True)
+            results["servers"][name] = measure_server(
+                name, bundle_path, encoded, expected, args, settings, scratch_dir
+            )
+        results["goals"] = goals(results)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_report(results, out_dir)
+        print(f"wrote {out_dir / 'results.json'} and {out_dir / 'REPORT.md'}")
+        print(json.dumps(results["goals"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""A `python -m service` process for the benchmark: start, wait ready, read its CPU time and metrics, stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class BenchServer:
+    def __init__(self, bundle: Path, log_path: Path, **settings: object) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.settings = settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEDE_")}
+        env.update({"DEDE_BUNDLE": str(bundle), "DEDE_PORT": str(self.port), "DEDE_HOST": "127.0.0.1"})
+        env.update({f"DEDE_{k.upper()}": str(v) for k, v in settings.items()})
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.log_path = log_path
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"server exited early; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}"
+                )
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout_s} s; see {self.log_path}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server process (all its threads) so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+
+    def metric_sums(self) -> dict[str, float]:
+        """Counts and sums of the batch-size and queue-wait histograms, for per-point deltas."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        wanted = ("dede_batch_size_sum", "dede_batch_size_count", "dede_queue_wait_seconds_sum",
+                  "dede_queue_wait_seconds_count", "dede_batch_compute_seconds_sum")  # fmt: skip
+        values = {}
+        for name in wanted:
+            match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
+            values[name] = float(match.group(1)) if match else 0.0
+        return values
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
