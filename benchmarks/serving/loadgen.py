@@ -134,40 +134,44 @@ async def open_loop(
     seconds: float,
     warmup_s: float = 1.0,
     headers: dict[str, str] | None = None,
+    connections: int = 64,
 ) -> LoadResult:
-    """Requests start at a fixed rate whatever the answers do; latency counts from the scheduled
-    start, so a generator that falls behind shows up as latency instead of hiding it."""
+    """Requests start at a fixed rate whatever the answers do, over a fixed pool of keep-alive
+    connections (opened before the clock starts). Latency counts from each request's scheduled
+    start, so time spent waiting for a free connection, or a generator falling behind, shows up as
+    latency instead of hiding it."""
     request_headers = {"Content-Type": CONTENT_TYPE, **(headers or {})}
-    idle: list[httpx.AsyncClient] = []
-    every: list[httpx.AsyncClient] = []
+    pool = [_client(url, request_headers) for _ in range(connections)]
+    idle: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+    for http in pool:
+        idle.put_nowait(http)
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     tasks: set[asyncio.Task[None]] = set()
-    started = time.perf_counter()
-    window_start, window_end = started + warmup_s, started + warmup_s + seconds
 
-    async def one(http: httpx.AsyncClient, body: bytes, scheduled: float) -> None:
+    async def one(body: bytes, scheduled: float) -> None:
+        http = await idle.get()
         try:
             status = str((await http.post("/detect", content=body)).status_code)
         except httpx.HTTPError as exc:
             status = type(exc).__name__
+        finally:
+            idle.put_nowait(http)
         done = time.perf_counter()
-        idle.append(http)
         if window_start <= scheduled <= window_end:
             statuses[status] = statuses.get(status, 0) + 1
             if status == "200":
                 latencies.append(done - scheduled)
 
     cpu_before = time.process_time()
+    started = time.perf_counter()
+    window_start, window_end = started + warmup_s, started + warmup_s + seconds
     interval, scheduled, turn = 1.0 / rate_rps, started, 0
     while scheduled < window_end:
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        if not idle:  # every connection busy: open one more, as independent users would
-            every.append(_client(url, request_headers))
-            idle.append(every[-1])
-        task = asyncio.create_task(one(idle.pop(), bodies[turn % len(bodies)], scheduled))
+        task = asyncio.create_task(one(bodies[turn % len(bodies)], scheduled))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         scheduled += interval
@@ -175,7 +179,6 @@ async def open_loop(
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - started
     cpu_s = (time.process_time() - cpu_before) * seconds / elapsed
-    for http in every:
+    for http in pool:
         await http.aclose()
-    result = _summarise("open", len(every), images_per_request, seconds, latencies, statuses, cpu_s, rate_rps)
-    return result
+    return _summarise("open", connections, images_per_request, seconds, latencies, statuses, cpu_s, rate_rps)

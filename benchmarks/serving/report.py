@@ -35,6 +35,7 @@ def plot(results: dict, path: Path) -> None:
         axis.set_title(title)
         axis.grid(True, alpha=0.3)
     right.set_yscale("log")
+    left.set_yscale("log")
     left.legend(fontsize=7)
     right.legend(fontsize=6, ncol=2)
     fig.suptitle(

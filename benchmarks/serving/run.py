@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
             from synthetic_bundle import make_synthetic_bundle
 
             bundle_path = make_synthetic_bundle(scratch_dir / "synthetic", extra_work=6, width_hidden=512)
-            out_dir = args.out or HERE / "dry-run"
+            out_dir = args.out or REPO_ROOT / "runs" / "serving-dry-run"  # runs/ is not committed
         else:
             bundle_path = args.bundle
             out_dir = args.out or HERE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -102,3 +103,9 @@ def test_a_missing_bundle_exits_with_one_clear_line(tmp_path) -> None:
     )
     assert result.returncode != 0
     assert "bundle not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_service_readme_lists_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "service" / "README.md").read_text()
+    missing = [env for env, _, _ in describe_settings() if f"`{env}`" not in readme]
+    assert not missing, f"service/README.md lacks {missing}"
