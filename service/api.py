@@ -128,7 +128,8 @@ async def detect(request: Request) -> Response:
 
 async def _decode(state: ServiceState, images: list[bytes]) -> list:
     spec, limits = state.bundle.manifest.input, DecodeLimits(state.settings.max_image_pixels)
-    if header_pixels(images) <= state.settings.inline_decode_max_pixels:
+    inline_max = state.settings.inline_decode_max_pixels
+    if header_pixels(images, stop_above=inline_max) <= inline_max:
         # Thumbnails: decoding takes microseconds, less than handing them to a thread and back.
         return decode_images(images, spec, limits)
     return await asyncio.get_running_loop().run_in_executor(

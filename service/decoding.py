@@ -107,13 +107,14 @@ def decode_image(data: bytes, spec: InputSpec, limits: DecodeLimits) -> np.ndarr
         raise ImageRejected(400, "corrupt_image", f"{image_format} data cannot be decoded: {exc}") from exc
 
 
-def header_pixels(images: list[bytes]) -> int:
-    """Total width x height the images' headers declare, reading no pixel data.
-
-    Images that are refused or unreadable count as 0: `decode_image` rejects them before decoding.
-    """
+def header_pixels(images: list[bytes], stop_above: int | None = None) -> int:
+    """Total width x height the images' headers declare, reading no pixel data; stops counting
+    once past `stop_above`. Refused or unreadable images count as 0: `decode_image` rejects them
+    before decoding anything."""
     total = 0
     for data in images:
+        if stop_above is not None and total > stop_above:
+            break
         image_format = sniff_format(data)
         if image_format is None:
             continue
