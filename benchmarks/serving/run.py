@@ -35,7 +35,7 @@ from benchmarks.serving.loadgen import CONTENT_TYPE, closed_loop, multipart_body
 from benchmarks.serving.raw import raw_session_throughput, reference_scores
 from benchmarks.serving.report import write_report
 from benchmarks.serving.server import REPO_ROOT, BenchServer
-from models.bundle import Bundle, load_bundle, prepare_array
+from models.bundle import Bundle, BundleError, load_bundle, prepare_array
 
 HERE = Path(__file__).resolve().parent
 GOALS = {"saturation_vs_ceiling": 0.9, "batched_vs_batch1_at_32": 5.0, "p99_over_p50_at_half_load": 3.0}
@@ -87,67 +87,78 @@ def check_scores(server: BenchServer, encoded: list[bytes], expected: np.ndarray
     return bool(np.array_equal(got, expected[:8]))
 
 
-def measure_server(
-    name: str,
+def measure_point(
+    name: str, server: BenchServer, bodies: list[bytes], images_per_request: int, concurrency: int, args
+) -> dict:
+    cpu_before, sums_before, wall_before = server.cpu_seconds(), server.metric_sums(), time.perf_counter()
+    load = _run_async(
+        closed_loop(server.url, bodies, images_per_request, concurrency, args.seconds, args.warmup)
+    )
+    point = load.as_dict()
+    point.update(_server_side(server, cpu_before, sums_before, wall_before))
+    print(
+        f"  {name:8s} c={concurrency:<4d} x{images_per_request}: {point['images_per_s']:8.1f} img/s  "
+        f"p50 {point['p50_ms']:7.2f} ms  p99 {point['p99_ms']:7.2f} ms  batch {point['mean_batch_size']:.1f}  "
+        f"server CPU {point['server_cpu_cores']:.2f}  generator CPU {point['generator_cpu_cores']:.2f}  "
+        f"errors {point['errors']}",
+        flush=True,
+    )
+    return point
+
+
+def measure_servers(
     bundle_path: Path,
     encoded: list[bytes],
     expected: np.ndarray,
     args: argparse.Namespace,
-    settings: dict,
+    configs: dict[str, dict],
     log_dir: Path,
 ) -> dict:
-    server = BenchServer(bundle_path, log_dir / f"server-{name}.log", **settings)
+    """Every server is up at once (an idle one costs nothing) and the variants take turns point by
+    point, so a change in the machine's background load hits them alike: compare them as ratios."""
+    servers = {
+        name: BenchServer(bundle_path, log_dir / f"server-{name}.log", **cfg) for name, cfg in configs.items()
+    }
     try:
-        server.wait_ready()
-        result: dict = {
-            "settings": settings,
-            "scores_match_raw_session": check_scores(server, encoded, expected),
-        }
-        points = []
+        results: dict = {}
+        for name, server in servers.items():
+            server.wait_ready()
+            results[name] = {
+                "settings": configs[name],
+                "scores_match_raw_session": check_scores(server, encoded, expected),
+                "points": [],
+            }
         for images_per_request in args.images_per_request:
             bodies = bodies_for(encoded, images_per_request)
             for concurrency in args.concurrency:
-                cpu_before, sums_before, wall_before = (
-                    server.cpu_seconds(),
-                    server.metric_sums(),
-                    time.perf_counter(),
-                )
-                load = _run_async(
-                    closed_loop(
-                        server.url, bodies, images_per_request, concurrency, args.seconds, args.warmup
-                    )
-                )
-                point = load.as_dict()
-                point.update(_server_side(server, cpu_before, sums_before, wall_before))
-                points.append(point)
-                print(
-                    f"  {name:8s} c={concurrency:<4d} x{images_per_request}: {point['images_per_s']:8.1f} img/s  "
-                    f"p50 {point['p50_ms']:7.2f} ms  p99 {point['p99_ms']:7.2f} ms  batch {point['mean_batch_size']:.1f}"
-                    f"  errors {point['errors']}",
-                    flush=True,
-                )
-        result["points"] = points
-        if args.open_loop and settings["max_batch_size"] > 1:
-            result["half_load"] = []
+                for name, server in servers.items():
+                    point = measure_point(name, server, bodies, images_per_request, concurrency, args)
+                    results[name]["points"].append(point)
+        if args.open_loop:
+            name = "batched"
+            results[name]["half_load"] = []
             for images_per_request in args.images_per_request:
                 saturation = max(
-                    p["images_per_s"] for p in points if p["images_per_request"] == images_per_request
+                    p["images_per_s"]
+                    for p in results[name]["points"]
+                    if p["images_per_request"] == images_per_request
                 )
                 rate = 0.5 * saturation / images_per_request
                 bodies = bodies_for(encoded, images_per_request)
                 load = _run_async(
-                    open_loop(server.url, bodies, images_per_request, rate, args.seconds, args.warmup)
+                    open_loop(servers[name].url, bodies, images_per_request, rate, args.seconds, args.warmup)
                 )
                 point = load.as_dict()
-                result["half_load"].append(point)
+                results[name]["half_load"].append(point)
                 print(
                     f"  {name:8s} open loop {rate:.0f} req/s x{images_per_request}: p50 {point['p50_ms']:.2f} ms "
                     f"p99 {point['p99_ms']:.2f} ms ({point['images_per_s']:.0f} img/s)",
                     flush=True,
                 )
-        return result
+        return results
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
 
 
 def _server_side(server: BenchServer, cpu_before: float, sums_before: dict, wall_before: float) -> dict:
@@ -247,7 +258,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=ints, default=[1, 8, 32, 128])
     parser.add_argument("--images-per-request", type=ints, default=[1, 8])
     parser.add_argument(
-        "--max-batch-size", type=int, default=32, help="the batched server's DEDE_MAX_BATCH_SIZE"
+        "--max-batch-size",
+        default="auto",
+        help="the batched server's DEDE_MAX_BATCH_SIZE (auto: the raw session's best batch size)",
     )
     parser.add_argument("--max-batch-delay-ms", type=float, default=2.0)
     parser.add_argument(
@@ -269,7 +282,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             bundle_path = args.bundle
             out_dir = args.out or HERE
-        bundle = load_bundle(bundle_path)
+        try:
+            bundle = load_bundle(bundle_path)
+        except BundleError as exc:
+            raise SystemExit(f"benchmark: {exc}") from None
         encoded, arrays = load_test_images(bundle, 512)
         expected = reference_scores(bundle, arrays[:8])
         print(
@@ -292,7 +308,9 @@ def main(argv: list[str] | None = None) -> None:
         servers = {
             "batched": {
                 **common,
-                "max_batch_size": args.max_batch_size,
+                "max_batch_size": raw["best_batch_size"]
+                if args.max_batch_size == "auto"
+                else int(args.max_batch_size),
                 "max_batch_delay_ms": args.max_batch_delay_ms,
             },
             "batch1": {**common, "max_batch_size": 1, "max_batch_delay_ms": 0},
@@ -323,9 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         for name, settings in servers.items():
             print(f"server {name}: {settings}", flush=True)
-            results["servers"][name] = measure_server(
-                name, bundle_path, encoded, expected, args, settings, scratch_dir
-            )
+        results["servers"] = measure_servers(bundle_path, encoded, expected, args, servers, scratch_dir)
         results["goals"] = goals(results)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
