@@ -1,0 +1,90 @@
+"""The ONNX Runtime wrapper: scores, provider choice and fallback, signature checks, GPU-only paths."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from synthetic_bundle import expected_score, make_synthetic_bundle
+
+from models.bundle import load_bundle
+from service.runtime import CPU, CUDA, Detector, RuntimeLoadError, batch_buckets, resolve_providers
+
+
+@pytest.fixture(scope="module")
+def detector(synthetic_bundle: Path) -> Detector:
+    bundle = load_bundle(synthetic_bundle)
+    return Detector(bundle.onnx_path, bundle.manifest.input, [CPU])
+
+
+def images(count: int) -> np.ndarray:
+    return np.random.default_rng(count).integers(0, 256, size=(count, 3, 32, 32), dtype=np.uint8)
+
+
+def test_scores_follow_the_graph(detector: Detector) -> None:
+    batch = images(5)
+    scores = detector.score(batch)
+    assert scores.dtype == np.float32 and scores.shape == (5,)
+    np.testing.assert_allclose(scores, [expected_score(i) for i in batch], rtol=1e-5)
+    assert detector.provider == CPU
+
+
+def test_the_gpu_paths_give_the_same_scores(detector: Detector, monkeypatch: pytest.MonkeyPatch) -> None:
+    # IO binding and bucket padding run on CUDA only; both work on the CPU provider too, so check them here.
+    batch = images(5)
+    plain = detector.score(batch)
+    monkeypatch.setattr(detector, "_use_io_binding", True)
+    monkeypatch.setattr(detector, "_pad_buckets", [1, 2, 4, 8])
+    np.testing.assert_array_equal(detector.score(batch), plain)  # padded to 8, cut back to 5
+
+
+def test_batch_buckets() -> None:
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_buckets(24) == [1, 2, 4, 8, 16, 24]
+
+
+def test_warm_up_runs_every_bucket(detector: Detector) -> None:
+    assert sorted(detector.warm_up([1, 2, 4])) == [1, 2, 4]
+
+
+def test_auto_is_cpu_without_a_visible_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.runtime._nvidia_device_visible", lambda: False)
+    assert resolve_providers(["auto"]) == [CPU]
+    assert resolve_providers([CPU]) == [CPU]
+
+
+def test_cuda_asked_for_but_unusable_falls_back_to_cpu_and_says_so(
+    synthetic_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import onnxruntime as ort
+
+    if CUDA not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider to fall back from")
+    bundle = load_bundle(synthetic_bundle)
+    with caplog.at_level(logging.WARNING, logger="dede.runtime"):
+        detector = Detector(bundle.onnx_path, bundle.manifest.input, [CUDA, CPU])
+    if detector.provider == CUDA:
+        pytest.skip("a GPU is usable here")
+    assert detector.provider == CPU
+    assert any("CUDA was requested" in r.getMessage() for r in caplog.records)
+
+
+def test_a_graph_that_does_not_match_the_manifest_is_refused(tmp_path: Path) -> None:
+    root = make_synthetic_bundle(tmp_path / "b", height=32, width=32)
+    bundle = load_bundle(root)
+    wrong_size = bundle.manifest.input.model_copy(update={"height": 64})
+    with pytest.raises(RuntimeLoadError, match="manifest says"):
+        Detector(bundle.onnx_path, wrong_size, [CPU])
+    model = onnx.load(root / "detector.onnx")
+    model.graph.output[0].name = "logits"
+    model.graph.node[-1].output[0] = "logits"
+    onnx.save(model, tmp_path / "renamed.onnx")
+    with pytest.raises(RuntimeLoadError, match="no output named 'score'"):
+        Detector(tmp_path / "renamed.onnx", bundle.manifest.input, [CPU])
+    (tmp_path / "garbage.onnx").write_bytes(b"not a graph")
+    with pytest.raises(RuntimeLoadError, match="cannot load the graph"):
+        Detector(tmp_path / "garbage.onnx", bundle.manifest.input, [CPU])
