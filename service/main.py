@@ -6,7 +6,8 @@ Entry points (for `dede serve` and `python -m service`):
         Exits with a one-line message (status 2) if the bundle is missing or fails verification.
     main(argv: list[str] | None = None) -> None
         Parse `--bundle DIR --port N ...` (one flag per setting, overriding DEDE_* variables),
-        then `run`. `build_parser()` gives the parser alone, e.g. to embed in another CLI.
+        then `run`. To give another CLI the same flags without importing the server stack:
+        `service.settings.add_settings_arguments(parser)` then `settings_from_args(args, parser)`.
 
 Drain: the first signal turns readiness off and answers new /detect requests with 503; requests
 already accepted (queued or running) finish; then uvicorn stops. A second signal stops at once.
@@ -23,12 +24,11 @@ import time
 from types import FrameType
 
 import uvicorn
-from pydantic import ValidationError
 
 from models.bundle import BundleError
 from service.app import create_app
 from service.logs import configure_logging
-from service.settings import Settings, describe_settings
+from service.settings import Settings, add_settings_arguments, settings_from_args
 from service.state import ServiceState
 
 log = logging.getLogger("dede.service")
@@ -102,31 +102,10 @@ def run(settings: Settings | None = None) -> None:
 def build_parser(prog: str = "python -m service") -> argparse.ArgumentParser:
     """One flag per setting; a flag overrides its DEDE_* variable, which overrides the default."""
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Serve a dede detector bundle over HTTP (POST /detect, /metrics, /docs).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description="Serve a dede detector bundle over HTTP (POST /detect, /metrics, /docs)."
     )
-    for env_name, default, description in describe_settings():
-        name = env_name.removeprefix("DEDE_").lower()
-        shown = default if name != "api_key" else "unset"
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            help=f"{description} [env {env_name}; default: {shown or 'empty'}]",
-        )
+    add_settings_arguments(parser)
     return parser
-
-
-def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
-    overrides = {name: value for name, value in vars(args).items() if value is not None}
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        parser.error(problems)
-        raise  # parser.error exits; this line is for type checkers
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,11 +6,12 @@ List-valued settings take comma-separated values (`DEDE_EXECUTION_PROVIDERS=cuda
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Short names a user may type for the ONNX Runtime providers we support.
@@ -120,3 +121,29 @@ def describe_settings() -> list[tuple[str, str, str]]:
             default = ",".join(default)
         rows.append((f"DEDE_{name.upper()}", str(default) if default is not None else "", field.description))
     return rows
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one `--flag` per setting to `parser` (each defaults to None: unset flags leave the
+    DEDE_* variable or the default in charge). Light: imports nothing of the server stack."""
+    for env_name, default, description in describe_settings():
+        name = env_name.removeprefix("DEDE_").lower()
+        shown = "unset" if name == "api_key" else default or "empty"
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, help=f"{description} [env {env_name}; default: {shown}]"
+        )
+
+
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
+    """Settings from the flags `add_settings_arguments` added (flags win over DEDE_* variables);
+    a bad value exits through `parser.error` with the field named, never a traceback."""
+    names = set(Settings.model_fields)
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        parser.error(problems)
+        raise  # parser.error exits; this line is for type checkers

@@ -20,3 +20,17 @@ def test_importing_the_whole_service_loads_no_torch_nor_training() -> None:
         [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True
     )
     assert result.stdout.strip() == "", f"service pulled in: {result.stdout.strip()}"
+
+
+def test_the_settings_module_is_light_enough_for_a_cli_to_import() -> None:
+    probe = (
+        "import sys, argparse\n"
+        "from service.settings import add_settings_arguments\n"
+        "add_settings_arguments(argparse.ArgumentParser())\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'onnxruntime', 'fastapi', 'uvicorn', 'PIL'})\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "", f"service.settings pulled in: {result.stdout.strip()}"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.main import build_parser, settings_from_args
-from service.settings import Settings, describe_settings
+from service.main import build_parser
+from service.settings import Settings, describe_settings, settings_from_args
 
 
 @pytest.fixture(autouse=True)
