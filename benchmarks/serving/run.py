@@ -96,6 +96,7 @@ def measure_point(
     )
     point = load.as_dict()
     point.update(_server_side(server, cpu_before, sums_before, wall_before))
+    point["machine_load_1m"] = round(os.getloadavg()[0], 2)  # others' work on the same cores
     print(
         f"  {name:8s} c={concurrency:<4d} x{images_per_request}: {point['images_per_s']:8.1f} img/s  "
         f"p50 {point['p50_ms']:7.2f} ms  p99 {point['p99_ms']:7.2f} ms  batch {point['mean_batch_size']:.1f}  "
@@ -183,6 +184,10 @@ def goals(results: dict) -> dict:
     saturation = max(p["images_per_s"] for p in batched["points"])
     out["saturation_images_per_s"] = saturation
     out["saturation_vs_ceiling"] = round(saturation / ceiling, 3)
+    # What batching can buy at most on this model and machine: the raw session's best batch over batch 1.
+    by_batch = results["raw_session"]["images_per_s_by_batch"]
+    batch1 = next(v for k, v in by_batch.items() if int(k) == 1)
+    out["raw_best_over_raw_batch1"] = round(ceiling / batch1, 2)
     for ipr in sorted({p["images_per_request"] for p in batched["points"]}):
         at32 = [p for p in batched["points"] if p["concurrency"] == 32 and p["images_per_request"] == ipr]
         one32 = [p for p in batch1["points"] if p["concurrency"] == 32 and p["images_per_request"] == ipr]
