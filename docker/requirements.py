@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu", action="store_true", help="use the CPU-only onnxruntime wheel")
     parser.add_argument("--onnxruntime-version", help="pin the ONNX Runtime wheel to this version")
     args = parser.parse_args(argv)
-    sys.stdout.write("\n".join(serving_requirements(args.pyproject, args.cpu, args.onnxruntime_version)) + "\n")
+    sys.stdout.write(
+        "\n".join(serving_requirements(args.pyproject, args.cpu, args.onnxruntime_version)) + "\n"
+    )
 
 
 if __name__ == "__main__":

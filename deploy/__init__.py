@@ -1,0 +1,1 @@
+"""Scale-out beyond one machine on an existing engine: Ray Serve (ray_app.py, serve_config.yaml)."""
