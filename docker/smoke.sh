@@ -16,7 +16,8 @@
 # it first, which takes long on a small CPU machine: see docker/README.md). Any other bundle:
 # DEDE_SMOKE_BUNDLE=path; the flags are checked when <bundle>-samples/{clean,triggered}.png exist.
 # Settings: DEDE_SMOKE_PORT (18000), DEDE_SMOKE_PROM_PORT (19090), DEDE_SMOKE_PROJECT (dedesmoke),
-# DEDE_SMOKE_KEEP=1 leaves the stack running for a look.
+# DEDE_SMOKE_KEEP=1 leaves the stack running for a look; DEDE_SMOKE_RESULT=file.json writes the
+# outcome (image size, scores, flags, step timings) as JSON, e.g. docker/smoke-result.json.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -117,7 +118,8 @@ if [ "$ENGINE" = podman ]; then
 else
   docker build -q -f docker/Dockerfile -t "$IMAGE" . >/dev/null
 fi
-echo "image size: $($ENGINE image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1 / 1e6}')"
+IMAGE_BYTES=$($ENGINE image inspect "$IMAGE" --format '{{.Size}}')
+echo "image size: $((IMAGE_BYTES / 1000000)) MB"
 
 step "Prometheus image $PROM_IMAGE"
 if $ENGINE image inspect "$PROM_IMAGE" >/dev/null 2>&1; then
@@ -236,3 +238,27 @@ rm -rf "$STAGE"
 echo "== timings"
 printf '%s\n' "${TIMINGS[@]}"
 echo "SMOKE PASSED in $((SECONDS - T0)) s"
+if [ -n "${DEDE_SMOKE_RESULT:-}" ]; then
+  printf '%s\n' "${TIMINGS[@]}" | python3 -c '
+import datetime, json, os, platform, sys
+engine, image_bytes, bundle, checked, total, answer, out = sys.argv[1:]
+body = json.loads(answer)
+steps = [line.strip().split("s  ", 1) for line in sys.stdin if line.strip()]
+result = {
+    "command": "bash docker/smoke.sh",
+    "date": datetime.date.today().isoformat(),
+    "engine": engine,
+    "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+    "cpu_image_mb": round(int(image_bytes) / 1e6),
+    "bundle": body["model_name"] + " " + body["model_version"],
+    "threshold": body["threshold"],
+    "images": [{"sample": s, "score": i["score"], "flagged": i["flagged"]} for s, i in zip(("clean", "triggered"), body["images"])],
+    "flags_checked": checked == "1",
+    "steps_s": {name: int(secs) for secs, name in steps},
+    "total_s": int(total),
+}
+json.dump(result, open(out, "w"), indent=2)
+open(out, "a").write("\n")
+print(f"result written to {out}")
+' "$ENGINE" "$IMAGE_BYTES" "$BUNDLE" "$CHECK_FLAGS" "$((SECONDS - T0))" "$ANSWER" "$DEDE_SMOKE_RESULT"
+fi

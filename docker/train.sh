@@ -12,17 +12,20 @@
 #   DEDE_TRAIN_EPOCHS   epochs (default: the preset's)
 #   DEDE_TRAIN_FPR      target false-positive rate (default 0.01)
 #   DEDE_BUNDLE_NAME    bundle folder under /bundles (default demo, or `detector` with an encoder)
+# Outside the image (a test run on a host): DEDE_TRAIN_BUNDLES and DEDE_TRAIN_RUNS replace /bundles, /runs.
 set -euo pipefail
+BUNDLES=${DEDE_TRAIN_BUNDLES:-/bundles}
+RUNS=${DEDE_TRAIN_RUNS:-/runs}
 
 if [ -z "${DEDE_TRAIN_ENCODER:-}" ]; then
   name=${DEDE_BUNDLE_NAME:-demo}
-  echo "trainer: no DEDE_TRAIN_ENCODER given: building the demo bundle into /bundles/$name"
-  exec dede demo --out "/bundles/$name"
+  echo "trainer: no DEDE_TRAIN_ENCODER given: building the demo bundle into $BUNDLES/$name"
+  exec dede demo --out "$BUNDLES/$name"
 fi
 
 name=${DEDE_BUNDLE_NAME:-detector}
-run=/runs/$name
-out=/bundles/$name
+run=$RUNS/$name
+out=$BUNDLES/$name
 arch_args=()
 [ -n "${DEDE_TRAIN_ARCH:-}" ] && arch_args=(--arch "$DEDE_TRAIN_ARCH")
 epoch_args=()
