@@ -91,6 +91,44 @@ def ray_serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def test_ray_batch_queue_keeps_the_service_batchers_contract() -> None:
+    """Bounded (QueueFull), closed on stop (BatcherClosed), a failed batch fails its images with
+    InferenceFailed, and the queue-depth gauge returns to 0; no Ray needed for this part."""
+    import asyncio
+
+    from deploy.ray_app import BatchResult, RayBatchQueue
+    from service.batcher import BatcherClosed, InferenceFailed, QueueFull
+    from service.metrics import Metrics
+
+    async def scenario() -> None:
+        metrics = Metrics(8, 1.0)
+        release = asyncio.Event()
+
+        async def score_one(image: np.ndarray) -> BatchResult:
+            await release.wait()
+            if image.dtype == np.int8:  # the failing "batch"
+                raise RuntimeError("boom")
+            return BatchResult(float(image.sum()), time.perf_counter(), 0.001, 2)
+
+        queue = RayBatchQueue(score_one, max_queue=3, metrics=metrics)
+        ok = queue.submit([np.ones(2, np.uint8), np.full(2, 2, np.uint8)])
+        assert queue.queue_depth == 2 and not queue.has_room(2)
+        with pytest.raises(QueueFull):
+            queue.submit([np.ones(2, np.uint8)] * 2)
+        bad = queue.submit([np.ones(2, np.int8)])
+        release.set()
+        scored = await asyncio.gather(*ok)
+        assert [s.score for s in scored] == [2.0, 4.0] and scored[0].batch_size == 2
+        with pytest.raises(InferenceFailed, match="boom"):
+            await bad[0]
+        assert queue.queue_depth == 0
+        await queue.stop(1.0)
+        with pytest.raises(BatcherClosed):
+            queue.submit([np.ones(2, np.uint8)])
+
+    asyncio.run(scenario())
+
+
 def test_serve_config_is_a_valid_ray_serve_config_for_this_app() -> None:
     from ray.serve.schema import ServeDeploySchema
 
