@@ -38,6 +38,14 @@ def default_device() -> torch.device:
 # ----------------------------------------------------------------------------------------------
 
 
+def _uniform(
+    n: int, low: float, high: float, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """n uniform draws from the generator (on the generator's device), moved to `device`."""
+    draws = torch.rand(n, generator=generator, device=generator.device)
+    return (draws * (high - low) + low).to(device)
+
+
 def random_resized_crop_flip(
     x: torch.Tensor,
     generator: torch.Generator,
@@ -52,15 +60,14 @@ def random_resized_crop_flip(
     """
     n = x.shape[0]
     dev = x.device
-    area = torch.empty(n, device=dev).uniform_(*scale, generator=generator)
-    log_ratio = torch.empty(n, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
-    ratio = torch.exp(log_ratio)
+    area = _uniform(n, scale[0], scale[1], generator, dev)
+    ratio = torch.exp(_uniform(n, math.log(3 / 4), math.log(4 / 3), generator, dev))
     # Box width/height as fractions of the side; affine_grid maps [-1, 1] to that box.
     w = torch.sqrt(area * ratio).clamp(max=1.0)
     h = torch.sqrt(area / ratio).clamp(max=1.0)
-    cx = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(n, device=dev, generator=generator) < 0.5, -1.0, 1.0)
+    cx = _uniform(n, -1, 1, generator, dev) * (1 - w)
+    cy = _uniform(n, -1, 1, generator, dev) * (1 - h)
+    flip = torch.where(_uniform(n, 0, 1, generator, dev) < 0.5, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3, device=dev)
     theta[:, 0, 0] = w * flip
     theta[:, 0, 2] = cx
@@ -93,14 +100,14 @@ def color_jitter(
     b, c, s, hue = strength
 
     def factor(spread: float) -> torch.Tensor:
-        return torch.empty(n, 1, 1, 1, device=dev).uniform_(1 - spread, 1 + spread, generator=generator)
+        return _uniform(n, 1 - spread, 1 + spread, generator, dev).view(n, 1, 1, 1)
 
     out = (x * factor(b)).clamp(0, 1)
     mean = _gray(out).mean(dim=(2, 3), keepdim=True)
     out = ((out - mean) * factor(c) + mean).clamp(0, 1)
     gray = _gray(out)
     out = ((out - gray) * factor(s) + gray).clamp(0, 1)
-    angle = torch.empty(n, device=dev).uniform_(-hue, hue, generator=generator) * 2 * math.pi
+    angle = _uniform(n, -hue, hue, generator, dev) * 2 * math.pi
     cos, sin = torch.cos(angle), torch.sin(angle)
     rotation = torch.zeros(n, 3, 3, device=dev)
     rotation[:, 0, 0] = 1
@@ -108,12 +115,12 @@ def color_jitter(
     rotation[:, 2, 1], rotation[:, 2, 2] = sin, cos
     mix = _YIQ_TO_RGB.to(dev) @ rotation @ _RGB_TO_YIQ.to(dev)  # (N, 3, 3)
     out = torch.einsum("nij,njhw->nihw", mix, out).clamp(0, 1)
-    apply = (torch.rand(n, 1, 1, 1, device=dev, generator=generator) < p).float()
+    apply = (_uniform(n, 0, 1, generator, dev) < p).float().view(n, 1, 1, 1)
     return apply * out + (1 - apply) * x
 
 
 def random_grayscale(x: torch.Tensor, generator: torch.Generator, p: float = 0.2) -> torch.Tensor:
-    apply = (torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=generator) < p).float()
+    apply = (_uniform(x.shape[0], 0, 1, generator, x.device) < p).float().view(-1, 1, 1, 1)
     return apply * _gray(x).expand_as(x) + (1 - apply) * x
 
 

@@ -1,0 +1,694 @@
+"""The backdoor lab: real backdoored encoders, and detection measured against them.
+
+`run_suite(suite)` runs, in order of importance, stages whose results are cached under the suite's
+run directory (runs/lab, runs/lab-smoke): a finished stage is skipped, an interrupted one resumes
+from its own checkpoints (SimCLR, attack fine-tunes and decoder fits all checkpoint every epoch).
+
+  simclr_clean            SimCLR on CIFAR-10 train (+ kNN top-1 on CIFAR-10 test)
+  attack_<variant>        BadEncoder / norm-preserving BadEncoder / DRUPE-style fine-tunes of it
+  simclr_ctrl             CTRL: SimCLR on the train set with 1% target-class images triggered
+  probe_<encoder>         linear probes on CIFAR-10 and GTSRB: BA and ASR
+  decoder_<encoder>_<aux> the DeDe decoder fitted on the auxiliary set (ood: Tiny-ImageNet, id:
+                          CIFAR-10 train with 1% triggered)
+  scores_<encoder>_<aux>  DeDe scores and baseline scores on calibration / clean test / triggered test
+  report                  benchmarks/detection/results.json, REPORT.md and its figures
+
+Every figure in the report is computed from the cached score arrays by `training.evaluate`; the
+threshold of every detector is calibrated on clean auxiliary images only.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.bundle import InputSpec, prepare_array
+from models.encoders import CIFAR_MEAN, CIFAR_STD, load_encoder
+from training.attacks.badencoder import VARIANTS as FINETUNE_ATTACKS
+from training.attacks.badencoder import BackdoorSettings, backdoor_encoder
+from training.attacks.ctrl import poison_with_ctrl
+from training.attacks.triggers import Trigger, make_trigger
+from training.baselines import embedding_norm_scores, knn_distance_scores, strip_scores
+from training.data import data_dir, load_npz
+from training.evaluate import detection_metrics, downstream_after_filtering
+from training.probe import embed_nchw, probe_report, train_linear_probe
+from training.ssl import pretrain_simclr
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENCODERS = ("clean", *FINETUNE_ATTACKS, "ctrl")
+AUX_SETTINGS = ("ood", "id")
+DEDE_SCORE_KINDS = ("sse", "max_patch")
+BASELINE_METHODS = ("knn_distance", "strip", "embedding_norm")
+REQUIRED_FILES = (
+    "cifar10_train.npz",
+    "cifar10_test.npz",
+    "gtsrb_train.npz",
+    "gtsrb_test.npz",
+    "tinyimagenet_val.npz",
+)
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """Sizes of every stage. `lab` fits 2 CPU cores in about 3 hours; `smoke` in minutes."""
+
+    name: str
+    arch: str = "cifar_resnet18"
+    width: int = 16
+    simclr_images: int | None = None  # None: the whole CIFAR-10 train file
+    simclr_epochs: int = 9
+    simclr_crop: int | None = 24
+    simclr_batch: int = 256
+    knn_every: int = 6
+    target_class: int = 0  # airplane
+    n_reference: int = 5
+    shadow_images: int = 2000
+    attack_epochs: int = 6
+    attack_batch: int = 128
+    ctrl_epochs: int = 9
+    ctrl_rate: float = 0.01
+    probe_train: int | None = 5000  # None: every labelled train image (CIFAR-10 and GTSRB)
+    gtsrb_test: int | None = None  # None: the whole GTSRB test file
+    ood_sources: int | None = None  # None: every Tiny-ImageNet image
+    probe_epochs: int = 60
+    decoder_preset: str = "lab"
+    decoder_epochs: int = 3
+    id_aux_images: int = 5000
+    id_poison_rate: float = 0.01
+    n_calibration: int = 1000
+    ood_calibration_sources: int = 400
+    ood_views: bool = True  # each 64 px Tiny-ImageNet image also gives 4 native-resolution quadrants
+    n_test: int | None = 2000  # None: the whole CIFAR-10 test set
+    strip_blends: int = 4
+    knn_k: int = 10
+    fpr_target: float = 0.01
+    # (encoder, aux) pairs in the order they run: the most informative first, so a run cut short
+    # by its time budget still answers the main questions.
+    detections: tuple[tuple[str, str], ...] = (
+        ("badencoder", "ood"),
+        ("drupe", "ood"),
+        ("norm_preserving", "ood"),
+        ("clean", "ood"),
+        ("badencoder", "id"),
+        ("drupe", "id"),
+        ("ctrl", "ood"),
+    )
+    # DeDe with the reference-size decoder: several times the lab decoder's cost, left out on 2 cores.
+    paper_preset: tuple[tuple[str, str], ...] = ()
+    paper_epochs: int = 4
+    seed: int = 0
+    root: str = "runs/lab"
+
+
+SUITES: dict[str, SuiteConfig] = {
+    "lab": SuiteConfig(name="lab"),
+    "smoke": SuiteConfig(
+        name="smoke",
+        simclr_images=1024,
+        simclr_epochs=1,
+        knn_every=0,
+        shadow_images=256,
+        attack_epochs=1,
+        attack_batch=64,
+        ctrl_epochs=1,
+        probe_train=1000,
+        gtsrb_test=300,
+        ood_sources=400,
+        probe_epochs=5,
+        decoder_preset="tiny",
+        decoder_epochs=1,
+        id_aux_images=512,
+        n_calibration=256,
+        ood_calibration_sources=100,
+        ood_views=False,
+        n_test=300,
+        strip_blends=2,
+        paper_preset=(),
+        detections=(
+            ("badencoder", "ood"),
+            ("drupe", "ood"),
+            ("clean", "ood"),
+            ("ctrl", "ood"),
+            ("badencoder", "id"),
+        ),
+        root="runs/lab-smoke",
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage cache.
+# ----------------------------------------------------------------------------------------------
+
+
+class StageCache:
+    """One JSON marker per finished stage under root/stages: its result and its wall time."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def marker(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def done(self, name: str) -> bool:
+        return self.marker(name).is_file()
+
+    def load(self, name: str) -> dict | None:
+        path = self.marker(name)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def run(self, name: str, fn: Callable[[], dict]) -> dict:
+        """The stage's cached result, or run it and cache the result with its wall time."""
+        cached = self.load(name)
+        if cached is not None:
+            tqdm.write(f"[lab] {name}: cached ({cached['wall_seconds']:.0f}s when it ran)")
+            return cached["result"]
+        tqdm.write(f"[lab] {name}: running")
+        started = time.time()
+        result = fn()
+        record = {
+            "result": result,
+            "wall_seconds": time.time() - started,
+            "finished_at": time.strftime("%F %T"),
+        }
+        tmp = self.marker(name).with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(self.marker(name))
+        tqdm.write(f"[lab] {name}: done in {record['wall_seconds']:.0f}s")
+        return result
+
+    def all(self) -> dict[str, dict]:
+        return {p.stem: json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: every split the lab uses, derived from the files in data_dir() with a fixed seed.
+# ----------------------------------------------------------------------------------------------
+
+
+def missing_data(directory: Path | None = None) -> list[str]:
+    directory = directory or data_dir()
+    return [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+
+
+@dataclass
+class LabData:
+    train_x: np.ndarray  # CIFAR-10 train, uint8 NHWC
+    train_y: np.ndarray
+    test_x: np.ndarray  # CIFAR-10 test, uint8 NHWC (possibly a subset)
+    test_y: np.ndarray
+    gtsrb: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    tiny_x: np.ndarray  # Tiny-ImageNet val, uint8 NHWC 64 px
+    splits: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def load_lab_data(config: SuiteConfig) -> LabData:
+    root = data_dir()
+    missing = missing_data(root)
+    if missing:
+        raise FileNotFoundError(
+            f"{root} lacks {', '.join(missing)}; set DEDE_DATA_DIR to the shared data folder"
+        )
+    train_x, train_y = load_npz(root / "cifar10_train.npz")
+    test_x, test_y = load_npz(root / "cifar10_test.npz")
+    g_train_x, g_train_y = load_npz(root / "gtsrb_train.npz")
+    g_test_x, g_test_y = load_npz(root / "gtsrb_test.npz")
+    tiny_x, _ = load_npz(root / "tinyimagenet_val.npz")
+    rng = np.random.default_rng(config.seed)
+    if config.n_test is not None:  # a class-balanced random subset keeps the test stratified
+        pick = np.sort(rng.permutation(len(test_x))[: config.n_test])
+        test_x, test_y = test_x[pick], test_y[pick]
+    order = np.random.default_rng(config.seed + 1).permutation(len(train_x))
+    targets = np.flatnonzero(train_y[order] == config.target_class)
+    reference = order[targets[: config.n_reference]]
+    rest = order[~np.isin(order, reference)]  # the random order, references removed
+    a = config.shadow_images
+    b = a + config.id_aux_images
+    c = b + config.n_calibration
+    tiny_order = np.random.default_rng(config.seed + 2).permutation(len(tiny_x))[: config.ood_sources]
+    gtsrb_rng = np.random.default_rng(config.seed + 3)  # GTSRB files are sorted by class: subsample at random
+    if config.probe_train is not None and config.probe_train < len(g_train_x):
+        pick = np.sort(gtsrb_rng.permutation(len(g_train_x))[: config.probe_train])
+        g_train_x, g_train_y = g_train_x[pick], g_train_y[pick]
+    if config.gtsrb_test is not None and config.gtsrb_test < len(g_test_x):
+        pick = np.sort(gtsrb_rng.permutation(len(g_test_x))[: config.gtsrb_test])
+        g_test_x, g_test_y = g_test_x[pick], g_test_y[pick]
+    splits = {
+        "reference": reference,
+        "shadow": rest[:a],
+        "id_aux": rest[a:b],
+        "id_calibration": rest[b:c],
+        "ood_calibration": tiny_order[: config.ood_calibration_sources],
+        "ood_aux": tiny_order[config.ood_calibration_sources :],
+    }
+    if config.simclr_images is not None:
+        splits["simclr"] = np.sort(order[: config.simclr_images])
+    return LabData(
+        train_x, train_y, test_x, test_y, (g_train_x, g_train_y, g_test_x, g_test_y), tiny_x, splits
+    )
+
+
+def to_input(images_nhwc: np.ndarray) -> np.ndarray:
+    """Any-size uint8 NHWC -> uint8 NCHW at 32 px, with the service's resize rule."""
+    spec = InputSpec(height=32, width=32, mean=CIFAR_MEAN, std=CIFAR_STD)
+    return prepare_array(images_nhwc, spec)
+
+
+def ood_views(tiny_nhwc: np.ndarray, with_crops: bool) -> np.ndarray:
+    """Tiny-ImageNet (64 px) as the 32 px detector input: the whole image resized, plus (with_crops)
+    its four 32 px quadrants at native resolution: 5 views per source image. 2,000 images are few
+    for a decoder; the quadrants are real 32 px natural-image content."""
+    views = [to_input(tiny_nhwc)]
+    if with_crops:
+        for r in (0, 32):
+            for c in (0, 32):
+                views.append(np.ascontiguousarray(tiny_nhwc[:, r : r + 32, c : c + 32].transpose(0, 3, 1, 2)))
+    return np.concatenate(views)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages.
+# ----------------------------------------------------------------------------------------------
+
+
+def trigger_for(encoder_name: str) -> Trigger:
+    return make_trigger("ctrl" if encoder_name == "ctrl" else "patch", (32, 32))
+
+
+class Lab:
+    def __init__(self, config: SuiteConfig, device: str | None = None, progress: bool = True) -> None:
+        self.config = config
+        self.root = REPO_ROOT / config.root
+        self.cache = StageCache(self.root)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.progress = progress
+        self.data = load_lab_data(config)
+
+    # --- encoders -------------------------------------------------------------------------------
+
+    def encoder_path(self, name: str) -> Path:
+        return self.root / ("simclr_clean" if name == "clean" else f"encoders/{name}") / "encoder.safetensors"
+
+    def _knn_eval(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """kNN monitor: the pre-training images (with their labels) against the test set."""
+        d = self.data
+        idx = d.splits.get("simclr")
+        train_x, train_y = (d.train_x, d.train_y) if idx is None else (d.train_x[idx], d.train_y[idx])
+        return train_x, train_y, d.test_x, d.test_y
+
+    def _simclr_images(self) -> np.ndarray:
+        idx = self.data.splits.get("simclr")
+        return self.data.train_x if idx is None else self.data.train_x[idx]
+
+    def _simclr(self, images: np.ndarray, out_dir: Path, epochs: int) -> dict:
+        c = self.config
+        path = pretrain_simclr(
+            images,
+            out_dir,
+            arch=c.arch,
+            width=c.width,
+            epochs=epochs,
+            batch_size=min(c.simclr_batch, len(images)),
+            device=self.device,
+            seed=c.seed,
+            crop_size=c.simclr_crop,
+            knn_eval=self._knn_eval(),
+            knn_every=c.knn_every,
+            progress=self.progress,
+        )
+        history = json.loads((out_dir / "history.json").read_text())
+        return {
+            "encoder": str(path.relative_to(self.root)),
+            "knn_top1": history["knn_top1"],
+            "final_knn_top1": history["knn_top1"].get(str(epochs)),
+            "final_loss": history["loss"][-1],
+            "compute_seconds": float(sum(history["epoch_seconds"])),
+            "epochs": epochs,
+            "n_images": int(len(images)),
+        }
+
+    def stage_simclr_clean(self) -> dict:
+        return self.cache.run(
+            "simclr_clean",
+            lambda: self._simclr(
+                self._simclr_images(), self.root / "simclr_clean", self.config.simclr_epochs
+            ),
+        )
+
+    def stage_attack(self, variant: str) -> dict:
+        c, d = self.config, self.data
+
+        def run() -> dict:
+            settings = BackdoorSettings(
+                variant=variant, epochs=c.attack_epochs, batch_size=c.attack_batch, seed=c.seed
+            )
+            out = self.encoder_path(variant).parent
+            path = backdoor_encoder(
+                self.encoder_path("clean"),
+                d.train_x[d.splits["shadow"]],
+                d.train_x[d.splits["reference"]],
+                make_trigger("patch", (32, 32)),
+                out,
+                settings,
+                device=self.device,
+                progress=self.progress,
+            )
+            history = json.loads((out / "history.json").read_text())
+            return {
+                "encoder": str(path.relative_to(self.root)),
+                "settings": history["settings"],
+                "final_terms": history["terms"][-1],
+                "compute_seconds": float(sum(history["epoch_seconds"])),
+                "n_shadow": int(len(d.splits["shadow"])),
+            }
+
+        return self.cache.run(f"attack_{variant}", run)
+
+    def stage_ctrl(self) -> dict:
+        c = self.config
+
+        def run() -> dict:
+            images = self._simclr_images()
+            labels = (
+                self.data.train_y
+                if "simclr" not in self.data.splits
+                else self.data.train_y[self.data.splits["simclr"]]
+            )
+            poisoned, chosen = poison_with_ctrl(images, labels, c.target_class, c.ctrl_rate, seed=c.seed)
+            result = self._simclr(poisoned, self.encoder_path("ctrl").parent, c.ctrl_epochs)
+            return {**result, "n_poisoned": int(len(chosen)), "poison_rate": c.ctrl_rate}
+
+        return self.cache.run("simclr_ctrl", run)
+
+    # --- probes ---------------------------------------------------------------------------------
+
+    def stage_probe(self, name: str) -> dict:
+        c, d = self.config, self.data
+        probe_dir = self.root / "probes"
+
+        def run() -> dict:
+            encoder = load_encoder(str(self.encoder_path(name)))
+            trigger = trigger_for(name)
+            train_x, train_y = d.train_x, d.train_y
+            if c.probe_train is not None:  # the train file is sorted by class: a random subset
+                pick = np.sort(np.random.default_rng(c.seed + 4).permutation(len(train_x))[: c.probe_train])
+                train_x, train_y = train_x[pick], train_y[pick]
+            test_nchw = to_input(d.test_x)
+            test_z = embed_nchw(encoder, test_nchw)
+            trig_z = embed_nchw(encoder, trigger.apply_uint8_nchw(test_nchw))
+            probe = train_linear_probe(
+                embed_nchw(encoder, to_input(train_x)), train_y, c.probe_epochs, seed=c.seed
+            )
+            cifar = probe_report(probe, test_z, d.test_y, trig_z, c.target_class)
+            probe_dir.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(
+                probe_dir / f"{name}_cifar10_predictions.npz",
+                clean_pred=probe.predict(test_z),
+                triggered_pred=probe.predict(trig_z),
+                labels=d.test_y,
+            )
+            g_train_x, g_train_y, g_test_x, g_test_y = d.gtsrb
+            g_probe = train_linear_probe(
+                embed_nchw(encoder, to_input(g_train_x)), g_train_y, c.probe_epochs, seed=c.seed
+            )
+            g_test = to_input(g_test_x)
+            g_test_z = embed_nchw(encoder, g_test)
+            g_trig_z = embed_nchw(encoder, trigger.apply_uint8_nchw(g_test))
+            # GTSRB has no airplane: its target is the class the reference (target) images fall in.
+            ref_pred = g_probe.predict(embed_nchw(encoder, to_input(d.train_x[d.splits["reference"]])))
+            g_target = int(np.bincount(ref_pred).argmax())
+            gtsrb = probe_report(g_probe, g_test_z, g_test_y, g_trig_z, g_target)
+            gtsrb["target_rule"] = "the GTSRB class the reference images of the target are classified as"
+            return {"cifar10": cifar, "gtsrb": gtsrb}
+
+        return self.cache.run(f"probe_{name}", run)
+
+    # --- decoders and scores --------------------------------------------------------------------
+
+    def aux_sets(self, aux: str) -> tuple[np.ndarray, np.ndarray]:
+        """(decoder training images, clean calibration images), uint8 NCHW 32 px."""
+        d, c = self.data, self.config
+        if aux == "ood":
+            return ood_views(d.tiny_x[d.splits["ood_aux"]], c.ood_views), ood_views(
+                d.tiny_x[d.splits["ood_calibration"]], c.ood_views
+            )
+        return to_input(d.train_x[d.splits["id_aux"]]), to_input(d.train_x[d.splits["id_calibration"]])
+
+    def decoder_dir(self, name: str, aux: str, preset: str) -> Path:
+        return self.root / "decoders" / f"{name}_{aux}_{preset}"
+
+    def stage_decoder(self, name: str, aux: str, preset: str, epochs: int) -> dict:
+        from training.fit import FitSettings, fit_decoder
+
+        c = self.config
+
+        def run() -> dict:
+            encoder = load_encoder(str(self.encoder_path(name)))
+            fit_images, _ = self.aux_sets(aux)
+            trigger = trigger_for(name)
+            poison_rate = c.id_poison_rate if aux == "id" else 0.0
+            settings = FitSettings(
+                preset=preset, epochs=epochs, seed=c.seed, data_source=f"lab:{aux}", poison_rate=poison_rate
+            )
+            run_dir = self.decoder_dir(name, aux, preset)
+            fit_decoder(
+                encoder, fit_images, run_dir, settings, device=self.device, poison=trigger.apply_uint8_nchw
+            )
+            log = (run_dir / "log.csv").read_text().strip().splitlines()
+            return {
+                "run_dir": str(run_dir.relative_to(self.root)),
+                "n_fit_images": int(len(fit_images)),
+                "poison_rate": poison_rate,
+                "epochs": epochs,
+                "preset": preset,
+                "last_log": log[-1],
+            }
+
+        return self.cache.run(f"decoder_{name}_{aux}_{preset}", run)
+
+    def test_sets(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(clean test NCHW, triggered test NCHW of non-target classes, index of those in the test set)."""
+        d = self.data
+        clean = to_input(d.test_x)
+        non_target = np.flatnonzero(d.test_y != self.config.target_class)
+        return clean, trigger_for(name).apply_uint8_nchw(clean[non_target]), non_target
+
+    def stage_scores(self, name: str, aux: str, preset: str, with_baselines: bool = True) -> dict:
+        """DeDe scores of one decoder (both score kinds) and, with_baselines, the baselines' scores,
+        on the same three image sets; one .npz per (encoder, aux, preset)."""
+        from training.fit import load_run
+        from training.scoring import score_run
+
+        c = self.config
+        stage = f"scores_{name}_{aux}" + ("" if preset == c.decoder_preset else f"_{preset}")
+        out = self.root / "scores" / f"{stage.removeprefix('scores_')}.npz"
+
+        def run() -> dict:
+            fit_images, calibration = self.aux_sets(aux)
+            clean, triggered, _ = self.test_sets(name)
+            sets = (("calibration", calibration), ("clean", clean), ("triggered", triggered))
+            arrays: dict[str, np.ndarray] = {}
+            fitted = load_run(self.decoder_dir(name, aux, preset))
+            for kind in DEDE_SCORE_KINDS:
+                for split, images in sets:
+                    arrays[f"dede_{preset}_{kind}/{split}"] = score_run(fitted, images, kind)
+            if with_baselines:
+                encoder = load_encoder(str(self.encoder_path(name)))
+                aux_z = embed_nchw(encoder, fit_images)
+                for split, images in sets:
+                    z = embed_nchw(encoder, images)
+                    arrays[f"embedding_norm/{split}"] = embedding_norm_scores(z)
+                    arrays[f"knn_distance/{split}"] = knn_distance_scores(z, aux_z, c.knn_k)
+                    arrays[f"strip/{split}"] = strip_scores(
+                        encoder, images, fit_images, c.strip_blends, seed=c.seed
+                    )
+            out.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(out, **{k.replace("/", "__"): v for k, v in arrays.items()})
+            return {
+                "scores": str(out.relative_to(self.root)),
+                "methods": sorted({k.split("/")[0] for k in arrays}),
+            }
+
+        return self.cache.run(stage, run)
+
+    def load_scores(self, name: str, aux: str) -> dict[str, dict[str, np.ndarray]]:
+        """Every method's score arrays for (encoder, aux), merged over the presets that ran."""
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for path in sorted((self.root / "scores").glob(f"{name}_{aux}*.npz")):
+            if path.stem != f"{name}_{aux}" and not path.stem.startswith(f"{name}_{aux}_"):
+                continue
+            with np.load(path) as archive:
+                for key in archive.files:
+                    method, split = key.split("__")
+                    out.setdefault(method, {})[split] = archive[key]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The suite.
+# ----------------------------------------------------------------------------------------------
+
+
+def run_suite(
+    suite: str,
+    device: str | None = None,
+    progress: bool = True,
+    skip: tuple[str, ...] = (),
+    report_dir: Path | None = None,
+) -> dict:
+    """Run (or resume) every stage of the suite, then write the results and the report.
+
+    skip: stage-name prefixes not to run now (e.g. `simclr_ctrl`, `decoder_paper`); the report then
+    says they did not run.
+    """
+    config = SUITES[suite]
+    torch.manual_seed(config.seed)
+    lab = Lab(config, device, progress)
+    started = time.time()
+
+    def allowed(name: str) -> bool:
+        return not any(name.startswith(prefix) for prefix in skip)
+
+    lab.stage_simclr_clean()
+    for variant in FINETUNE_ATTACKS:
+        if allowed(f"attack_{variant}"):
+            lab.stage_attack(variant)
+    for name in ("clean", *FINETUNE_ATTACKS):
+        if lab.encoder_path(name).is_file() and allowed(f"probe_{name}"):
+            lab.stage_probe(name)
+    for name, aux in config.detections:
+        if name == "ctrl":
+            if not allowed("simclr_ctrl"):
+                continue
+            lab.stage_ctrl()
+            if allowed("probe_ctrl"):
+                lab.stage_probe("ctrl")
+        if not lab.encoder_path(name).is_file() or not allowed(f"decoder_{name}_{aux}"):
+            continue
+        lab.stage_decoder(name, aux, config.decoder_preset, config.decoder_epochs)
+        lab.stage_scores(name, aux, config.decoder_preset)
+    for name, aux in config.paper_preset:
+        if allowed(f"decoder_{name}_{aux}_paper") and lab.encoder_path(name).is_file():
+            lab.stage_decoder(name, aux, "paper", config.paper_epochs)
+            lab.stage_scores(name, aux, "paper", with_baselines=False)
+    from training.lab_report import write_report
+
+    results = collect_results(lab, time.time() - started)
+    write_report(lab, results, report_dir or default_report_dir(lab))
+    return results
+
+
+def default_report_dir(lab: Lab) -> Path:
+    """The lab suite's report is committed; other suites (smoke, in CI) write beside their runs."""
+    if lab.config.name == "lab":
+        return REPO_ROOT / "benchmarks" / "detection"
+    return lab.root / "report"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def collect_results(lab: Lab, session_seconds: float) -> dict:
+    """Every figure, from the cached stages and score arrays."""
+    c = lab.config
+    stages = lab.cache.all()
+    results: dict = {
+        "suite": c.name,
+        "config": asdict(c),
+        "commit": _git_commit(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": lab.device,
+        },
+        "seeds": {"suite": c.seed, "data_splits": [c.seed + i for i in range(5)]},
+        "stage_wall_seconds": {name: round(s["wall_seconds"], 1) for name, s in stages.items()},
+        "stage_compute_seconds": {
+            name: round(s["result"]["compute_seconds"], 1)
+            for name, s in stages.items()
+            if "compute_seconds" in s["result"]
+        },
+        "this_session_seconds": round(session_seconds, 1),
+        "encoders": {},
+        "detection": {},
+        "not_run": [],
+    }
+    for name in ENCODERS:
+        entry: dict = {}
+        source = (
+            "simclr_clean" if name == "clean" else ("simclr_ctrl" if name == "ctrl" else f"attack_{name}")
+        )
+        if source in stages:
+            entry["training"] = stages[source]["result"]
+        if f"probe_{name}" in stages:
+            entry["probe"] = stages[f"probe_{name}"]["result"]
+        if entry:
+            results["encoders"][name] = entry
+        else:
+            results["not_run"].append(f"encoder {name}")
+    try:
+        from training.fit import load_run  # noqa: F401 - the DeDe part needs the core fit module
+    except ImportError:
+        results["not_run"].append("DeDe decoders (training.fit missing)")
+    for name, aux in c.detections:
+        if f"scores_{name}_{aux}" not in stages:
+            results["not_run"].append(f"detection {name}/{aux}")
+            continue
+        scores = lab.load_scores(name, aux)
+        predictions_path = lab.root / "probes" / f"{name}_cifar10_predictions.npz"
+        _, _, non_target = lab.test_sets(name)
+        per_method = {}
+        for method, splits in scores.items():
+            metrics = detection_metrics(
+                splits["calibration"], splits["clean"], splits["triggered"], c.fpr_target
+            )
+            if predictions_path.is_file():
+                with np.load(predictions_path) as p:
+                    threshold = metrics["calibrated"]["threshold"]
+                    metrics["downstream_cifar10"] = downstream_after_filtering(
+                        p["clean_pred"],
+                        p["labels"],
+                        splits["clean"] > threshold,
+                        p["triggered_pred"][non_target],
+                        p["labels"][non_target],
+                        splits["triggered"] > threshold,
+                        c.target_class,
+                    )
+            per_method[method] = metrics
+        results["detection"][f"{name}/{aux}"] = per_method
+    for name, aux in c.paper_preset:
+        if f"decoder_{name}_{aux}_paper" not in stages:
+            results["not_run"].append(f"DeDe paper preset on {name}/{aux}")
+    return results
+
+
+def rebuild_report(suite: str, report_dir: Path | None = None) -> dict:
+    """Results and report from whatever stages are cached, running nothing."""
+    from training.lab_report import write_report
+
+    lab = Lab(SUITES[suite], progress=False)
+    results = collect_results(lab, 0.0)
+    write_report(lab, results, report_dir or default_report_dir(lab))
+    return results
+
+
+def with_overrides(config: SuiteConfig, **overrides: object) -> SuiteConfig:
+    return replace(config, **overrides)

@@ -1,0 +1,256 @@
+"""The lab's subcommands for `dede`: pretrain, attack, eval, lab. `training.cli` calls `register`.
+
+dede pretrain simclr --data cifar10_train --out runs/simclr
+dede attack badencoder --encoder runs/simclr/encoder.safetensors --out runs/badencoder
+dede attack ctrl --data cifar10_train --out runs/ctrl
+dede eval --run runs/fit_dir --trigger patch --calibration tinyimagenet_val --out eval.json
+dede lab run --suite smoke|lab        dede lab report --suite lab
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from training.ssl import pretrain_simclr
+
+__all__ = ["pretrain_simclr", "register"]
+
+
+def _load_nhwc(source: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    from training.data import load_npz, resolve_source
+
+    x, y = load_npz(resolve_source(source))
+    return (x, y) if limit is None else (x[:limit], y[:limit])
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    images, _ = _load_nhwc(args.data, args.limit)
+    knn = None
+    if args.knn_test:
+        test_x, test_y = _load_nhwc(args.knn_test)
+        train_y = _load_nhwc(args.data, args.limit)[1]
+        knn = (images, train_y, test_x, test_y)
+    path = pretrain_simclr(
+        images,
+        args.out,
+        arch=args.arch,
+        width=args.width,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        device=args.device,
+        resume=not args.restart,
+        seed=args.seed,
+        crop_size=args.crop_size,
+        knn_eval=knn,
+        knn_every=args.knn_every,
+    )
+    history = json.loads((Path(args.out) / "history.json").read_text())
+    print(json.dumps({"encoder": str(path), "knn_top1": history.get("knn_top1", {})}, indent=1))
+    return 0
+
+
+def _cmd_attack(args: argparse.Namespace) -> int:
+    from training.attacks.badencoder import BackdoorSettings, backdoor_encoder
+    from training.attacks.ctrl import poison_with_ctrl
+    from training.attacks.triggers import FrequencyTrigger, make_trigger
+
+    x, y = _load_nhwc(args.data)
+    if args.attack == "ctrl":
+        poisoned, chosen = poison_with_ctrl(
+            x, y, args.target_class, args.rate, FrequencyTrigger(args.magnitude), args.seed
+        )
+        path = pretrain_simclr(
+            poisoned,
+            args.out,
+            width=args.width,
+            epochs=args.epochs or 20,
+            device=args.device,
+            seed=args.seed,
+            crop_size=args.crop_size,
+        )
+        print(json.dumps({"encoder": str(path), "n_poisoned": int(len(chosen))}))
+        return 0
+    if not args.encoder:
+        raise ValueError(f"`dede attack {args.attack}` fine-tunes a clean encoder: pass --encoder")
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(x))
+    targets = order[y[order] == args.target_class][: args.n_reference]
+    shadow = order[~np.isin(order, targets)][: args.shadow]
+    settings = BackdoorSettings(
+        variant=args.attack, epochs=args.epochs or 10, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+    )
+    path = backdoor_encoder(
+        args.encoder,
+        x[shadow],
+        x[targets],
+        make_trigger(args.trigger, (x.shape[1], x.shape[2])),
+        args.out,
+        settings,
+        device=args.device or "cpu",
+        resume=not args.restart,
+    )
+    print(json.dumps({"encoder": str(path)}))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """One fitted run against one trigger: DeDe and the baselines, same calibration and metrics."""
+    from models.bundle import InputSpec
+    from training.attacks.triggers import make_trigger
+    from training.baselines import embedding_norm_scores, knn_distance_scores, strip_scores
+    from training.data import load_images
+    from training.evaluate import detection_metrics, downstream_after_filtering
+    from training.fit import load_run
+    from training.probe import embed_nchw, train_linear_probe
+    from training.scoring import score_run
+
+    run = load_run(Path(args.run))
+    h, w = run.encoder.identity.input_size
+    spec = InputSpec(height=h, width=w, mean=run.encoder.mean, std=run.encoder.std)
+    calibration, _ = load_images(args.calibration, spec, args.calibration_limit)
+    test, test_y = load_images(args.test, spec, args.test_limit)
+    trigger = make_trigger(args.trigger, (h, w))
+    non_target = np.flatnonzero(test_y != args.target_class)
+    triggered = trigger.apply_uint8_nchw(test[non_target])
+    sets = {"calibration": calibration, "clean": test, "triggered": triggered}
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for kind in args.score_kinds:
+        scores[f"dede_{kind}"] = {split: score_run(run, images, kind) for split, images in sets.items()}
+    if args.baselines:
+        aux, _ = load_images(args.baseline_aux or args.calibration, spec, args.calibration_limit)
+        aux_z = embed_nchw(run.encoder, aux)
+        embedded = {split: embed_nchw(run.encoder, images) for split, images in sets.items()}
+        scores["embedding_norm"] = {s: embedding_norm_scores(z) for s, z in embedded.items()}
+        scores["knn_distance"] = {s: knn_distance_scores(z, aux_z) for s, z in embedded.items()}
+        scores["strip"] = {s: strip_scores(run.encoder, im, aux) for s, im in sets.items()}
+    probe_predictions = None
+    if args.probe_train:
+        train, train_y = load_images(args.probe_train, spec)
+        probe = train_linear_probe(embed_nchw(run.encoder, train), train_y)
+        probe_predictions = (
+            probe.predict(embed_nchw(run.encoder, test)),
+            probe.predict(embed_nchw(run.encoder, triggered)),
+        )
+    report = {}
+    for method, splits in scores.items():
+        metrics = detection_metrics(splits["calibration"], splits["clean"], splits["triggered"], args.fpr)
+        if probe_predictions is not None:
+            threshold = metrics["calibrated"]["threshold"]
+            metrics["downstream"] = downstream_after_filtering(
+                probe_predictions[0],
+                test_y,
+                splits["clean"] > threshold,
+                probe_predictions[1],
+                test_y[non_target],
+                splits["triggered"] > threshold,
+                args.target_class,
+            )
+        report[method] = metrics
+    text = json.dumps({"run": args.run, "trigger": args.trigger, "methods": report}, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _cmd_lab_run(args: argparse.Namespace) -> int:
+    from training.lab import missing_data, run_suite
+
+    missing = missing_data()
+    if missing:
+        raise FileNotFoundError(
+            f"the lab needs {', '.join(missing)} in DEDE_DATA_DIR (see ../shared/data/README.md)"
+        )
+    results = run_suite(args.suite, device=args.device, skip=tuple(args.skip or ()))
+    print(json.dumps({"detection": list(results["detection"]), "not_run": results["not_run"]}, indent=1))
+    return 0
+
+
+def _cmd_lab_report(args: argparse.Namespace) -> int:
+    from training.lab import rebuild_report
+
+    results = rebuild_report(args.suite)
+    print(json.dumps({"detection": list(results["detection"]), "not_run": results["not_run"]}, indent=1))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `pretrain`, `attack`, `eval` and `lab` to the `dede` command line."""
+    pre = subparsers.add_parser(
+        "pretrain", help="self-supervised pre-training of an encoder (the lab's clean encoders)"
+    )
+    pre.add_argument("method", choices=["simclr"])
+    pre.add_argument("--data", default="cifar10_train", help="an .npz (or a name in DEDE_DATA_DIR)")
+    pre.add_argument("--limit", type=int, help="use only the first N images")
+    pre.add_argument("--out", required=True, help="run directory (resumes when it holds a checkpoint)")
+    pre.add_argument("--arch", default="cifar_resnet18")
+    pre.add_argument("--width", type=int, default=16)
+    pre.add_argument("--epochs", type=int, default=20)
+    pre.add_argument("--batch-size", type=int, default=256)
+    pre.add_argument("--crop-size", type=int, help="view size in pixels (default: the image size)")
+    pre.add_argument("--knn-test", help="labelled test set for the kNN monitor, e.g. cifar10_test")
+    pre.add_argument("--knn-every", type=int, default=0)
+    pre.add_argument("--device")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    pre.set_defaults(func=_cmd_pretrain)
+
+    att = subparsers.add_parser("attack", help="make a backdoored encoder (lab use: to test detectors)")
+    att.add_argument("attack", choices=["badencoder", "norm_preserving", "drupe", "ctrl"])
+    att.add_argument("--encoder", help="the clean encoder to fine-tune (not for ctrl)")
+    att.add_argument("--data", default="cifar10_train", help="shadow data (ctrl: the pre-training set)")
+    att.add_argument("--out", required=True)
+    att.add_argument(
+        "--trigger", default="patch", help="`patch` or a trigger file (.npz pattern+mask, RGBA .png)"
+    )
+    att.add_argument("--target-class", type=int, default=0)
+    att.add_argument("--n-reference", type=int, default=5)
+    att.add_argument("--shadow", type=int, default=3000, help="number of shadow images")
+    att.add_argument("--epochs", type=int)
+    att.add_argument("--batch-size", type=int, default=128)
+    att.add_argument("--lr", type=float, default=0.05)
+    att.add_argument("--rate", type=float, default=0.01, help="ctrl: poisoned share of the training set")
+    att.add_argument("--magnitude", type=float, default=100.0, help="ctrl: DCT magnitude of the trigger")
+    att.add_argument("--width", type=int, default=16, help="ctrl: encoder width")
+    att.add_argument("--crop-size", type=int, help="ctrl: SimCLR view size")
+    att.add_argument("--device")
+    att.add_argument("--seed", type=int, default=0)
+    att.add_argument("--restart", action="store_true")
+    att.set_defaults(func=_cmd_attack)
+
+    ev = subparsers.add_parser(
+        "eval", help="detection metrics of a fitted run against a trigger, with baselines"
+    )
+    ev.add_argument("--run", required=True, help="a fitted decoder run directory (`dede fit --out`)")
+    ev.add_argument("--trigger", default="patch", help="patch, ctrl, or a trigger file")
+    ev.add_argument("--calibration", required=True, help="CLEAN auxiliary images for the threshold")
+    ev.add_argument("--calibration-limit", type=int)
+    ev.add_argument("--test", default="cifar10_test")
+    ev.add_argument("--test-limit", type=int)
+    ev.add_argument("--target-class", type=int, default=0)
+    ev.add_argument("--fpr", type=float, default=0.01)
+    ev.add_argument("--score-kinds", nargs="+", default=["sse", "max_patch"])
+    ev.add_argument(
+        "--baselines", action="store_true", help="also score kNN distance, STRIP and embedding norm"
+    )
+    ev.add_argument("--baseline-aux", help="auxiliary set for kNN/STRIP (default: the calibration set)")
+    ev.add_argument(
+        "--probe-train", help="labelled set for a linear probe: BA/ASR before and after filtering"
+    )
+    ev.add_argument("--out", help="write the metrics JSON here")
+    ev.set_defaults(func=_cmd_eval)
+
+    lab = subparsers.add_parser("lab", help="the backdoor lab: attacks, decoders, detection report")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    run = lab_sub.add_parser("run", help="run (or resume) a suite; finished stages are cached")
+    run.add_argument("--suite", choices=["lab", "smoke"], default="smoke")
+    run.add_argument("--device")
+    run.add_argument("--skip", nargs="*", help="stage-name prefixes to leave out now, e.g. simclr_ctrl")
+    run.set_defaults(func=_cmd_lab_run)
+    rep = lab_sub.add_parser("report", help="rebuild results.json and REPORT.md from the cache")
+    rep.add_argument("--suite", choices=["lab", "smoke"], default="lab")
+    rep.set_defaults(func=_cmd_lab_report)

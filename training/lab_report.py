@@ -1,0 +1,249 @@
+"""The lab's report: results.json (every figure) and REPORT.md with its small PNG figures.
+
+Everything here reads cached stage results and score arrays; nothing is trained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from training.evaluate import roc_curve
+
+if TYPE_CHECKING:
+    from training.lab import Lab
+
+GOALS = {  # from the lab's issue: (metric, minimum) per attack, OOD auxiliary data, default DeDe score
+    "badencoder": {"auroc": 0.99, "calibrated_tpr": 0.95},
+    "drupe": {"auroc": 0.99, "calibrated_tpr": 0.95},
+    "norm_preserving": {"auroc": 0.99},
+    "ctrl": {"auroc": 0.98},
+}
+
+
+def _fmt(value: object, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if np.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or np.isnan(value) else f"{100 * value:.1f}%"
+
+
+def default_dede_method(lab: Lab) -> str:
+    return f"dede_{lab.config.decoder_preset}_sse"
+
+
+def write_report(lab: Lab, results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = _figures(lab, results, out_dir)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    (out_dir / "REPORT.md").write_text(_markdown(lab, results, figures))
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures.
+# ----------------------------------------------------------------------------------------------
+
+
+def _figures(lab: Lab, results: dict, out_dir: Path) -> dict[str, list[str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: dict[str, list[str]] = {}
+    for key in results["detection"]:
+        name, aux = key.split("/")
+        scores = lab.load_scores(name, aux)
+        fig, ax = plt.subplots(figsize=(3.6, 3.4), dpi=80)
+        for method, splits in sorted(scores.items()):
+            fpr, tpr = roc_curve(splits["clean"], splits["triggered"])
+            ax.plot(fpr, tpr, label=method, lw=1.2)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="FPR (clean CIFAR-10 test)", ylabel="TPR (triggered)", title=f"ROC {name} / {aux}")
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.legend(fontsize=6, loc="lower right")
+        fig.tight_layout()
+        roc = f"roc_{name}_{aux}.png"
+        fig.savefig(out_dir / roc)
+        plt.close(fig)
+
+        method = default_dede_method(lab)
+        hist = f"hist_{name}_{aux}.png"
+        if method in scores:
+            splits = scores[method]
+            fig, ax = plt.subplots(figsize=(3.6, 2.6), dpi=80)
+            all_scores = np.concatenate([splits["clean"], splits["triggered"]])
+            bins = np.linspace(all_scores.min(), np.quantile(all_scores, 0.999), 60)
+            ax.hist(splits["clean"], bins, alpha=0.6, density=True, label="clean test")
+            ax.hist(splits["triggered"], bins, alpha=0.6, density=True, label="triggered test")
+            threshold = results["detection"][key][method]["calibrated"]["threshold"]
+            ax.axvline(threshold, color="k", ls="--", lw=1, label="calibrated threshold")
+            ax.set(xlabel=f"{method} score", title=f"{name} / {aux}")
+            ax.legend(fontsize=6)
+            fig.tight_layout()
+            fig.savefig(out_dir / hist)
+            plt.close(fig)
+            made[key] = [roc, hist]
+        else:
+            made[key] = [roc]
+    grid = _reconstruction_grid(lab, results, out_dir, plt)
+    if grid:
+        made["grid"] = [grid]
+    return made
+
+
+def _reconstruction_grid(lab: Lab, results: dict, out_dir: Path, plt) -> str | None:  # noqa: ANN001
+    """Input / rebuild / |difference| for a few clean and triggered test images of one attack."""
+    import torch
+
+    from training.fit import load_run
+
+    for key in ("badencoder/ood", *results["detection"]):
+        name, aux = key.split("/")
+        run_dir = lab.decoder_dir(name, aux, lab.config.decoder_preset)
+        if key in results["detection"] and (run_dir / "decoder.safetensors").is_file():
+            break
+    else:
+        return None
+    fitted = load_run(run_dir)
+    clean, triggered, non_target = lab.test_sets(name)
+    picks = np.arange(6)
+    images = np.concatenate([clean[non_target[picks]], triggered[picks]])
+    with torch.no_grad():
+        scores, rebuilt = fitted.detector("sse")(torch.from_numpy(images))
+    mean = torch.tensor(fitted.encoder.mean).view(1, 3, 1, 1)
+    std = torch.tensor(fitted.encoder.std).view(1, 3, 1, 1)
+    rebuilt = (rebuilt * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    inputs = images.transpose(0, 2, 3, 1) / 255.0
+    diff = np.abs(inputs - rebuilt).mean(axis=3)
+    fig, axes = plt.subplots(3, len(images), figsize=(len(images) * 0.9, 3.0), dpi=80)
+    for i in range(len(images)):
+        for row, (img, cmap) in enumerate(((inputs[i], None), (rebuilt[i], None), (diff[i], "magma"))):
+            axes[row, i].imshow(img, cmap=cmap, vmin=0, vmax=1 if cmap is None else 0.5)
+            axes[row, i].axis("off")
+        axes[0, i].set_title(("clean" if i < len(picks) else "trig") + f"\n{scores[i]:.0f}", fontsize=6)
+    fig.suptitle(f"{name} / {aux}: input, rebuild, |difference| (score above)", fontsize=7)
+    fig.tight_layout()
+    path = f"reconstructions_{name}_{aux}.png"
+    fig.savefig(out_dir / path)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown.
+# ----------------------------------------------------------------------------------------------
+
+
+def _markdown(lab: Lab, results: dict, figures: dict[str, list[str]]) -> str:
+    c = lab.config
+    lines = [
+        f"# Detection lab report (suite `{c.name}`)",
+        "",
+        f"Made by `dede lab run --suite {c.name}` (figures rebuilt from the cache by `dede lab report "
+        f"--suite {c.name}`); every number below is in `results.json` beside this file.",
+        f"Commit `{results['commit'][:12]}`, {results['machine']['platform']}, torch {results['machine']['torch']}, "
+        f"{results['machine']['threads']} threads, device {results['machine']['device']}; seed {c.seed}.",
+        "",
+        "Setup: CIFAR-style ResNet-18 (base width "
+        f"{c.width}) pre-trained with SimCLR on CIFAR-10 train ({c.simclr_epochs} epochs, {c.simclr_crop or 32} px views); "
+        f"attacks target class {c.target_class} (airplane); triggers applied in pixel space. DeDe decoder preset "
+        f"`{c.decoder_preset}`, {c.decoder_epochs} epochs. Test: CIFAR-10 test, clean vs triggered images of "
+        "the other classes. Every threshold is calibrated on clean auxiliary images only "
+        f"(target FPR {c.fpr_target:.0%}); `realised FPR` is measured on clean CIFAR-10 test.",
+        "",
+        "## Encoders and attacks",
+        "",
+        "| encoder | kNN top-1 | CIFAR-10 BA | CIFAR-10 ASR | GTSRB BA | GTSRB ASR | training compute |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in results["encoders"].items():
+        training = entry.get("training", {})
+        probe = entry.get("probe", {})
+        cifar, gtsrb = probe.get("cifar10", {}), probe.get("gtsrb", {})
+        knn = training.get("final_knn_top1")
+        lines.append(
+            f"| {name} | {_pct(knn) if knn is not None else '-'} | {_pct(cifar.get('ba'))} | {_pct(cifar.get('asr'))} | "
+            f"{_pct(gtsrb.get('ba'))} | {_pct(gtsrb.get('asr'))} | {_fmt(training.get('compute_seconds'), 0)} s |"
+        )
+    lines += [
+        "",
+        "ASR on the clean encoder is the base rate of the probe putting triggered images in the target class. "
+        "GTSRB has no airplane class: its ASR counts triggered images sent to the class the attack's reference "
+        "images fall in.",
+        "",
+        "## Detection",
+        "",
+    ]
+    default = default_dede_method(lab)
+    for key, per_method in results["detection"].items():
+        name, aux = key.split("/")
+        lines += [
+            f"### {name}, auxiliary data `{aux}`"
+            + (" (clean encoder: false alarms only)" if name == "clean" else ""),
+            "",
+            "| method | AUROC | AUPRC | TPR@1%FPR | TPR@5%FPR | calibrated TPR | realised FPR | BA before/after | ASR before/after |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for method, m in sorted(per_method.items(), key=lambda kv: (not kv[0].startswith("dede"), kv[0])):
+            cal, down = m["calibrated"], m.get("downstream_cifar10", {})
+            label = f"**{method}**" if method == default else method
+            lines.append(
+                f"| {label} | {_fmt(m['auroc'])} | {_fmt(m['auprc'])} | {_pct(m['tpr_at_fpr_0.01'])} | "
+                f"{_pct(m['tpr_at_fpr_0.05'])} | {_pct(cal['tpr_triggered_test'])} | "
+                f"{_pct(cal['realised_fpr_clean_test'])} | {_pct(down.get('ba_before'))} / {_pct(down.get('ba_after'))} | "
+                f"{_pct(down.get('asr_before'))} / {_pct(down.get('asr_after'))} |"
+            )
+        lines.append("")
+        for figure in figures.get(key, []):
+            lines.append(f"![{figure}]({figure})")
+        lines.append("")
+    if "grid" in figures:
+        lines += ["### Reconstructions", "", f"![reconstructions]({figures['grid'][0]})", ""]
+    lines += _goal_lines(results, default)
+    lines += [
+        "",
+        "## Wall time per stage (seconds)",
+        "",
+        "| stage | wall | compute (own epochs) |",
+        "| --- | --- | --- |",
+    ]
+    for stage, seconds in results["stage_wall_seconds"].items():
+        lines.append(f"| {stage} | {seconds:.0f} | {_fmt(results['stage_compute_seconds'].get(stage), 0)} |")
+    lines += ["", "## Did not run", ""]
+    lines += [f"- {item}" for item in results["not_run"]] or ["- nothing: every stage of the suite ran"]
+    return "\n".join(lines) + "\n"
+
+
+def _goal_lines(results: dict, default: str) -> list[str]:
+    lines = ["## Goals (OOD auxiliary data, default score `" + default + "`)", ""]
+    for attack, goals in GOALS.items():
+        metrics = results["detection"].get(f"{attack}/ood", {}).get(default)
+        if metrics is None:
+            lines.append(f"- {attack}: not measured")
+            continue
+        parts = []
+        for goal, minimum in goals.items():
+            value = metrics["auroc"] if goal == "auroc" else metrics["calibrated"]["tpr_triggered_test"]
+            parts.append(f"{goal} {value:.3f} (goal >= {minimum}: {'met' if value >= minimum else 'MISSED'})")
+        others = {
+            m: v["auroc"]
+            for m, v in results["detection"][f"{attack}/ood"].items()
+            if not m.startswith("dede")
+        }
+        best_other = max(others.items(), key=lambda kv: kv[1]) if others else None
+        if best_other:
+            ahead = metrics["auroc"] > best_other[1]
+            parts.append(
+                f"best baseline {best_other[0]} AUROC {best_other[1]:.3f} ({'DeDe ahead' if ahead else 'DeDe NOT ahead'})"
+            )
+        lines.append(f"- {attack}: " + "; ".join(parts))
+    return lines
