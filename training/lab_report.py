@@ -208,6 +208,7 @@ def _markdown(lab: Lab, results: dict, figures: dict[str, list[str]]) -> str:
         lines.append("")
     if "grid" in figures:
         lines += ["### Reconstructions", "", f"![reconstructions]({figures['grid'][0]})", ""]
+    lines += _variant_lines(results, default)
     lines += _goal_lines(results, default)
     lines += [
         "",
@@ -246,4 +247,38 @@ def _goal_lines(results: dict, default: str) -> list[str]:
                 f"best baseline {best_other[0]} AUROC {best_other[1]:.3f} ({'DeDe ahead' if ahead else 'DeDe NOT ahead'})"
             )
         lines.append(f"- {attack}: " + "; ".join(parts))
+    return lines
+
+
+def _variant_lines(results: dict, default: str) -> list[str]:
+    """Every score side by side (AUROC per attack), and the clean encoder's 'AUROC' as a control:
+    on an encoder with no backdoor, separating triggered from clean images means the score reacts
+    to the trigger's pixels (a white square is unusual content), not to a backdoor."""
+    keys = [k for k in results["detection"] if k.endswith("/ood")] + [
+        k for k in results["detection"] if not k.endswith("/ood")
+    ]
+    methods = sorted(
+        {m for k in keys for m in results["detection"][k]}, key=lambda m: (not m.startswith("dede"), m)
+    )
+    if not keys:
+        return []
+    lines = [
+        "## Score variants side by side (AUROC)",
+        "",
+        "| method | " + " | ".join(keys) + " |",
+        "| --- | " + " | ".join("---" for _ in keys) + " |",
+    ]
+    for method in methods:
+        cells = [_fmt(results["detection"][k].get(method, {}).get("auroc")) for k in keys]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Default: `{default}`, the method's own score (sum of squared errors over the rebuilt patches) and "
+        "what `dede fit`/`dede export` ship. `max_patch` (the worst patch's error) is kept as a named option "
+        "and shown beside it. The `clean/...` column is the control: it uses the same trigger on an encoder "
+        "WITHOUT a backdoor, so a high value there means the score reacts to the trigger's pixels, not to the "
+        "backdoor; a variant is only better if it is ahead on the attacked encoders without rising on the "
+        "clean one.",
+        "",
+    ]
     return lines
