@@ -186,8 +186,8 @@ def goals(results: dict) -> dict:
     out["saturation_vs_ceiling"] = round(saturation / ceiling, 3)
     # What batching can buy at most on this model and machine: the raw session's best batch over batch 1.
     by_batch = results["raw_session"]["images_per_s_by_batch"]
-    batch1 = next(v for k, v in by_batch.items() if int(k) == 1)
-    out["raw_best_over_raw_batch1"] = round(ceiling / batch1, 2)
+    raw_batch1 = next(v for k, v in by_batch.items() if int(k) == 1)
+    out["raw_best_over_raw_batch1"] = round(ceiling / raw_batch1, 2)
     for ipr in sorted({p["images_per_request"] for p in batched["points"]}):
         at32 = [p for p in batched["points"] if p["concurrency"] == 32 and p["images_per_request"] == ipr]
         one32 = [p for p in batch1["points"] if p["concurrency"] == 32 and p["images_per_request"] == ipr]
@@ -347,8 +347,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, settings in servers.items():
             print(f"server {name}: {settings}", flush=True)
         results["servers"] = measure_servers(bundle_path, encoded, expected, args, servers, scratch_dir)
-        results["goals"] = goals(results)
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # kept if goals() fails
+        results["goals"] = goals(results)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         write_report(results, out_dir)
         print(f"wrote {out_dir / 'results.json'} and {out_dir / 'REPORT.md'}")
