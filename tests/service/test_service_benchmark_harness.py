@@ -1,0 +1,87 @@
+"""The serving benchmark's own pieces: the bodies it sends, its goal arithmetic and its report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+from benchmarks.serving.loadgen import BOUNDARY, multipart_body
+from benchmarks.serving.report import write_report
+from benchmarks.serving.run import goals
+from service.uploads import _MultipartImages
+
+
+def test_the_generators_bodies_parse_as_the_service_reads_them() -> None:
+    body = multipart_body([b"first", b"second\r\n--not-a-boundary"], ["a.png", "b.png"])
+    parser = _MultipartImages(BOUNDARY.encode(), max_images=8)
+    for start in range(0, len(body), 7):  # fed in small chunks, as a socket would
+        parser.feed(body[start : start + 7])
+    uploads = parser.finish()
+    assert [(u.filename, u.data) for u in uploads] == [
+        ("a.png", b"first"),
+        ("b.png", b"second\r\n--not-a-boundary"),
+    ]
+
+
+def fake_point(concurrency: int, ipr: int, images_per_s: float, p50: float = 10.0, p99: float = 20.0) -> dict:
+    return {
+        "mode": "closed", "concurrency": concurrency, "images_per_request": ipr, "seconds": 1.0,
+        "requests": 10, "errors": 0, "images_per_s": images_per_s, "requests_per_s": images_per_s / ipr,
+        "p50_ms": p50, "p95_ms": p99, "p99_ms": p99, "mean_ms": p50, "generator_cpu_cores": 0.2,
+        "target_rps": None, "statuses": {"200": 10}, "server_cpu_cores": 1.0, "mean_batch_size": 4.0,
+        "machine_load_1m": 1.0,
+    }  # fmt: skip
+
+
+def fake_results() -> dict:
+    batched = [fake_point(c, ipr, 100.0 * c**0.5 * ipr) for ipr in (1, 8) for c in (1, 32)]
+    batch1 = [fake_point(c, ipr, 50.0 * ipr) for ipr in (1, 8) for c in (1, 32)]
+    return {
+        "command": "python -m benchmarks.serving.run", "commit": "abc", "date": "today",
+        "machine": {"cpu": "test cpu", "logical_cores": 2, "python": "3.11", "load_average_at_start": [0, 0, 0]},
+        "bundle": {"model_name": "m", "model_version": "1", "encoder": "e", "input": [32, 32]},
+        "protocol": {"images": "cifar", "load_generator": "httpx", "seconds_per_point": 1, "warmup_s": 1},
+        "raw_session": {"provider": "CPU", "images_per_s_by_batch": {"1": 500.0, "8": 1000.0},
+                        "best_batch_size": 8, "ceiling_images_per_s": 1000.0},
+        "servers": {
+            "batched": {"settings": {"max_batch_size": 8}, "scores_match_raw_session": True, "points": batched,
+                        "half_load": [fake_point(64, 1, 280.0, p50=10.0, p99=25.0)]},
+            "batch1": {"settings": {"max_batch_size": 1}, "scores_match_raw_session": True, "points": batch1},
+        },
+    }  # fmt: skip
+
+
+def test_goal_arithmetic() -> None:
+    result = goals(fake_results())
+    saturation = 100.0 * 32**0.5 * 8
+    assert result["saturation_images_per_s"] == saturation
+    assert result["saturation_vs_ceiling"] == round(saturation / 1000.0, 3)
+    assert result["batched_vs_batch1_at_32_x1"] == round(100.0 * 32**0.5 / 50.0, 2)
+    assert result["p99_over_p50_at_half_load_x1"] == 2.5
+    assert result["raw_best_over_raw_batch1"] == 2.0
+
+
+def test_report_and_plot_are_written(tmp_path: Path) -> None:
+    results = fake_results()
+    results["goals"] = goals(results)
+    write_report(results, tmp_path)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "misses >= 0.9" in report or "meets >= 0.9" in report
+    assert "p99/p50 at half of saturation" in report and "(meets <= 3)" in report
+    assert (tmp_path / "throughput.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_tiny_synthetic_run_end_to_end(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.serving.run", "--synthetic", "--seconds", "0.5", "--warmup", "0.2",
+         "--concurrency", "1,4", "--images-per-request", "1", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, env=env, check=True, timeout=300,
+    )  # fmt: skip
+    assert (tmp_path / "results.json").exists() and (tmp_path / "REPORT.md").exists()
