@@ -78,6 +78,7 @@ def write_report(results: dict, out_dir: Path) -> None:
         f"Made by `{results['command']}` at commit `{results['commit']}` on {results['date']}; every figure",
         "below is read from `results.json` beside this file.",
         "",
+        *([f"> **Note:** {results['note']}", ""] if results.get("note") else []),
         f"- Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, Python {machine['python']}, "
         f"load average at start {machine['load_average_at_start']}.",
         f"- Bundle: {results['bundle']['model_name']} {results['bundle']['model_version']} "

@@ -282,6 +282,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-batch-delay-ms", type=float, default=2.0)
     parser.add_argument(
+        "--note", default="", help="a remark printed at the top of REPORT.md (e.g. conditions)"
+    )
+    parser.add_argument(
         "--no-open-loop", dest="open_loop", action="store_false", help="skip the half-load run"
     )
     return parser.parse_args(argv)
@@ -333,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
             "batch1": {**common, "max_batch_size": 1, "max_batch_delay_ms": 0},
         }
         results = {
+            "note": args.note,
             "command": "python -m benchmarks.serving.run "
             + shlex.join(argv if argv is not None else sys.argv[1:]),
             "commit": commit(),
