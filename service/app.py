@@ -26,13 +26,16 @@ from service.state import ServiceState
 log = logging.getLogger("dede.service")
 
 
-def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
-    """Build the app. Verifies the bundle now (raises `BundleError`); the model loads at startup."""
+def create_app(
+    settings: Settings | None = None, bundle: Bundle | None = None, detector: Detector | None = None
+) -> FastAPI:
+    """Build the app. Verifies the bundle now (raises `BundleError`); the ONNX Runtime session is
+    `detector` if given (`run` loads it first, to fail with one clear line), else loaded at startup."""
     settings = settings or Settings()
     bundle = bundle or load_bundle(settings.bundle)
     manifest = bundle.manifest
     metrics = Metrics(settings.max_batch_size, bundle.threshold)
-    state = ServiceState(settings=settings, bundle=bundle, metrics=metrics)
+    state = ServiceState(settings=settings, bundle=bundle, metrics=metrics, detector=detector)
 
     app = FastAPI(
         title="dede detection service",
@@ -66,12 +69,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
     settings = state.settings
     manifest = state.bundle.manifest
-    providers = resolve_providers(settings.execution_providers)
-    # Loading can take seconds on a large graph; keep the loop free meanwhile.
-    detector = await asyncio.to_thread(
-        Detector, state.bundle.onnx_path, manifest.input, providers, settings.intra_op_threads
-    )
-    state.detector = detector
+    detector = state.detector
+    if detector is None:
+        # Loading can take seconds on a large graph; keep the loop free meanwhile.
+        detector = await asyncio.to_thread(load_detector, state.bundle, settings)
+        state.detector = detector
     state.metrics.set_model(
         manifest.model_name, manifest.model_version, detector.provider, state.bundle.threshold
     )
@@ -103,6 +105,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.batcher.stop(settings.drain_timeout_s)
         state.decode_pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
+
+
+def load_detector(bundle: Bundle, settings: Settings) -> Detector:
+    """The bundle's graph in an ONNX Runtime session; raises `RuntimeLoadError` if it cannot serve."""
+    providers = resolve_providers(settings.execution_providers)
+    return Detector(bundle.onnx_path, bundle.manifest.input, providers, settings.intra_op_threads)
 
 
 async def _warm_up(state: ServiceState) -> None:

@@ -25,9 +25,10 @@ from types import FrameType
 
 import uvicorn
 
-from models.bundle import BundleError
-from service.app import create_app
+from models.bundle import BundleError, load_bundle
+from service.app import create_app, load_detector
 from service.logs import configure_logging
+from service.runtime import RuntimeLoadError
 from service.settings import Settings, add_settings_arguments, settings_from_args
 from service.state import ServiceState
 
@@ -81,9 +82,11 @@ def run(settings: Settings | None = None) -> None:
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
     try:
-        app = create_app(settings)
-    except BundleError as exc:
+        bundle = load_bundle(settings.bundle)
+        detector = load_detector(bundle, settings)  # before uvicorn: a bad graph is one line, not a traceback
+    except (BundleError, RuntimeLoadError) as exc:
         raise SystemExit(f"dede serve: {exc}") from None
+    app = create_app(settings, bundle=bundle, detector=detector)
     config = uvicorn.Config(
         app,
         host=settings.host,

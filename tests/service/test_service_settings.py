@@ -109,3 +109,22 @@ def test_the_service_readme_lists_every_setting() -> None:
     readme = (Path(__file__).resolve().parents[2] / "service" / "README.md").read_text()
     missing = [env for env, _, _ in describe_settings() if f"`{env}`" not in readme]
     assert not missing, f"service/README.md lacks {missing}"
+
+
+def test_a_graph_that_cannot_serve_the_bundle_exits_with_one_clear_line(tmp_path: Path) -> None:
+    import json
+
+    from synthetic_bundle import make_synthetic_bundle
+
+    from models.bundle import MANIFEST_NAME, write_manifest
+
+    root = make_synthetic_bundle(tmp_path / "b")
+    fields = json.loads((root / MANIFEST_NAME).read_text())
+    fields.pop("files")
+    fields["input"]["height"] = 64  # the graph takes 32x32
+    write_manifest(root, fields)
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--bundle", str(root)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "manifest says" in result.stderr and "Traceback" not in result.stderr
