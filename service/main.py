@@ -3,7 +3,8 @@
 Entry points (for `dede serve` and `python -m service`):
     run(settings: Settings | None = None) -> None
         Serve until stopped. `None` reads every setting from DEDE_* environment variables.
-        Exits with a one-line message (status 2) if the bundle is missing or fails verification.
+        Exits with a one-line message (status 1) if the bundle is missing, fails verification, or
+        holds a graph ONNX Runtime cannot serve as the manifest describes.
     main(argv: list[str] | None = None) -> None
         Parse `--bundle DIR --port N ...` (one flag per setting, overriding DEDE_* variables),
         then `run`. To give another CLI the same flags without importing the server stack:
