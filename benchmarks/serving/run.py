@@ -253,7 +253,15 @@ def commit() -> str:
         return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
 
     head = git("rev-parse", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "service", "benchmarks/serving", "models/bundle.py")
+    dirty = git(
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        "service",
+        "benchmarks/serving",
+        "models/bundle.py",
+    )
     return head + ("+dirty" if dirty else "")
 
 
