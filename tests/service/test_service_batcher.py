@@ -241,7 +241,7 @@ def test_each_request_gets_its_own_images_scores_under_concurrency() -> None:
         return [r.score for r in await asyncio.gather(*futures)]
 
     async def scenario() -> None:
-        batcher = make_batcher(model, max_batch_size=8, max_delay_s=0.005)
+        batcher = make_batcher(model, max_batch_size=8, max_delay_s=0.005, max_queue=1000)  # room for all 120
         batcher.start()
         requests = [[(7 * i + k) % 256 for k in range(1 + i % 3)] for i in range(60)]
         answers = await asyncio.gather(*(one_request(batcher, values) for values in requests))
