@@ -19,9 +19,6 @@ from PIL import Image
 from synthetic_bundle import make_synthetic_bundle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    # `benchmarks` is not an installed package; the harness tests import it from the checkout.
-    sys.path.append(str(REPO_ROOT))
 API_KEY = "test-key-123"
 
 
