@@ -267,6 +267,8 @@ def export_bundle(
             shutil.rmtree(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(out_dir)
+        # mkdtemp makes 0700: a bundle must be readable by the service's own (container) user.
+        out_dir.chmod(0o755)
         return manifest
     finally:
         if staging.exists():
