@@ -32,9 +32,12 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(heavy_bundle: Path, t
 
         outcomes = asyncio.run(scenario())
         refused = [(r, t) for _, r, t in outcomes if r.status_code == 503]
-        assert all(t < 1.0 for _, t in refused)  # refused at once, not after waiting in line
         served = [(i, r) for i, r, _ in outcomes if r.status_code == 200]
         assert refused and served, [r.status_code for _, r, _ in outcomes]
+        # Refused at once, not after waiting in line: no refusal took as long as the slowest
+        # accepted request (a ratio within one run, not a wall-clock bound a loaded machine breaks).
+        slowest_served = max(t for _, r, t in outcomes if r.status_code == 200)
+        assert max(t for _, t in refused) < slowest_served
         assert len(refused) + len(served) == 60
         for response, _ in refused:
             assert response.headers["retry-after"] == "2"
