@@ -674,6 +674,10 @@ def collect_results(lab: Lab, session_seconds: float) -> dict:
                     )
             per_method[method] = metrics
         results["detection"][f"{name}/{aux}"] = per_method
+    if not c.paper_preset:
+        results["not_run"].append(
+            "DeDe with the `paper` decoder preset (not in this suite's config: too slow on 2 CPU cores)"
+        )
     for name, aux in c.paper_preset:
         if f"decoder_{name}_{aux}_paper" not in stages:
             results["not_run"].append(f"DeDe paper preset on {name}/{aux}")

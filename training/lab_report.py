@@ -124,7 +124,7 @@ def _reconstruction_grid(lab: Lab, results: dict, out_dir: Path, plt) -> str | N
     rebuilt = (rebuilt * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     inputs = images.transpose(0, 2, 3, 1) / 255.0
     diff = np.abs(inputs - rebuilt).mean(axis=3)
-    fig, axes = plt.subplots(3, len(images), figsize=(len(images) * 0.9, 3.0), dpi=80)
+    fig, axes = plt.subplots(3, len(images), figsize=(len(images) * 0.9, 3.0), dpi=50)
     for i in range(len(images)):
         for row, (img, cmap) in enumerate(((inputs[i], None), (rebuilt[i], None), (diff[i], "magma"))):
             axes[row, i].imshow(img, cmap=cmap, vmin=0, vmax=1 if cmap is None else 0.5)
