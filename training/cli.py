@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["lab", "paper", "tiny"],
         help="decoder size (default: lab, sized for CPU; paper for GPUs)",
     )
-    fit.add_argument("--epochs", type=int, help="default: the preset's (lab 20, paper 200)")
+    fit.add_argument("--epochs", type=int, help="default: the preset's (lab 12, paper 200)")
     fit.add_argument("--batch-size", type=int, default=256)
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--seed", type=int, default=0)

@@ -77,7 +77,7 @@ class FitSettings:
     config_overrides: dict | None = None
 
 
-DEFAULT_EPOCHS = {"paper": 200, "lab": 20, "tiny": 2}
+DEFAULT_EPOCHS = {"paper": 200, "lab": 12, "tiny": 2}
 
 
 def _write_json(path: Path, obj: dict) -> None:
