@@ -1,0 +1,73 @@
+"""Does the demo bundle catch its own backdoor? Clean vs triggered CIFAR-10 test images through the
+bundle's ONNX graph (the images after the calibration slice, target class excluded).
+
+    python -m benchmarks.demo.run --bundle bundles/demo
+
+Writes benchmarks/demo/results.json (with commit, machine and command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import onnxruntime as ort
+
+from benchmarks.provenance import REPO_ROOT, run_record
+from models.bundle import ONNX_INPUT, ONNX_SCORE, load_bundle
+from training.data import data_dir, load_npz
+from training.demo import CALIBRATION_IMAGES, TARGET_CLASS
+from training.evaluate import auprc, auroc, tpr_at_fpr
+from training.triggers import white_square
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bundle", default=str(REPO_ROOT / "bundles" / "demo"))
+    parser.add_argument("--n", type=int, default=2000, help="clean images (and as many triggered)")
+    args = parser.parse_args()
+
+    bundle = load_bundle(args.bundle)
+    x, y = load_npz(data_dir() / "cifar10_test.npz")
+    keep = np.flatnonzero(y[CALIBRATION_IMAGES:] != TARGET_CLASS)[: args.n] + CALIBRATION_IMAGES
+    clean = np.ascontiguousarray(x[keep].transpose(0, 3, 1, 2))
+    triggered = white_square((32, 32)).apply_uint8_nchw(clean)
+    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
+
+    def scores(images: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [
+                session.run([ONNX_SCORE], {ONNX_INPUT: images[i : i + 256]})[0]
+                for i in range(0, len(images), 256)
+            ]
+        )
+
+    clean_scores, triggered_scores = scores(clean), scores(triggered)
+    threshold = bundle.threshold
+    result = {
+        **run_record(),
+        "bundle": bundle.manifest.model_name,
+        "threshold": threshold,
+        "n_clean": int(len(clean)),
+        "n_triggered": int(len(triggered)),
+        "metrics": {
+            "auroc": auroc(clean_scores, triggered_scores),
+            "auprc": auprc(clean_scores, triggered_scores),
+            "tpr_at_1pct_fpr": tpr_at_fpr(clean_scores, triggered_scores, 0.01),
+            "tpr_at_5pct_fpr": tpr_at_fpr(clean_scores, triggered_scores, 0.05),
+        },
+        "tpr_at_bundle_threshold": float((triggered_scores > threshold).mean()),
+        "fpr_at_bundle_threshold": float((clean_scores > threshold).mean()),
+    }
+    out = REPO_ROOT / "benchmarks" / "demo" / "results.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        json.dumps({k: result[k] for k in ("metrics", "tpr_at_bundle_threshold", "fpr_at_bundle_threshold")})
+    )
+
+
+if __name__ == "__main__":
+    main()
