@@ -55,4 +55,6 @@ def run_record(argv: list[str] | None = None) -> dict:
             "python": platform.python_version(),
         },
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        # 1/5/15-minute load at the end: figures taken while other jobs shared the cores show it.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }

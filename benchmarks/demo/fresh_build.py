@@ -65,7 +65,9 @@ def _detect(clone: Path, port: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dest", type=Path, default=REPO_ROOT.parent / "dede-fresh-clone")
     parser.add_argument("--timeout", type=float, default=3600, help="give up on /readyz after this many s")
     args = parser.parse_args()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(2)
+    load_before = [round(x, 2) for x in os.getloadavg()]
     encoder = load_encoder(args.encoder)
     spec = InputSpec(height=32, width=32, mean=encoder.mean, std=encoder.std)
     images, _ = load_images(args.data, spec)
@@ -94,6 +96,7 @@ def main() -> None:
         )
     record = {**run_record(), "encoder": encoder.identity.model_dump(mode="json"), "data": args.data}
     record["n_images"] = int(len(images))
+    record["load_average_before"] = load_before
     record["candidates"] = results
     (OUT / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     write_report(record)
@@ -125,15 +128,19 @@ def write_report(record: dict) -> None:
         f"Made by `{record['command']}` at commit `{record['commit']}` on {record['machine']['cpu']} "
         f"({record['machine']['cores']} cores), {record['finished_at']}. Encoder: "
         f"`{record['encoder']['architecture']}` ({record['encoder']['source']}); data: {record['data']} "
-        f"({record['n_images']} images, 5% held out for the validation loss).",
+        f"({record['n_images']} images, 5% held out for the validation loss). Load average "
+        f"(1/5/15 min) before {record.get('load_average_before')}, after {record.get('load_average')}: "
+        "figures taken while other jobs share the 2 cores are slower than the preset's real cost.",
         "",
-        "| candidate | parameters | epochs | fit time (min) | final val loss (test mask) | epoch within 1% of best |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| candidate | parameters | epochs | fit time (min) | wall incl. embedding (min) | final val loss (test mask) "
+        "| epoch within 1% of best | fit time to that epoch (min) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in record["candidates"]:
         lines.append(
             f"| `{c['candidate']}` | {c['parameters']:,} | {c['epochs']} | {c['fit_seconds_total'] / 60:.1f} | "
-            f"{c['final_val_loss']:.4f} | {c['plateau_epoch_1pct']} |"
+            f"{c['wall_seconds_this_invocation'] / 60:.1f} | {c['final_val_loss']:.4f} | "
+            f"{c['plateau_epoch_1pct']} | {sum(c['epoch_seconds'][: c['plateau_epoch_1pct']]) / 60:.1f} |"
         )
     lines += ["", "![loss curves](loss_curves.png)", ""]
     (OUT / "REPORT.md").write_text("\n".join(lines))
