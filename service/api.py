@@ -1,4 +1,5 @@
-"""HTTP endpoints: /detect, /healthz, /readyz, /v1/models, /metrics."""
+"""HTTP endpoints: /detect and /v1/models (`router`), /healthz and /readyz (`probes`), /metrics
+(`metrics_router`: on the main port, or alone with the probes on DEDE_METRICS_PORT)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from service.uploads import Upload, read_uploads
 log = logging.getLogger("dede.api")
 
 router = APIRouter()
+probes = APIRouter()
+metrics_router = APIRouter()
 
 State = Annotated[ServiceState, Depends(service_state)]
 
@@ -59,6 +62,7 @@ _ERRORS = {
     for status, text in {
         400: "malformed request or undecodable image",
         401: "missing or wrong API key",
+        408: "the body did not arrive in time (DEDE_BODY_TIMEOUT_S)",
         413: "request body or image too large",
         415: "not an accepted image format (decided from the bytes)",
         422: "no images, or too many",
@@ -106,10 +110,15 @@ async def detect(request: Request) -> Response:
     state.in_flight += 1
     state.metrics.in_flight.inc()
     try:
+        uploads = await read_uploads(
+            request,
+            max_bytes=settings.max_upload_bytes,
+            max_images=settings.max_images_per_request,
+            timeout_s=settings.body_timeout_s,
+        )
+        # Counted as on its way to the batcher only once its body is in: a slow client must not make
+        # batches wait for it.
         with batcher.incoming():
-            uploads = await read_uploads(
-                request, max_bytes=settings.max_upload_bytes, max_images=settings.max_images_per_request
-            )
             decode_started = time.perf_counter()
             decoded = await _decode(state, [upload.data for upload in uploads])
             decode_s = time.perf_counter() - decode_started
@@ -230,12 +239,12 @@ def _raise_failure(state: ServiceState, failure: BaseException, image_count: int
     raise ServiceError(500, "inference_failed", f"{reason}; quote error id {error_id}", error_id=error_id)
 
 
-@router.get("/healthz", summary="Liveness: the process is up")
+@probes.get("/healthz", summary="Liveness: the process is up")
 async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: bundle verified, session loaded, warmed up, not draining")
+@probes.get("/readyz", summary="Readiness: bundle verified, session loaded, warmed up, not draining")
 async def readyz(state: State) -> Response:
     if state.ready and not state.draining:
         return JSONResponse({"ready": True})
@@ -274,6 +283,6 @@ async def _metrics_key(request: Request, state: State) -> None:
         await require_api_key(request, state)
 
 
-@router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(_metrics_key)])
+@metrics_router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(_metrics_key)])
 async def metrics(state: State) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from models.bundle import Bundle, load_bundle
-from service.api import router
+from service.api import metrics_router, probes, router
 from service.batcher import Batcher
 from service.errors import ServiceError
 from service.metrics import Metrics
@@ -45,6 +45,9 @@ def create_app(
     )
     app.state.service = state
     app.include_router(router)
+    app.include_router(probes)
+    if settings.metrics_port is None:
+        app.include_router(metrics_router)
     app.add_exception_handler(ServiceError, _service_error_response)
     if settings.cors_origins:
         app.add_middleware(
@@ -56,6 +59,20 @@ def create_app(
         )
     # Added last, so it is the outermost: it sees every answer, CORS preflights included.
     app.add_middleware(RequestContextMiddleware, metrics=metrics, access_log_enabled=settings.access_log)
+    return app
+
+
+def create_ops_app(state: ServiceState) -> FastAPI:
+    """/metrics, /healthz and /readyz alone, for DEDE_METRICS_PORT: they read the main app's state
+    (same metrics, same readiness) and serve no API, no docs."""
+    app = FastAPI(title="dede operations", openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.service = state
+    app.include_router(probes)
+    app.include_router(metrics_router)
+    app.add_exception_handler(ServiceError, _service_error_response)
+    app.add_middleware(
+        RequestContextMiddleware, metrics=state.metrics, access_log_enabled=state.settings.access_log
+    )
     return app
 
 

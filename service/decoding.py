@@ -6,7 +6,9 @@ The safety layer runs before the shared `prepare_image` (models/bundle.py), in t
      and only JPEG, PNG, WebP and BMP pass (415 otherwise);
   3. Pillow is told to try that format alone, so a file cannot be routed to another decoder;
   4. the pixel count is read from the header and checked BEFORE the pixels are decoded (413);
-     Pillow's own decompression-bomb guard, should it fire, is also a 413;
+     Pillow's own decompression-bomb guard, should it fire, is also a 413; so is an image whose
+     resize on the way to the model's input would pass through more pixels than the limit (a long
+     thin strip under the centre-crop rule grows to its long side times the input size);
   5. truncated or corrupt data is refused (400), never padded out with grey;
   6. `prepare_image` (EXIF orientation, any mode to RGB, resize rule) exactly as training did it.
 """
@@ -71,6 +73,18 @@ def _refused_format_message(data: bytes) -> str:
     return f"not a recognised image (format decided from the bytes); send {allowed}"
 
 
+def resize_pixels(width: int, height: int, spec: InputSpec) -> int:
+    """Most pixels `prepare_image` holds at once while resizing a width x height image (either way
+    round: EXIF may turn it). Only the centre-crop rule grows an image before cutting it down."""
+    if spec.resize != "shorter_side_center_crop":
+        return spec.width * spec.height
+    largest = 0
+    for w, h in ((max(1, width), max(1, height)), (max(1, height), max(1, width))):
+        scale = max(spec.width / w, spec.height / h)
+        largest = max(largest, max(spec.width, round(w * scale)) * max(spec.height, round(h * scale)))
+    return largest
+
+
 def decode_image(data: bytes, spec: InputSpec, limits: DecodeLimits) -> np.ndarray:
     """Bytes of one uploaded image -> uint8 [3, H, W]; raises `ImageRejected` with the reason."""
     if not data:
@@ -86,6 +100,15 @@ def decode_image(data: bytes, spec: InputSpec, limits: DecodeLimits) -> np.ndarr
                     413,
                     "image_too_large",
                     f"image is {width}x{height} = {width * height} pixels; the limit is "
+                    f"{limits.max_image_pixels}",
+                )
+            resized = resize_pixels(width, height, spec)
+            if resized > limits.max_image_pixels:
+                raise ImageRejected(
+                    413,
+                    "image_too_large",
+                    f"image is {width}x{height}: resizing it to the model's {spec.width}x{spec.height} "
+                    f"input (centre crop) passes through {resized} pixels; the limit is "
                     f"{limits.max_image_pixels}",
                 )
             image.load()

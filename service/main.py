@@ -10,6 +10,9 @@ Entry points (for `dede serve` and `python -m service`):
         then `run`. To give another CLI the same flags without importing the server stack:
         `service.settings.add_settings_arguments(parser)` then `settings_from_args(args, parser)`.
 
+With DEDE_METRICS_PORT set, /metrics, /healthz and /readyz are also served on that port, from a
+thread with its own event loop, and /metrics leaves the main port.
+
 Drain: the first signal turns readiness off and answers new /detect requests with 503; requests
 already accepted (queued or running) finish; then uvicorn stops. A second signal stops at once.
 """
@@ -21,13 +24,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
+import threading
 import time
 from types import FrameType
 
 import uvicorn
 
 from models.bundle import BundleError, load_bundle
-from service.app import create_app, load_detector
+from service.app import create_app, create_ops_app, load_detector
 from service.logs import configure_logging
 from service.runtime import RuntimeLoadError
 from service.settings import Settings, add_settings_arguments, settings_from_args
@@ -78,10 +83,55 @@ def _work_left(state: ServiceState) -> bool:
     return state.in_flight > 0 or (state.batcher is not None and state.batcher.queue_depth > 0)
 
 
+class _OpsServer:
+    """The operations app (metrics and probes) on its own port, served by a second uvicorn server in
+    a thread with its own event loop. Its socket is bound first thing in `run`, so that a port already
+    taken stops start-up at once with one line; signals stay with the main server (uvicorn installs
+    handlers only on the main thread)."""
+
+    def __init__(self, state: ServiceState, settings: Settings, sock: socket.socket) -> None:
+        self._socket = sock
+        config = uvicorn.Config(
+            create_ops_app(state),
+            log_config=None,
+            log_level=settings.log_level,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="dede-metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=5)
+        self._socket.close()
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"dede serve: cannot listen on {host}:{port} (DEDE_METRICS_PORT): {exc}") from None
+    return sock
+
+
 def run(settings: Settings | None = None) -> None:
     """Serve the bundle named by `settings` (default: from DEDE_* environment variables)."""
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
+    ops_socket = None
+    if settings.metrics_port is not None:
+        ops_socket = _listening_socket(settings.host, settings.metrics_port)
     try:
         bundle = load_bundle(settings.bundle)
         detector = load_detector(bundle, settings)  # before uvicorn: a bad graph is one line, not a traceback
@@ -99,8 +149,15 @@ def run(settings: Settings | None = None) -> None:
         server_header=False,
     )
     server = _DrainingServer(config, app.state.service)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+    ops = _OpsServer(app.state.service, settings, ops_socket) if ops_socket is not None else None
+    if ops is not None:
+        ops.start()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
+    finally:
+        if ops is not None:
+            ops.stop()
 
 
 def build_parser(prog: str = "python -m service") -> argparse.ArgumentParser:

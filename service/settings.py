@@ -47,6 +47,12 @@ class Settings(BaseSettings):
         25_000_000, ge=1, description="largest image (width x height) accepted, checked before decoding"
     )
     max_images_per_request: int = Field(64, ge=1, description="most images in one /detect request")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="longest time a client may take to send a /detect body; a slower one gets 408 and its "
+        "connection is closed",
+    )
 
     execution_providers: Annotated[list[str], NoDecode] = Field(
         ["auto"], description="ONNX Runtime providers in order (auto, cuda, tensorrt, cpu)"
@@ -66,6 +72,12 @@ class Settings(BaseSettings):
     protect_metrics: bool = Field(False, description="also require the API key on /metrics")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         [], description="origins allowed by CORS, comma-separated (empty: CORS off)"
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="if set, /metrics moves to this port (beside /healthz and /readyz), off the main one",
     )
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
@@ -99,9 +111,9 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         return _split_commas(value)
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "metrics_port", mode="before")
     @classmethod
-    def _empty_key_is_none(cls, value: object) -> object:
+    def _empty_is_none(cls, value: object) -> object:
         # An empty DEDE_API_KEY= would otherwise "protect" the API with the empty string.
         return None if value == "" else value
 

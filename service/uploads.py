@@ -3,11 +3,14 @@
 Two request shapes: `multipart/form-data` with one or more `images` file fields, or a raw body
 declared `image/*` (or `application/octet-stream`) holding one image. The byte limit is checked on
 Content-Length before reading and again on every chunk (a chunked upload has no length), and the
-image count as each part begins, so an oversized request is cut off early instead of buffered.
+image count as each part begins, so an oversized request is cut off early instead of buffered. The
+whole body must arrive within a deadline: a client sending very slowly gets 408. Both refusals close
+the connection (the rest of such a body is not worth reading).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -19,6 +22,9 @@ from starlette.requests import ClientDisconnect, Request
 from service.errors import ServiceError
 
 IMAGES_FIELD = "images"
+# Sent with refusals that leave the body unread: uvicorn would otherwise keep reading it to reuse the
+# connection.
+_CLOSE = {"Connection": "close"}
 
 
 @dataclass(frozen=True)
@@ -27,8 +33,24 @@ class Upload:
     data: bytes
 
 
-async def read_uploads(request: Request, *, max_bytes: int, max_images: int) -> list[Upload]:
-    """The request's images in order; `ServiceError` 400/413/415/422 when the request is unusable."""
+async def read_uploads(
+    request: Request, *, max_bytes: int, max_images: int, timeout_s: float | None = None
+) -> list[Upload]:
+    """The request's images in order; `ServiceError` 400/408/413/415/422 when the request is unusable.
+    `timeout_s` bounds the time from here to the body's last byte."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_uploads(request, max_bytes, max_images)
+    except TimeoutError:
+        raise ServiceError(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {timeout_s:g} s (DEDE_BODY_TIMEOUT_S)",
+            headers=_CLOSE,
+        ) from None
+
+
+async def _read_uploads(request: Request, max_bytes: int, max_images: int) -> list[Upload]:
     mime, params = parse_options_header(request.headers.get("content-type", ""))
     mime_type = mime.decode("latin-1").lower()
     _check_declared_length(request, max_bytes)
@@ -82,7 +104,10 @@ async def _stream_limited(request: Request, max_bytes: int) -> AsyncIterator[byt
 
 def _too_large(max_bytes: int) -> ServiceError:
     return ServiceError(
-        413, "request_too_large", f"the request body exceeds {max_bytes} bytes (DEDE_MAX_UPLOAD_BYTES)"
+        413,
+        "request_too_large",
+        f"the request body exceeds {max_bytes} bytes (DEDE_MAX_UPLOAD_BYTES)",
+        headers=_CLOSE,
     )
 
 

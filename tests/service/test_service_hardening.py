@@ -1,0 +1,286 @@
+"""Security and faults: bodies refused while they stream, slow clients timed out, metrics on a port of
+their own, the API key compared in constant time, and every start-up fault ends the process with one
+line while readiness never goes true."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import API_KEY, REPO_ROOT, ServerProcess, encode, free_port, random_images, start_server
+from synthetic_bundle import make_synthetic_bundle
+
+from models.bundle import MANIFEST_NAME, ONNX_NAME, write_manifest
+
+with warnings.catch_warnings():  # starlette nags about its httpx-based test client
+    warnings.filterwarnings("ignore", message=".*httpx2", category=UserWarning)
+    from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def read_answer(sock: socket.socket, wait_s: float) -> bytes:
+    """Whatever the server has sent within `wait_s` seconds (until it closes, or the wait ends)."""
+    received = b""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+        if not readable:
+            break
+        try:
+            data = sock.recv(65_536)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        received += data
+        if b"\r\n\r\n" in received and received.split(b"\r\n\r\n", 1)[1].rstrip().endswith(b"}"):
+            break
+    return received
+
+
+def status_and_headers(answer: bytes) -> tuple[int, dict[str, str]]:
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in head[1:])
+    return int(head[0].split()[1]), headers
+
+
+def test_a_huge_chunked_body_is_refused_while_it_streams(server: ServerProcess) -> None:
+    """64 MB offered without Content-Length against a 300 kB limit: the 413 comes back long before
+    the body could have been buffered, and the connection is closed."""
+    offered = 64 * 2**20
+    chunk = b"%x\r\n" % 65_536 + bytes(65_536) + b"\r\n"
+    sent = 0
+    answer = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /detect HTTP/1.1\r\nHost: test\r\nX-API-Key: " + API_KEY.encode() + b"\r\n"
+            b"Content-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        try:
+            while sent < offered:
+                sock.sendall(chunk)
+                sent += 65_536
+                answer += read_answer(sock, 0.01) if select.select([sock], [], [], 0)[0] else b""
+                if answer:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server closed the connection: what it said is in the socket's buffer
+        answer += read_answer(sock, 10)
+    status, headers = status_and_headers(answer)
+    assert status == 413 and headers["connection"] == "close"
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
+    assert sent < offered // 8, f"sent {sent} bytes before the refusal"
+
+
+def test_a_slow_client_is_timed_out_and_holds_no_batch_slot(synthetic_bundle: Path, tmp_path: Path) -> None:
+    # A batch waits up to 10 s for requests it knows are coming: were the slow request counted among
+    # them, the fast request below would wait until the slow one is timed out, 3 s after it began.
+    server = start_server(synthetic_bundle, tmp_path / "log", body_timeout_s=3, max_batch_delay_ms=10_000)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
+            slow.sendall(
+                b"POST /detect HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 100000\r\n\r\n\x89PNG"
+            )
+            time.sleep(0.2)  # the slow request is in the handler, reading its body
+            image = random_images(1, seed=61)[0]
+            fast = httpx.post(
+                server.url + "/detect", files=[("images", ("a.png", encode(image)))], timeout=30
+            )
+            assert fast.status_code == 200
+            assert fast.json()["timing"]["queue_ms"] < 1500, fast.json()["timing"]
+            answer = b""
+            for _ in range(300):  # one byte every 0.1 s, until the server gives up on it
+                try:
+                    slow.sendall(b"\x00")
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                answer += read_answer(slow, 0.1)
+                if answer:
+                    break
+            answer += read_answer(slow, 5)
+        status, headers = status_and_headers(answer)
+        assert status == 408 and headers["connection"] == "close"
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        assert httpx.get(server.url + "/readyz").status_code == 200
+    finally:
+        server.terminate()
+
+
+def test_metrics_can_move_to_a_port_of_their_own(synthetic_bundle: Path, tmp_path: Path) -> None:
+    ops_port = free_port()
+    server = start_server(synthetic_bundle, tmp_path / "log", metrics_port=ops_port)
+    ops = f"http://127.0.0.1:{ops_port}"
+    try:
+        image = encode(random_images(1, seed=62)[0])
+        assert httpx.post(server.url + "/detect", files=[("images", ("a.png", image))]).status_code == 200
+        assert httpx.get(server.url + "/metrics").status_code == 404  # no longer on the public port
+        metrics = httpx.get(ops + "/metrics")
+        assert metrics.status_code == 200
+        assert 'dede_requests_total{endpoint="/detect",status="200"} 1.0' in metrics.text
+        for url in (server.url, ops):
+            assert httpx.get(url + "/healthz").status_code == 200
+            assert httpx.get(url + "/readyz").json() == {"ready": True}
+        assert httpx.post(ops + "/detect", content=image).status_code in {404, 405}
+        assert httpx.get(ops + "/docs").status_code == 404
+        assert server.terminate() == 0
+    finally:
+        server.terminate()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(ops + "/healthz", timeout=2)
+
+
+def test_the_api_key_is_compared_in_constant_time(
+    synthetic_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hmac
+
+    from service import api
+
+    compared: list[tuple[bytes, bytes]] = []
+    original = hmac.compare_digest
+
+    def spy(given: bytes, expected: bytes) -> bool:
+        compared.append((given, expected))
+        return original(given, expected)
+
+    monkeypatch.setattr(api.hmac, "compare_digest", spy)
+    client = TestClient(create_app(Settings(bundle=synthetic_bundle, api_key="right")))
+    assert client.get("/v1/models", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer right"}).status_code == 200
+    assert compared == [(b"wrong", b"right"), (b"right", b"right")]
+
+
+# -- start-up faults --------------------------------------------------------------------------------
+
+
+def _rewrite_manifest(root: Path, change: Callable[[dict], None], rehash: bool = True) -> Path:
+    fields = json.loads((root / MANIFEST_NAME).read_text())
+    change(fields)
+    if rehash:  # a consistent manifest, hashes and all: only the change itself is wrong
+        fields.pop("files")
+        write_manifest(root, fields)
+    else:
+        (root / MANIFEST_NAME).write_text(json.dumps(fields))
+    return root
+
+
+def _missing(root: Path) -> Path:
+    return root.parent / "nowhere"
+
+
+def _unparsable_manifest(root: Path) -> Path:
+    (root / MANIFEST_NAME).write_bytes(b"\xff\xfe not json")
+    return root
+
+
+def _schema_2(root: Path) -> Path:
+    return _rewrite_manifest(root, lambda fields: fields.update(schema_version=2), rehash=False)
+
+
+def _changed_byte(root: Path) -> Path:
+    data = bytearray((root / ONNX_NAME).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (root / ONNX_NAME).write_bytes(bytes(data))
+    return root
+
+
+def _taller_input(root: Path) -> Path:
+    return _rewrite_manifest(root, lambda fields: fields["input"].update(height=64))  # the graph takes 32
+
+
+def _unreadable(root: Path) -> Path:
+    (root / ONNX_NAME).chmod(0)
+    return root
+
+
+FAULTS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "missing bundle": (_missing, "bundle not found"),
+    "manifest not readable": (_unparsable_manifest, "is not readable JSON"),
+    "wrong schema version": (_schema_2, "schema_version 2 is not supported"),
+    "changed byte in detector.onnx": (_changed_byte, "does not match the manifest"),
+    "input shape not the manifest's": (_taller_input, "the manifest says [N, 3, 64, 32]"),
+    "file unreadable": (_unreadable, "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_start_up_fault_exits_with_one_line_and_never_becomes_ready(fault: str, tmp_path: Path) -> None:
+    if fault == "file unreadable" and os.geteuid() == 0:
+        pytest.skip("root reads files whatever their mode")
+    break_it, words = FAULTS[fault]
+    bundle = break_it(make_synthetic_bundle(tmp_path / "bundle"))
+    exit_code, lines, ready_seen = run_until_exit(["--bundle", str(bundle)])
+    assert exit_code not in (0, None) and not ready_seen
+    assert len(lines) == 1, lines  # one line, no traceback, no log noise
+    assert lines[0].startswith("dede serve: ") and words in lines[0], lines[0]
+
+
+def test_a_taken_metrics_port_exits_with_one_line(synthetic_bundle: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        exit_code, lines, ready_seen = run_until_exit(
+            ["--bundle", str(synthetic_bundle), "--metrics-port", str(port)]
+        )
+    assert exit_code not in (0, None) and not ready_seen
+    assert len(lines) == 1 and lines[0].startswith("dede serve: cannot listen on"), lines
+
+
+def run_until_exit(args: list[str]) -> tuple[int | None, list[str], bool]:
+    """Start `python -m service ARGS` on a free port, ask /readyz every 50 ms until the process ends;
+    (exit status, non-empty lines of its output, whether /readyz ever said 200)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDE_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    ready_seen = False
+    deadline = time.monotonic() + 60
+    while process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            ready_seen |= httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+        time.sleep(0.05)
+    if process.poll() is None:
+        process.kill()
+    output, _ = process.communicate()
+    return process.returncode, [line for line in output.splitlines() if line.strip()], ready_seen
+
+
+def test_answers_never_show_internals_even_for_odd_paths_and_methods(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        answers = [
+            http.get("/../../etc/passwd"),
+            http.request("DELETE", "/detect"),
+            http.get("/detect"),
+            http.post("/v1/models"),
+            http.get("/openapi.json/../x"),
+            http.post(
+                "/detect", content=b"x" * 10, headers={"Content-Type": "image/png", "X-API-Key": API_KEY}
+            ),
+        ]
+    for answer in answers:
+        assert answer.status_code < 500, answer.text
+        assert "Traceback" not in answer.text and str(REPO_ROOT) not in answer.text
+        assert "site-packages" not in answer.text
+    assert np.all([a.headers.get("x-request-id") for a in answers])
