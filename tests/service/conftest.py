@@ -20,6 +20,8 @@ from synthetic_bundle import make_synthetic_bundle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-123"
+# The main test server's limits: small, so that each error status is cheap to trigger.
+SERVER_LIMITS = {"max_upload_bytes": 300_000, "max_image_pixels": 512 * 512, "max_images_per_request": 40}
 
 
 def encode(array_hwc: np.ndarray, fmt: str = "PNG", **save_args: object) -> bytes:
@@ -119,9 +121,7 @@ def server(synthetic_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         synthetic_bundle,
         log_path,
         api_key=API_KEY,
-        max_upload_bytes=300_000,
-        max_image_pixels=512 * 512,
-        max_images_per_request=40,
+        **SERVER_LIMITS,
         max_batch_size=16,
         max_batch_delay_ms=2,
         log_format="json",
