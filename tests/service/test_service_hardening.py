@@ -4,25 +4,20 @@ line while readiness never goes true."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
 import socket
-import subprocess
-import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from conftest import API_KEY, REPO_ROOT, ServerProcess, encode, free_port, random_images, start_server
+from faults import FAULTS, run_until_exit
 from synthetic_bundle import make_synthetic_bundle
-
-from models.bundle import MANIFEST_NAME, ONNX_NAME, write_manifest
 
 with warnings.catch_warnings():  # starlette nags about its httpx-based test client
     warnings.filterwarnings("ignore", message=".*httpx2", category=UserWarning)
@@ -168,56 +163,6 @@ def test_the_api_key_is_compared_in_constant_time(
 # -- start-up faults --------------------------------------------------------------------------------
 
 
-def _rewrite_manifest(root: Path, change: Callable[[dict], None], rehash: bool = True) -> Path:
-    fields = json.loads((root / MANIFEST_NAME).read_text())
-    change(fields)
-    if rehash:  # a consistent manifest, hashes and all: only the change itself is wrong
-        fields.pop("files")
-        write_manifest(root, fields)
-    else:
-        (root / MANIFEST_NAME).write_text(json.dumps(fields))
-    return root
-
-
-def _missing(root: Path) -> Path:
-    return root.parent / "nowhere"
-
-
-def _unparsable_manifest(root: Path) -> Path:
-    (root / MANIFEST_NAME).write_bytes(b"\xff\xfe not json")
-    return root
-
-
-def _schema_2(root: Path) -> Path:
-    return _rewrite_manifest(root, lambda fields: fields.update(schema_version=2), rehash=False)
-
-
-def _changed_byte(root: Path) -> Path:
-    data = bytearray((root / ONNX_NAME).read_bytes())
-    data[len(data) // 2] ^= 0x01
-    (root / ONNX_NAME).write_bytes(bytes(data))
-    return root
-
-
-def _taller_input(root: Path) -> Path:
-    return _rewrite_manifest(root, lambda fields: fields["input"].update(height=64))  # the graph takes 32
-
-
-def _unreadable(root: Path) -> Path:
-    (root / ONNX_NAME).chmod(0)
-    return root
-
-
-FAULTS: dict[str, tuple[Callable[[Path], Path], str]] = {
-    "missing bundle": (_missing, "bundle not found"),
-    "manifest not readable": (_unparsable_manifest, "is not readable JSON"),
-    "wrong schema version": (_schema_2, "schema_version 2 is not supported"),
-    "changed byte in detector.onnx": (_changed_byte, "does not match the manifest"),
-    "input shape not the manifest's": (_taller_input, "the manifest says [N, 3, 64, 32]"),
-    "file unreadable": (_unreadable, "cannot be read"),
-}
-
-
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_start_up_fault_exits_with_one_line_and_never_becomes_ready(fault: str, tmp_path: Path) -> None:
     if fault == "file unreadable" and os.geteuid() == 0:
@@ -240,31 +185,6 @@ def test_a_taken_metrics_port_exits_with_one_line(synthetic_bundle: Path) -> Non
         )
     assert exit_code not in (0, None) and not ready_seen
     assert len(lines) == 1 and lines[0].startswith("dede serve: cannot listen on"), lines
-
-
-def run_until_exit(args: list[str]) -> tuple[int | None, list[str], bool]:
-    """Start `python -m service ARGS` on a free port, ask /readyz every 50 ms until the process ends;
-    (exit status, non-empty lines of its output, whether /readyz ever said 200)."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDE_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "--port", str(port), *args],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    ready_seen = False
-    deadline = time.monotonic() + 60
-    while process.poll() is None and time.monotonic() < deadline:
-        with contextlib.suppress(httpx.TransportError):
-            ready_seen |= httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-        time.sleep(0.05)
-    if process.poll() is None:
-        process.kill()
-    output, _ = process.communicate()
-    return process.returncode, [line for line in output.splitlines() if line.strip()], ready_seen
 
 
 def test_answers_never_show_internals_even_for_odd_paths_and_methods(server: ServerProcess) -> None:
