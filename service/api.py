@@ -66,7 +66,7 @@ _ERRORS = {
         413: "request body or image too large",
         415: "not an accepted image format (decided from the bytes)",
         422: "no images, or too many",
-        503: "queue full, not ready, or draining (see Retry-After)",
+        503: "queue full, too many requests in progress, not ready, or draining (see Retry-After)",
     }.items()
 }
 

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         1024, ge=1, description="most images waiting for the model; beyond it requests get 503"
     )
+    max_in_flight: int = Field(
+        256,
+        ge=1,
+        description="most /detect requests being read, decoded or scored at once; beyond it requests get 503",
+    )
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body, in bytes")
     max_image_pixels: int = Field(
         25_000_000, ge=1, description="largest image (width x height) accepted, checked before decoding"

@@ -46,6 +46,14 @@ class ServiceState:
         if not self.ready or self.batcher is None:
             self.metrics.rejections.labels("not_ready").inc()
             return unavailable("not_ready", f"the service is not ready: {self.not_ready_reason}", retry)
+        if self.in_flight >= self.settings.max_in_flight:
+            # Checked before the body is read: under a flood, refusing costs next to nothing.
+            self.metrics.rejections.labels("busy").inc()
+            return unavailable(
+                "busy",
+                f"{self.in_flight} requests are already being served (DEDE_MAX_IN_FLIGHT); retry shortly",
+                retry,
+            )
         if not self.batcher.has_room(1):
             self.metrics.rejections.labels("queue_full").inc()
             return unavailable("queue_full", "the queue is full; retry shortly", retry)

@@ -4,8 +4,9 @@ Two request shapes: `multipart/form-data` with one or more `images` file fields,
 declared `image/*` (or `application/octet-stream`) holding one image. The byte limit is checked on
 Content-Length before reading and again on every chunk (a chunked upload has no length), and the
 image count as each part begins, so an oversized request is cut off early instead of buffered. The
-whole body must arrive within a deadline: a client sending very slowly gets 408. Both refusals close
-the connection (the rest of such a body is not worth reading).
+whole body must arrive within a deadline: a client sending very slowly gets 408. A form may hold only
+a few parts besides its images (each costs parsing). The 408 and a 413 met while streaming close the
+connection (the rest of such a body is not worth reading).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from starlette.requests import ClientDisconnect, Request
 from service.errors import ServiceError
 
 IMAGES_FIELD = "images"
+# Parts other than `images` are skipped, but each costs parsing: a form may hold only this many.
+MAX_OTHER_PARTS = 64
 # Sent with refusals that leave the body unread: uvicorn would otherwise keep reading it to reuse the
 # connection.
 _CLOSE = {"Connection": "close"}
@@ -87,7 +90,9 @@ def _check_declared_length(request: Request, max_bytes: int) -> None:
     if not declared.isdigit():
         raise ServiceError(400, "malformed_request", f"Content-Length {declared!r} is not a number")
     if int(declared) > max_bytes:
-        raise _too_large(max_bytes)
+        # Refused before reading; the connection stays open, so uvicorn reads and drops the declared
+        # rest, and a client still sending its body reliably gets this answer (a close could reset it).
+        raise _too_large(max_bytes, close=False)
 
 
 async def _stream_limited(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
@@ -96,18 +101,18 @@ async def _stream_limited(request: Request, max_bytes: int) -> AsyncIterator[byt
         async for chunk in request.stream():
             received += len(chunk)
             if received > max_bytes:
-                raise _too_large(max_bytes)
+                raise _too_large(max_bytes, close=True)  # a chunked body has no end we know of
             yield chunk
     except ClientDisconnect as exc:
         raise ServiceError(400, "client_disconnected", "the client went away before the body ended") from exc
 
 
-def _too_large(max_bytes: int) -> ServiceError:
+def _too_large(max_bytes: int, close: bool) -> ServiceError:
     return ServiceError(
         413,
         "request_too_large",
         f"the request body exceeds {max_bytes} bytes (DEDE_MAX_UPLOAD_BYTES)",
-        headers=_CLOSE,
+        headers=_CLOSE if close else None,
     )
 
 
@@ -116,6 +121,8 @@ class _MultipartImages:
 
     def __init__(self, boundary: bytes, max_images: int) -> None:
         self._max_images = max_images
+        self._max_parts = max_images + MAX_OTHER_PARTS
+        self._parts = 0
         self.uploads: list[Upload] = []
         self.other_fields: list[str] = []
         self._header_field = bytearray()
@@ -160,6 +167,14 @@ class _MultipartImages:
         return self.uploads
 
     def _on_part_begin(self) -> None:
+        self._parts += 1
+        if self._parts > self._max_parts:
+            raise ServiceError(
+                422,
+                "too_many_parts",
+                f"more than {self._max_parts} parts in the form: only '{IMAGES_FIELD}' fields are read, "
+                f"at most {self._max_images} of them (DEDE_MAX_IMAGES_PER_REQUEST) and {MAX_OTHER_PARTS} others",
+            )
         self._headers = {}
         self._part = None
         self._filename = None

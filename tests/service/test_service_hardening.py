@@ -81,6 +81,75 @@ def test_a_huge_chunked_body_is_refused_while_it_streams(server: ServerProcess) 
     assert sent < offered // 8, f"sent {sent} bytes before the refusal"
 
 
+def test_a_declared_length_over_the_limit_is_refused_at_once_and_the_connection_stays_usable(
+    server: ServerProcess,
+) -> None:
+    image = encode(random_images(1, seed=63)[0])
+    head = b"POST /detect HTTP/1.1\r\nHost: test\r\nX-API-Key: " + API_KEY.encode() + b"\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + b"Content-Type: image/png\r\nContent-Length: 400000\r\n\r\n")
+        answer = read_answer(sock, 10)  # before a single byte of the body was sent
+        status, headers = status_and_headers(answer)
+        assert status == 413 and headers.get("connection") != "close"
+        sock.sendall(bytes(400_000))  # the client goes on sending what it declared; the server drops it
+        sock.sendall(head + b"Content-Type: image/png\r\nContent-Length: %d\r\n\r\n" % len(image) + image)
+        status, _ = status_and_headers(read_answer(sock, 10))
+        assert status == 200  # the same connection serves the next request
+
+
+def test_a_form_with_too_many_other_parts_is_refused_as_it_streams(client: httpx.Client) -> None:
+    from service.uploads import MAX_OTHER_PARTS
+
+    fields = [("note", (None, b"x")) for _ in range(MAX_OTHER_PARTS + 41)]
+    response = client.post("/detect", files=fields)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "too_many_parts"
+    image = encode(random_images(1, seed=64)[0])
+    few = [("note", (None, b"x")) for _ in range(MAX_OTHER_PARTS)] + [("images", ("a.png", image))]
+    assert client.post("/detect", files=few).status_code == 200
+
+
+def test_beyond_the_in_flight_limit_requests_get_503_before_their_body_is_read(
+    synthetic_bundle: Path, tmp_path: Path
+) -> None:
+    server = start_server(synthetic_bundle, tmp_path / "log", max_in_flight=2, retry_after_s=3)
+    holders = []
+    try:
+        for _ in range(2):  # two requests in progress, their bodies still to come
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            sock.sendall(
+                b"POST /detect HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+            )
+            holders.append(sock)
+        deadline = time.monotonic() + 10
+        image = encode(random_images(1, seed=65)[0])
+        while (
+            refused := httpx.post(
+                server.url + "/detect", content=image, headers={"Content-Type": "image/png"}
+            )
+        ).status_code == 200:
+            assert time.monotonic() < deadline, "the two held requests never counted"
+            time.sleep(0.05)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+        assert refused.json()["error"]["code"] == "busy"
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'dede_rejections_total{reason="busy"}' in metrics
+        for sock in holders:
+            sock.close()  # they go away: their slots come back
+        deadline = time.monotonic() + 10
+        while (
+            httpx.post(
+                server.url + "/detect", content=image, headers={"Content-Type": "image/png"}
+            ).status_code
+            != 200
+        ):
+            assert time.monotonic() < deadline, "slots did not come back"
+            time.sleep(0.05)
+    finally:
+        for sock in holders:
+            sock.close()
+        server.terminate()
+
+
 def test_a_slow_client_is_timed_out_and_holds_no_batch_slot(synthetic_bundle: Path, tmp_path: Path) -> None:
     # A batch waits up to 10 s for requests it knows are coming: were the slow request counted among
     # them, the fast request below would wait until the slow one is timed out, 3 s after it began.
