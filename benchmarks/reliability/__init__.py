@@ -1,0 +1,1 @@
+"""Reliability benchmark of the detection service: `python -m benchmarks.reliability.run --bundle DIR`."""
