@@ -104,9 +104,9 @@ class SuiteConfig:
         ("drupe", "id"),
         ("ctrl", "ood"),
     )
-    # DeDe with the reference-size decoder: several times the lab decoder's cost, left out on 2 cores.
-    paper_preset: tuple[tuple[str, str], ...] = ()
-    paper_epochs: int = 4
+    # DeDe with the reference-size decoder (~15x the lab decoder's cost per image): one attack, last.
+    paper_preset: tuple[tuple[str, str], ...] = (("badencoder", "ood"),)
+    paper_epochs: int = 5
     seed: int = 0
     root: str = "runs/lab"
 
@@ -489,7 +489,7 @@ class Lab:
         """DeDe scores of one decoder (both score kinds) and, with_baselines, the baselines' scores,
         on the same three image sets; one .npz per (encoder, aux, preset)."""
         from training.fit import load_run
-        from training.scoring import score_run
+        from training.scoring import score_run, score_run_several_masks
 
         c = self.config
         stage = f"scores_{name}_{aux}" + ("" if preset == c.decoder_preset else f"_{preset}")
@@ -504,6 +504,10 @@ class Lab:
             for kind in DEDE_SCORE_KINDS:
                 for split, images in sets:
                     arrays[f"dede_{preset}_{kind}/{split}"] = score_run(fitted, images, kind)
+            for split, images in sets:  # the variant: real patches visible, several fixed masks
+                arrays[f"dede_{preset}_sse_mask90x4/{split}"] = score_run_several_masks(
+                    fitted, images, 0.9, 4
+                )
             if with_baselines:
                 encoder = load_encoder(str(self.encoder_path(name)))
                 aux_z = embed_nchw(encoder, fit_images)

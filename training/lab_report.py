@@ -275,7 +275,8 @@ def _variant_lines(results: dict, default: str) -> list[str]:
         "",
         f"Default: `{default}`, the method's own score (sum of squared errors over the rebuilt patches) and "
         "what `dede fit`/`dede export` ship. `max_patch` (the worst patch's error) is kept as a named option "
-        "and shown beside it. The `clean/...` column is the control: it uses the same trigger on an encoder "
+        "and shown beside it. `sse_mask90x4` shows the decoder 10% of the patches (the training mask) "
+        "instead of none and averages four fixed masks. The `clean/...` column is the control: it uses the same trigger on an encoder "
         "WITHOUT a backdoor, so a high value there means the score reacts to the trigger's pixels, not to the "
         "backdoor; a variant is only better if it is ahead on the attacked encoders without rising on the "
         "clean one.",

@@ -1,0 +1,36 @@
+"""The lab's several-masks score variant against the shipped score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from models.bundle import InputSpec
+from training.data import load_images
+from training.fit import load_run
+from training.scoring import score_run, score_run_several_masks
+
+
+def _images(tiny_data: dict[str, Path], run_dir: Path) -> np.ndarray:
+    run = load_run(run_dir)
+    spec = InputSpec(height=32, width=32, mean=run.encoder.mean, std=run.encoder.std)
+    images, _ = load_images(str(tiny_data["clean"]), spec)
+    return images[:40]
+
+
+def test_with_no_visible_patch_every_mask_is_the_shipped_score(tiny_data: dict, tiny_run: Path) -> None:
+    run, images = load_run(tiny_run), _images(tiny_data, tiny_run)
+    assert int(run.config.num_patches * (1 - run.config.mask_ratio_test)) == 0  # 64 patches at 0.99
+    several = score_run_several_masks(run, images, run.config.mask_ratio_test, n_masks=3)
+    np.testing.assert_allclose(several, score_run(run, images, "sse"), rtol=1e-5)
+
+
+def test_visible_patches_change_the_score_and_it_stays_deterministic(tiny_data: dict, tiny_run: Path) -> None:
+    run, images = load_run(tiny_run), _images(tiny_data, tiny_run)
+    at_09 = score_run_several_masks(run, images, 0.9, n_masks=4)
+    assert not np.allclose(at_09, score_run(run, images, "sse"), rtol=1e-3)
+    one_by_one = np.concatenate(
+        [score_run_several_masks(run, images[i : i + 1], 0.9, n_masks=4) for i in range(len(images))]
+    )
+    np.testing.assert_allclose(one_by_one, at_09, rtol=1e-5)
