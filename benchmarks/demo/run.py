@@ -61,6 +61,13 @@ def main() -> None:
         },
         "tpr_at_bundle_threshold": float((triggered_scores > threshold).mean()),
         "fpr_at_bundle_threshold": float((clean_scores > threshold).mean()),
+        # What the export verified and calibration measured, as recorded in the bundle itself.
+        "export_parity": bundle.manifest.parity,
+        "calibration": {
+            k: bundle.manifest.threshold.model_dump()[k]
+            for k in ("fpr_target", "n_calibration", "realised_fpr", "realised_fpr_ci95", "n_holdout")
+        },
+        "bundle_bytes": sum(f.stat().st_size for f in bundle.root.iterdir() if f.is_file()),
     }
     out = REPO_ROOT / "benchmarks" / "demo" / "results.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
