@@ -3,7 +3,8 @@
     python -m benchmarks.reliability.run --bundle bundles/demo
 
 writes benchmarks/reliability/results.json and REPORT.md. Sections (--modes, all by default):
-  malformed  at least --uploads (10,000) malformed and hostile requests made by
+  malformed  --fuzz-examples (20,000) hypothesis inputs through the decoder alone, then at least
+             --uploads (10,000) malformed and hostile requests made by
              tests/service/malformed.py, a new seed for every round of the generator: outcomes by
              kind, 5xx, crashes, latency of every rejection, the server's resident memory;
   soak       --soak-seconds (600) at --soak-load (0.8) of the saturation throughput measured first
@@ -27,8 +28,10 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -49,7 +52,7 @@ from service.settings import Settings
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "service"))
 from faults import FAULTS, run_until_exit  # noqa: E402 - the tests' own fault makers
-from malformed import Limits, RequestCase, picture, request_cases  # noqa: E402
+from malformed import Limits, RequestCase, fuzz_inputs, picture, request_cases  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODES = ("malformed", "soak", "overload", "faults")
@@ -65,6 +68,11 @@ GOALS = {
 # Signs of internals in an answer: a traceback, a source path, an object's address.
 LEAKS = re.compile(r"Traceback|File \"|site-packages|object at 0x|" + re.escape(str(REPO_ROOT)))
 SERVER_DEFAULTS = {"access_log": "false", "log_level": "warning"}
+
+
+def _record() -> dict:
+    """Provenance, with the command as it was typed (`python -m ...`, arguments quoted)."""
+    return run_record(["-m", "benchmarks.reliability.run", shlex.join(sys.argv[1:])])
 
 
 def _run_async(coroutine):  # uvloop (shipped with uvicorn[standard]) keeps the generator's own CPU down
@@ -104,8 +112,9 @@ def default_limits() -> Limits:
 # -- malformed uploads --------------------------------------------------------------------------------
 
 
-async def _send_case(http: httpx.AsyncClient, case: RequestCase) -> tuple[int | str, float, bool]:
-    """(status or transport error name, seconds, whether the answer shows internals)."""
+async def _send_case(http: httpx.AsyncClient, case: RequestCase) -> tuple[int | str, float, bool, bool]:
+    """(status or transport error name, seconds, whether the answer shows internals, whether a 200 that
+    should carry a per-image error lacks it)."""
     content: bytes | object = case.body
     if case.chunked:
 
@@ -118,8 +127,13 @@ async def _send_case(http: httpx.AsyncClient, case: RequestCase) -> tuple[int | 
     try:
         response = await http.post("/detect", content=content, headers=list(case.headers))
     except httpx.HTTPError as exc:
-        return type(exc).__name__, time.perf_counter() - started, False
-    return response.status_code, time.perf_counter() - started, bool(LEAKS.search(response.text))
+        return type(exc).__name__, time.perf_counter() - started, False, False
+    seconds = time.perf_counter() - started
+    error_missing = False
+    if response.status_code == 200 and case.per_image_error is not None:
+        result = response.json()["images"][case.per_image_error]
+        error_missing = not (result.get("error") and result["score"] is None)
+    return response.status_code, seconds, bool(LEAKS.search(response.text)), error_missing
 
 
 async def _send_all(
@@ -142,9 +156,54 @@ def _context() -> dict:
     return {"load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
+def decoder_fuzz(bundle: Bundle, examples: int, seed: int) -> dict:
+    """The decoder alone, in-process, on `examples` hypothesis inputs (tests/service/malformed.py
+    `fuzz_inputs`): every input must decode or be rejected; anything else is counted and shown."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as fixed_seed
+
+    from service.decoding import DecodeLimits, ImageRejected, decode_image
+
+    spec, limits = bundle.manifest.input, DecodeLimits(default_limits().max_image_pixels)
+    outcomes: Counter[str] = Counter()
+    others: list[str] = []
+    slowest = [0.0]
+
+    @fixed_seed(seed)
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(fuzz_inputs())
+    def one(data: bytes) -> None:
+        started = time.perf_counter()
+        try:
+            decode_image(data, spec, limits)
+            outcomes["decoded"] += 1
+        except ImageRejected as rejection:
+            outcomes[str(rejection.status)] += 1
+        except Exception as exc:  # noqa: BLE001 - what the fuzz run is looking for
+            outcomes["other exception"] += 1
+            others.append(f"{type(exc).__name__}: {exc}"[:200])
+        slowest[0] = max(slowest[0], time.perf_counter() - started)
+
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one()
+    return {
+        "inputs": sum(outcomes.values()),
+        "seed": seed,
+        "outcomes": dict(outcomes),
+        "other_exceptions": len(others),
+        "other_exception_examples": others[:10],
+        "slowest_ms": round(slowest[0] * 1000, 2),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
 def malformed_section(bundle_path: Path, log_dir: Path, workload: Workload, args: argparse.Namespace) -> dict:
     limits = default_limits()
     context = _context()
+    fuzz = decoder_fuzz(load_bundle(bundle_path), args.fuzz_examples, args.seed)
+    print(f"  decoder fuzz: {fuzz['inputs']} inputs, outcomes {fuzz['outcomes']}", flush=True)
     server = start(bundle_path, log_dir, "malformed")
     _run_async(open_loop(server.url, workload, 20, 1.0, 4))  # warm: every code path has run once
     memory_before = memory_mib(server.process.pid)
@@ -152,7 +211,7 @@ def malformed_section(bundle_path: Path, log_dir: Path, workload: Workload, args
         lambda: {"sent": 0, "statuses": Counter(), "unexpected": 0, "ms": []}
     )
     statuses: Counter[str] = Counter()
-    unexpected, slowest, leaks, crashes, rounds = [], [], 0, [], 0
+    unexpected, slowest, leaks, crashes, rounds, errors_missing = [], [], 0, [], 0, 0
     rejection_s, accepted_s = [], []
     started = time.perf_counter()
     sent = 0
@@ -165,13 +224,14 @@ def malformed_section(bundle_path: Path, log_dir: Path, workload: Workload, args
         cases = [cases[i] for i in order]
         outcomes = _run_async(_send_all(server.url, cases, args.concurrency))
         rounds += 1
-        for case, (status, seconds, leaked) in zip(cases, outcomes, strict=True):
+        for case, (status, seconds, leaked, error_missing) in zip(cases, outcomes, strict=True):
             kind = by_kind[case.kind]
             kind["sent"] += 1
             kind["statuses"][str(status)] += 1
             kind["ms"].append(seconds * 1000)
             statuses[str(status)] += 1
             leaks += leaked
+            errors_missing += error_missing
             if status not in case.statuses:
                 kind["unexpected"] += 1
                 unexpected.append(
@@ -197,7 +257,7 @@ def malformed_section(bundle_path: Path, log_dir: Path, workload: Workload, args
     server_errors = sum(n for status, n in statuses.items() if status.isdigit() and int(status) >= 500)
     slowest.sort(reverse=True)
     return {
-        "run": run_record(),
+        "run": _record(),
         **context,
         "protocol": {
             "uploads": sent,
@@ -209,6 +269,7 @@ def malformed_section(bundle_path: Path, log_dir: Path, workload: Workload, args
             "generator": "tests/service/malformed.py request_cases(seed), every form, shuffled",
         },
         "seconds": round(elapsed, 1),
+        "decoder_fuzz": fuzz,
         "statuses": dict(statuses),
         "server_errors_5xx": server_errors,
         "unexpected_status": len(unexpected),
@@ -216,6 +277,7 @@ def malformed_section(bundle_path: Path, log_dir: Path, workload: Workload, args
         "transport_errors": sum(n for status, n in statuses.items() if not status.isdigit()),
         "crashes": crashes,
         "answers_showing_internals": leaks,
+        "per_image_errors_missing": errors_missing,
         "tracebacks_in_server_log": log_text.count("Traceback"),
         "rejection_latency_ms": percentiles_ms(rejection_s),
         "rejections_over_100ms": sum(s > 0.1 for s in rejection_s),
@@ -312,7 +374,7 @@ def soak_section(bundle_path: Path, log_dir: Path, workload: Workload, args: arg
     first = [s.latency_s for s in shots if s.status == 200 and s.due_s < window]
     last = [s.latency_s for s in shots if s.status == 200 and s.due_s >= args.soak_seconds - window]
     return {
-        "run": run_record(),
+        "run": _record(),
         **context,
         "saturation": saturated,
         "protocol": {
@@ -371,7 +433,7 @@ def overload_section(bundle_path: Path, log_dir: Path, workload: Workload, args:
     recovered = _recovered_at(after, threshold)
     last_sent = max((s.due_s + s.lag_s for s in shots), default=0.0)
     return {
-        "run": run_record(),
+        "run": _record(),
         **context,
         "saturation": saturated,
         "protocol": {
@@ -422,7 +484,7 @@ def _recovered_at(shots: list[Shot], threshold_s: float, run: int = 5) -> float 
 
 def faults_section(bundle_path: Path, log_dir: Path, workload: Workload, args: argparse.Namespace) -> dict:
     return {
-        "run": run_record(),
+        "run": _record(),
         **_context(),
         "start_up": startup_faults(bundle_path),
         "inference_failure": inference_failure(bundle_path, workload),
@@ -452,6 +514,24 @@ def startup_faults(bundle_path: Path) -> list[dict]:
                 }
             )
         print(f"  fault {name}: exit {exit_code}, {lines[-1] if lines else ''}", flush=True)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.perf_counter()
+        exit_code, lines, ready_seen = run_until_exit(
+            ["--bundle", str(bundle_path), "--metrics-port", str(port)]
+        )
+    results.append(
+        {
+            "fault": "metrics port taken",
+            "exit_code": exit_code,
+            "lines": lines,
+            "one_line": len(lines) == 1 and lines[0].startswith("dede serve: cannot listen on"),
+            "ever_ready": ready_seen,
+            "seconds_to_exit": round(time.perf_counter() - started, 2),
+        }
+    )
     return results
 
 
@@ -579,6 +659,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     group.add_argument("--cuts-per-format", type=int, default=12, help="random truncation points per format")
     group.add_argument("--seed", type=int, default=1000, help="seed of the first round")
+    group.add_argument(
+        "--fuzz-examples", type=int, default=20_000, help="hypothesis inputs for the decoder alone"
+    )
     group = parser.add_argument_group("load")
     group.add_argument("--images-per-request", type=int, default=8)
     group.add_argument("--saturation-seconds", type=float, default=10.0)
@@ -621,7 +704,7 @@ def main(argv: list[str] | None = None) -> None:
             note=args.note,
             bundle=_describe(bundle, bundle_path, args.synthetic),
             goals=GOALS,
-            run=run_record(),
+            run=_record(),
         )
         sections = results.setdefault("sections", {})
         runners = {

@@ -8,6 +8,9 @@
                                  of parts, missing fields, wrong content types, very long filenames and
                                  header values
 
+    fuzz_inputs()                a hypothesis strategy for the decoder: any bytes, a signature then any
+                                 bytes, or a small valid file with a few edits
+
 Every case names its kind and the set of statuses it may get; no set holds a 5xx. `seed` varies the
 random parts (cut points, random bytes, flipped bytes, picture content), so many seeds try many
 different uploads of the same kinds. Used by tests/service/test_service_malformed.py and by the
@@ -24,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from hypothesis import strategies as st
 from PIL import Image
 
 DECODED = frozenset({200})
@@ -844,3 +848,53 @@ def request_cases(
     ):
         cases += list(make())
     return cases
+
+
+# -- fuzzing ---------------------------------------------------------------------------------------------
+
+_SIGNATURES = [b"\xff\xd8\xff", PNG_SIGNATURE, b"RIFF\x00\x10\x00\x00WEBPVP8 ", b"BM", b"GIF89a"]
+
+
+@functools.cache
+def _fuzz_seeds() -> tuple[bytes, ...]:
+    pixels = picture(np.random.default_rng(7), 12, 16)
+    return tuple(
+        encode(pixels, fmt, **options)
+        for fmt, options in (
+            ("PNG", {}),
+            ("JPEG", {"quality": 80}),
+            ("JPEG", {"quality": 80, "progressive": True}),
+            ("WEBP", {"quality": 80}),
+            ("WEBP", {"lossless": True}),
+            ("BMP", {}),
+            ("PNG", {"interlace": 1}),
+        )
+    )
+
+
+@st.composite
+def _edited_file(draw: st.DrawFn) -> bytes:
+    """A valid file with a few edits: overwritten bytes, a cut, an insertion, a duplicated span."""
+    data = bytearray(draw(st.sampled_from(_fuzz_seeds())))
+    for _ in range(draw(st.integers(1, 4))):
+        edit = draw(st.sampled_from(["overwrite", "cut", "insert", "duplicate"]))
+        at = draw(st.integers(0, len(data) - 1)) if data else 0
+        if edit == "overwrite" and data:
+            data[at] = draw(st.integers(0, 255))
+        elif edit == "cut":
+            data = data[:at]
+        elif edit == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=64))
+        elif edit == "duplicate" and data:
+            end = draw(st.integers(at, min(len(data), at + 256)))
+            data[at:at] = data[at:end]
+    return bytes(data)
+
+
+def fuzz_inputs() -> st.SearchStrategy[bytes]:
+    """Inputs for a property test of the decoder: it must decode them or reject them, nothing else."""
+    return st.one_of(
+        st.binary(max_size=4096),
+        st.tuples(st.sampled_from(_SIGNATURES), st.binary(max_size=2048)).map(lambda pair: pair[0] + pair[1]),
+        _edited_file(),
+    )

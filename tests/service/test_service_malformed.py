@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, SERVER_LIMITS, ServerProcess, encode
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from malformed import ImageCase, Limits, RequestCase, image_cases, picture, request_cases
+from malformed import ImageCase, Limits, RequestCase, fuzz_inputs, image_cases, picture, request_cases
 from PIL import Image
 
 from models.bundle import InputSpec
@@ -180,48 +179,8 @@ def test_bombs_are_refused_in_bounded_memory() -> None:
 
 # -- property test of the decode path ---------------------------------------------------------------
 
-_SEEDS = [
-    encode(picture(np.random.default_rng(7), 12, 16), fmt, **options)
-    for fmt, options in (
-        ("PNG", {}),
-        ("JPEG", {"quality": 80}),
-        ("WEBP", {"quality": 80}),
-        ("WEBP", {"lossless": True}),
-        ("BMP", {}),
-        ("PNG", {"interlace": 1}),
-    )
-]
 
-
-@st.composite
-def mutated_images(draw: st.DrawFn) -> bytes:
-    """A valid file with a few edits: overwritten bytes, a cut, an insertion, a duplicated span."""
-    data = bytearray(draw(st.sampled_from(_SEEDS)))
-    for _ in range(draw(st.integers(1, 4))):
-        edit = draw(st.sampled_from(["overwrite", "cut", "insert", "duplicate"]))
-        at = draw(st.integers(0, len(data) - 1)) if data else 0
-        if edit == "overwrite" and data:
-            data[at] = draw(st.integers(0, 255))
-        elif edit == "cut":
-            data = data[:at]
-        elif edit == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=64))
-        elif edit == "duplicate" and data:
-            end = draw(st.integers(at, min(len(data), at + 256)))
-            data[at:at] = data[at:end]
-    return bytes(data)
-
-
-_SIGNATURES = [b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF\x00\x10\x00\x00WEBPVP8 ", b"BM", b"GIF89a"]
-
-
-@given(
-    st.one_of(
-        st.binary(max_size=4096),
-        st.tuples(st.sampled_from(_SIGNATURES), st.binary(max_size=2048)).map(lambda t: t[0] + t[1]),
-        mutated_images(),
-    )
-)
+@given(fuzz_inputs())
 @settings(
     max_examples=400,
     deadline=None,
