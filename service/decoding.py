@@ -6,7 +6,8 @@ The safety layer runs before the shared `prepare_image` (models/bundle.py), in t
      and only JPEG, PNG, WebP and BMP pass (415 otherwise);
   3. Pillow is told to try that format alone, so a file cannot be routed to another decoder;
   4. the pixel count is read from the header and checked BEFORE the pixels are decoded (413);
-     Pillow's own decompression-bomb guard, should it fire, is also a 413; so is an image whose
+     Pillow's own decompression-bomb guard, should it fire, is also a 413; so is a side longer than
+     `MAX_SIDE`, and an image whose
      resize on the way to the model's input would pass through more pixels than the limit (a long
      thin strip under the centre-crop rule grows to its long side times the input size);
   5. truncated or corrupt data is refused (400), never padded out with grey;
@@ -25,6 +26,9 @@ from PIL import Image, UnidentifiedImageError
 from models.bundle import InputSpec, prepare_image
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# Longest side accepted (JPEG's own limit). Pillow's resize holds coefficients in proportion to the
+# side it shrinks: a 25-megapixel strip one pixel high needs 400 MB for them and seconds of work.
+MAX_SIDE = 65_535
 
 # Formats we recognise only to name them in the refusal.
 _REFUSED_SIGNATURES = {
@@ -101,6 +105,12 @@ def decode_image(data: bytes, spec: InputSpec, limits: DecodeLimits) -> np.ndarr
                     "image_too_large",
                     f"image is {width}x{height} = {width * height} pixels; the limit is "
                     f"{limits.max_image_pixels}",
+                )
+            if max(width, height) > MAX_SIDE:
+                raise ImageRejected(
+                    413,
+                    "image_too_large",
+                    f"image is {width}x{height}: a side longer than {MAX_SIDE} pixels is not accepted",
                 )
             resized = resize_pixels(width, height, spec)
             if resized > limits.max_image_pixels:

@@ -111,6 +111,17 @@ def test_each_exif_orientation_turns_the_pixels_as_the_tag_says(orientation: int
     np.testing.assert_array_equal(decoded, shown.transpose(2, 0, 1))
 
 
+def test_a_side_longer_than_jpegs_limit_is_refused_before_it_is_decoded() -> None:
+    from service.decoding import MAX_SIDE
+
+    long_strip = encode(np.zeros((1, MAX_SIDE + 1, 3), np.uint8), "PNG")  # 65,536 pixels: few
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(long_strip, SPEC, DecodeLimits(10**6))
+    assert caught.value.status == 413 and f"longer than {MAX_SIDE}" in caught.value.message
+    at_limit = encode(np.zeros((1, MAX_SIDE, 3), np.uint8), "PNG")
+    assert decode_image(at_limit, SPEC, DecodeLimits(10**6)).shape == (3, 32, 32)
+
+
 def test_a_long_strip_under_the_centre_crop_rule_is_refused_before_it_is_resized() -> None:
     crop = SPEC.model_copy(update={"resize": "shorter_side_center_crop"})
     strip = encode(np.zeros((1, 20_000, 3), np.uint8), "PNG")  # 20k pixels, within the limit...
