@@ -52,7 +52,8 @@ def test_a_short_run_of_every_mode_on_the_synthetic_bundle(tmp_path: Path) -> No
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     subprocess.run(
         [sys.executable, "-m", "benchmarks.reliability.run", "--synthetic", "--out", str(tmp_path),
-         "--uploads", "400", "--saturation-seconds", "2", "--soak-seconds", "6", "--overload-seconds", "3"],
+         "--uploads", "400", "--fuzz-examples", "300", "--saturation-seconds", "2", "--soak-seconds", "6",
+         "--overload-seconds", "3"],
         cwd=REPO_ROOT, env=env, check=True, timeout=900,
     )  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
@@ -60,6 +61,8 @@ def test_a_short_run_of_every_mode_on_the_synthetic_bundle(tmp_path: Path) -> No
     assert set(sections) == {"malformed", "soak", "overload", "faults"}
     assert sections["malformed"]["protocol"]["uploads"] == 400
     assert sections["malformed"]["server_errors_5xx"] == 0 and not sections["malformed"]["crashes"]
+    assert sections["malformed"]["decoder_fuzz"]["inputs"] == 300
+    assert sections["malformed"]["decoder_fuzz"]["other_exceptions"] == 0
     assert sections["soak"]["scores_wrong"] == 0 and not sections["soak"]["protocol"]["full_length"]
     assert all(f.get("skipped") or f["one_line"] for f in sections["faults"]["start_up"])
     report = (tmp_path / "REPORT.md").read_text()
