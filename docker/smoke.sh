@@ -84,7 +84,7 @@ trap cleanup EXIT
 step "bundle: $BUNDLE"
 if [ ! -f "$BUNDLE/manifest.json" ]; then
   [ "$BUNDLE" = bundles/demo ] || fail "no bundle at $BUNDLE (manifest.json missing)"
-  echo "no demo bundle yet: building it with 'dede demo' (an hour or so on 2 CPU cores; once)"
+  echo "no demo bundle yet: building it with 'dede demo' (about 12 minutes on 2 idle CPU cores; once)"
   make setup >/dev/null
   .venv/bin/dede demo --out bundles/demo
 fi
@@ -241,7 +241,7 @@ echo "SMOKE PASSED in $((SECONDS - T0)) s"
 if [ -n "${DEDE_SMOKE_RESULT:-}" ]; then
   printf '%s\n' "${TIMINGS[@]}" | python3 -c '
 import datetime, json, os, platform, sys
-engine, image_bytes, bundle, checked, total, answer, out = sys.argv[1:]
+engine, image_bytes, bundle, checked, total, answer, out, commit = sys.argv[1:]
 body = json.loads(answer)
 steps = [line.strip().split("s  ", 1) for line in sys.stdin if line.strip()]
 result = {
@@ -256,9 +256,12 @@ result = {
     "flags_checked": checked == "1",
     "steps_s": {name: int(secs) for secs, name in steps},
     "total_s": int(total),
+    "commit": commit,
+    "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
 }
 json.dump(result, open(out, "w"), indent=2)
 open(out, "a").write("\n")
 print(f"result written to {out}")
-' "$ENGINE" "$IMAGE_BYTES" "$BUNDLE" "$CHECK_FLAGS" "$((SECONDS - T0))" "$ANSWER" "$DEDE_SMOKE_RESULT"
+' "$ENGINE" "$IMAGE_BYTES" "$BUNDLE" "$CHECK_FLAGS" "$((SECONDS - T0))" "$ANSWER" "$DEDE_SMOKE_RESULT" \
+    "$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 fi

@@ -1,5 +1,6 @@
-"""docker/smoke.sh with real containers: opt-in, because it needs podman (or Docker) and takes
-about 30 s with a warm image cache (2-3 minutes building from scratch) on 2 cores.
+"""docker/smoke.sh with real containers, from pytest: opt-in, because it needs podman (or Docker) and
+takes about 30 s with a warm image cache (2-3 minutes building from scratch) on 2 cores. CI runs the
+script itself after the test suite (.ci/run), with the demo bundle.
 
     DEDE_CONTAINER_TESTS=1 python -m pytest tests/deploy/test_deploy_smoke.py
     bash docker/smoke.sh            # the same, without pytest
