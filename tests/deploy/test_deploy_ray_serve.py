@@ -187,18 +187,20 @@ def test_two_replicas_share_the_traffic_and_score_like_the_single_process_servic
         assert scores == [expected[k] for k in indices]  # bit-identical to the single process
 
     # Each replica exports its own metrics: fewer model runs than images means batching happened.
-    batches = images = 0.0
-    seen: set[str] = set()
-    with httpx.Client(base_url=ray_serve, timeout=30) as http:
-        for _ in range(200):
-            response = http.get("/metrics")
-            replica = response.headers[REPLICA_HEADER]
-            if replica not in seen:
-                seen.add(replica)
-                batches += metric_total(response.text, "dede_batch_size_count")
-                images += metric_total(response.text, "dede_batch_size_sum")
-            if len(seen) == 2:
+    # Concurrent scrapes: one client asking in turn may be routed to the same idle replica each time.
+    def scrape(_: int) -> httpx.Response:
+        with httpx.Client(base_url=ray_serve, timeout=30) as http:
+            return http.get("/metrics")
+
+    metrics_by_replica: dict[str, str] = {}
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(25):
+            for response in pool.map(scrape, range(8)):
+                metrics_by_replica.setdefault(response.headers[REPLICA_HEADER], response.text)
+            if len(metrics_by_replica) == 2:
                 break
-    assert len(seen) == 2
+    assert len(metrics_by_replica) == 2, f"/metrics only ever answered by {set(metrics_by_replica)}"
+    batches = sum(metric_total(text, "dede_batch_size_count") for text in metrics_by_replica.values())
+    images = sum(metric_total(text, "dede_batch_size_sum") for text in metrics_by_replica.values())
     assert images == sum(len(r) for r in requests)
     assert batches < images, f"{batches} model runs for {images} images: nothing was batched"
