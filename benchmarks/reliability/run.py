@@ -46,8 +46,8 @@ from benchmarks.provenance import REPO_ROOT, run_record
 from benchmarks.reliability.load import Shot, Workload, make_workload, open_loop, percentiles_ms, probe
 from benchmarks.reliability.report import write_report
 from benchmarks.serving.loadgen import CONTENT_TYPE, _client, closed_loop
-from benchmarks.serving.server import BenchServer
-from models.bundle import Bundle, BundleError, load_bundle
+from benchmarks.serving.server import BenchServer, open_benchmark_bundle
+from models.bundle import Bundle, load_bundle
 from service.settings import Settings
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "service"))
@@ -683,18 +683,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dede-reliability-") as scratch:
         scratch_dir = Path(scratch)
-        if args.synthetic:
-            from synthetic_bundle import make_synthetic_bundle
-
-            bundle_path = make_synthetic_bundle(scratch_dir / "synthetic", extra_work=6, width_hidden=512)
-            out_dir = args.out or REPO_ROOT / "runs" / "reliability-dry-run"  # runs/ is not committed
-        else:
-            bundle_path = args.bundle
-            out_dir = args.out or HERE
-        try:
-            bundle = load_bundle(bundle_path)
-        except BundleError as exc:
-            raise SystemExit(f"benchmark: {exc}") from None
+        bundle, bundle_path, out_dir = open_benchmark_bundle(
+            args.bundle, args.synthetic, scratch_dir, args.out, HERE, "reliability-dry-run"
+        )
         workload = _workload(bundle, args.images_per_request)
         results_path = out_dir / "results.json"
         results = json.loads(results_path.read_text()) if results_path.is_file() else {}

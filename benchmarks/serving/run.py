@@ -34,8 +34,8 @@ from PIL import Image
 from benchmarks.serving.loadgen import CONTENT_TYPE, closed_loop, multipart_body, open_loop
 from benchmarks.serving.raw import RawSession, reference_scores
 from benchmarks.serving.report import write_report
-from benchmarks.serving.server import REPO_ROOT, BenchServer
-from models.bundle import Bundle, BundleError, load_bundle, prepare_array
+from benchmarks.serving.server import REPO_ROOT, BenchServer, open_benchmark_bundle
+from models.bundle import Bundle, prepare_array
 
 HERE = Path(__file__).resolve().parent
 GOALS = {"saturation_vs_ceiling": 0.9, "batched_vs_batch1_at_32": 5.0, "p99_over_p50_at_half_load": 3.0}
@@ -302,19 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dede-bench-") as scratch:
         scratch_dir = Path(scratch)
-        if args.synthetic:
-            sys.path.insert(0, str(REPO_ROOT / "tests" / "service"))
-            from synthetic_bundle import make_synthetic_bundle
-
-            bundle_path = make_synthetic_bundle(scratch_dir / "synthetic", extra_work=6, width_hidden=512)
-            out_dir = args.out or REPO_ROOT / "runs" / "serving-dry-run"  # runs/ is not committed
-        else:
-            bundle_path = args.bundle
-            out_dir = args.out or HERE
-        try:
-            bundle = load_bundle(bundle_path)
-        except BundleError as exc:
-            raise SystemExit(f"benchmark: {exc}") from None
+        bundle, bundle_path, out_dir = open_benchmark_bundle(
+            args.bundle, args.synthetic, scratch_dir, args.out, HERE, "serving-dry-run"
+        )
         encoded, arrays = load_test_images(bundle, 512)
         expected = reference_scores(bundle, arrays[:8])
         print(

@@ -13,7 +13,31 @@ from pathlib import Path
 
 import httpx
 
+from models.bundle import Bundle, BundleError, load_bundle
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def open_benchmark_bundle(
+    bundle: Path, synthetic: bool, scratch_dir: Path, out: Path | None, default_out: Path, dry_run_name: str
+) -> tuple[Bundle, Path, Path]:
+    """(bundle, its path, the folder for the results) of a benchmark run. `synthetic`: a stand-in
+    graph made in scratch_dir, results under runs/ (not committed); otherwise the given bundle,
+    verified, results in default_out. A bundle that fails verification ends the run with its reason."""
+    if synthetic:
+        sys.path.insert(0, str(REPO_ROOT / "tests" / "service"))
+        from synthetic_bundle import make_synthetic_bundle
+
+        bundle = make_synthetic_bundle(scratch_dir / "synthetic", extra_work=6, width_hidden=512)
+        out_dir = out or REPO_ROOT / "runs" / dry_run_name
+    else:
+        out_dir = out or default_out
+    try:
+        return load_bundle(bundle), bundle, out_dir
+    except BundleError as exc:
+        raise SystemExit(f"benchmark: {exc}") from None
+
+
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
