@@ -42,8 +42,12 @@ PRESETS: dict[str, DecoderConfig] = {
     "paper": DecoderConfig(),
     # Sized for 2 CPU cores: see benchmarks/fit/REPORT.md for the loss curves behind the choice.
     "lab": DecoderConfig(width=96, depth=2, decoder_depth=2, heads=3),
+    # More capacity where it counts at test time: with no patch visible, the image is rebuilt by
+    # the decoder blocks from the embedding alone, so they get the extra width and depth.
+    "lab_wide": DecoderConfig(width=128, depth=2, decoder_depth=4, heads=4),
     # For tests only: a few thousand parameters.
     "tiny": DecoderConfig(width=32, depth=1, decoder_depth=1, heads=2),
+    "tiny_wide": DecoderConfig(width=48, depth=1, decoder_depth=2, heads=2),
 }
 
 
