@@ -127,7 +127,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 def load_detector(bundle: Bundle, settings: Settings) -> Detector:
     """The bundle's graph in an ONNX Runtime session; raises `RuntimeLoadError` if it cannot serve."""
     providers = resolve_providers(settings.execution_providers)
-    return Detector(bundle.onnx_path, bundle.manifest.input, providers, settings.intra_op_threads)
+    return Detector(
+        bundle.onnx_path,
+        bundle.manifest.input,
+        providers,
+        settings.intra_op_threads,
+        nice_increment=settings.inference_nice_increment,
+    )
 
 
 async def _warm_up(state: ServiceState) -> None:

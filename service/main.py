@@ -34,6 +34,7 @@ import uvicorn
 from models.bundle import BundleError, load_bundle
 from service.app import create_app, create_ops_app, load_detector
 from service.logs import configure_logging
+from service.protocol import header_deadline_protocol
 from service.runtime import RuntimeLoadError
 from service.settings import Settings, add_settings_arguments, settings_from_args
 from service.state import ServiceState
@@ -138,8 +139,13 @@ def run(settings: Settings | None = None) -> None:
     except (BundleError, RuntimeLoadError) as exc:
         raise SystemExit(f"dede serve: {exc}") from None
     app = create_app(settings, bundle=bundle, detector=detector)
+    metrics = app.state.service.metrics
     config = uvicorn.Config(
         app,
+        http=header_deadline_protocol(
+            settings.header_timeout_s,
+            on_timeout=lambda: metrics.requests.labels("other", "408").inc(),
+        ),
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep the logging set up above (text or JSON, request ids)

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         25_000_000, ge=1, description="largest image (width x height) accepted, checked before decoding"
     )
     max_images_per_request: int = Field(64, ge=1, description="most images in one /detect request")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="longest time from a request's first byte (or the connection's opening) to the end of "
+        "its headers; a slower client gets 408 and its connection is closed",
+    )
     body_timeout_s: float = Field(
         30.0,
         gt=0,
@@ -63,6 +69,13 @@ class Settings(BaseSettings):
         ["auto"], description="ONNX Runtime providers in order (auto, cuda, tensorrt, cpu)"
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core)")
+    inference_nice_increment: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="how many nice levels the threads running the model sit below the HTTP side (0: same "
+        "priority); on a saturated CPU the event loop then still answers refusals quickly",
+    )
     inline_decode_max_pixels: int = Field(
         4096,
         ge=0,

@@ -185,6 +185,45 @@ def test_a_slow_client_is_timed_out_and_holds_no_batch_slot(synthetic_bundle: Pa
         server.terminate()
 
 
+def test_slow_headers_and_silent_connections_are_timed_out(synthetic_bundle: Path, tmp_path: Path) -> None:
+    server = start_server(synthetic_bundle, tmp_path / "log", header_timeout_s=1.5)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", server.port), timeout=30) as trickling,
+            socket.create_connection(("127.0.0.1", server.port), timeout=30) as silent,
+        ):
+            started = time.monotonic()
+            answer = b""
+            for byte in b"POST /detect HTTP/1.1\r\nHost: test\r\nX-Padding: " + b"a" * 100:
+                try:
+                    trickling.sendall(bytes([byte]))  # one byte every 0.1 s: never a whole header block
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                answer += read_answer(trickling, 0.1)
+                if answer:
+                    break
+            answer += read_answer(trickling, 2)
+            trickled_s = time.monotonic() - started
+            status, headers = status_and_headers(answer)
+            assert status == 408 and headers["connection"] == "close"
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+            assert 1.4 < trickled_s < 5, trickled_s
+            status, _ = status_and_headers(read_answer(silent, 5))  # opened, then nothing sent
+            assert status == 408
+        # Headers sent slowly but within the deadline, then a kept-alive second request: both served.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as patient:
+            for _ in range(2):
+                for part in (b"GET /healthz HTTP/1.1\r\n", b"Host: test\r\n", b"\r\n"):
+                    patient.sendall(part)
+                    time.sleep(0.3)
+                status, _ = status_and_headers(read_answer(patient, 5))
+                assert status == 200
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'dede_requests_total{endpoint="other",status="408"} 2.0' in metrics
+    finally:
+        server.terminate()
+
+
 def test_metrics_can_move_to_a_port_of_their_own(synthetic_bundle: Path, tmp_path: Path) -> None:
     ops_port = free_port()
     server = start_server(synthetic_bundle, tmp_path / "log", metrics_port=ops_port)

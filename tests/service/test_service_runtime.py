@@ -88,3 +88,37 @@ def test_a_graph_that_does_not_match_the_manifest_is_refused(tmp_path: Path) -> 
     (tmp_path / "garbage.onnx").write_bytes(b"not a graph")
     with pytest.raises(RuntimeLoadError, match="cannot load the graph"):
         Detector(tmp_path / "garbage.onnx", bundle.manifest.input, [CPU])
+
+
+def _thread_nice_values() -> dict[int, int]:
+    values = {}
+    for task in Path("/proc/self/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        values[int(task.name)] = int(fields[16])  # field 19 of stat: nice
+    return values
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice values are read from /proc")
+def test_model_threads_run_at_lower_priority_than_the_caller(synthetic_bundle: Path) -> None:
+    import threading
+
+    bundle = load_bundle(synthetic_bundle)
+    caller = _thread_nice_values()[threading.get_native_id()]  # the test run may itself be niced
+    lowered = min(19, caller + 3)
+    before = set(_thread_nice_values())
+    detector = Detector(bundle.onnx_path, bundle.manifest.input, [CPU], intra_op_threads=2, nice_increment=3)
+    pool_threads = {tid: nice for tid, nice in _thread_nice_values().items() if tid not in before}
+    assert pool_threads and set(pool_threads.values()) == {lowered}  # ONNX Runtime's intra-op pool
+    assert _thread_nice_values()[threading.get_native_id()] == caller  # loading left the caller alone
+
+    seen: dict[str, int] = {}
+
+    def score_in_worker() -> None:
+        detector.score(images(2))
+        seen["worker"] = _thread_nice_values()[threading.get_native_id()]
+
+    worker = threading.Thread(target=score_in_worker)
+    worker.start()
+    worker.join()
+    assert seen["worker"] == lowered
+    np.testing.assert_allclose(detector.score(images(3)), [expected_score(i) for i in images(3)], rtol=1e-5)
