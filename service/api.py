@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Annotated
 
 import numpy as np
@@ -16,7 +18,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.bundle import ONNX_NAME
-from service.batcher import BatcherClosed, InferenceFailed, QueueFull, ScoredImage
+from service.batcher import BatcherClosed, InferenceFailed, QueueFull, Reservation, ScoredImage
 from service.decoding import DecodeLimits, ImageRejected, decode_images, header_pixels
 from service.errors import ServiceError, unavailable
 from service.schemas import DetectResponse, ErrorResponse, ModelsResponse
@@ -117,8 +119,9 @@ async def detect(request: Request) -> Response:
             timeout_s=settings.body_timeout_s,
         )
         # Counted as on its way to the batcher only once its body is in: a slow client must not make
-        # batches wait for it.
-        with batcher.incoming():
+        # batches wait for it. Room in the queue is taken now, before decoding: a flood is refused
+        # before any work is spent on it, and an image decoded is an image scored.
+        with _reserve(state, len(uploads)) as reservation, batcher.incoming():
             decode_started = time.perf_counter()
             decoded = await _decode(state, [upload.data for upload in uploads])
             decode_s = time.perf_counter() - decode_started
@@ -126,7 +129,7 @@ async def detect(request: Request) -> Response:
             arrays = [item for item in decoded if isinstance(item, np.ndarray)]
             if not arrays:
                 raise _all_rejected(state, uploads, decoded)
-            futures = _submit(state, arrays)
+            futures = reservation.submit(arrays)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
         body = _answer(state, uploads, decoded, outcomes, decode_s, started)
         return JSONResponse(body)
@@ -146,11 +149,13 @@ async def _decode(state: ServiceState, images: list[bytes]) -> list:
     )
 
 
-def _submit(state: ServiceState, arrays: list[np.ndarray]) -> list[asyncio.Future[ScoredImage]]:
+@contextlib.contextmanager
+def _reserve(state: ServiceState, count: int) -> Iterator[Reservation]:
     assert state.batcher is not None
     retry = state.settings.retry_after_s
     try:
-        return state.batcher.submit(arrays)
+        with state.batcher.reserve(count) as reservation:
+            yield reservation
     except QueueFull as exc:
         state.metrics.rejections.labels("queue_full").inc()
         raise unavailable("queue_full", f"the queue is full ({exc}); retry shortly", retry) from exc

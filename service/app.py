@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from service.batcher import Batcher
 from service.errors import ServiceError
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
-from service.runtime import Detector, batch_buckets, resolve_providers
+from service.runtime import Detector, batch_buckets, lower_this_thread_priority, resolve_providers
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -94,7 +95,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.metrics.set_model(
         manifest.model_name, manifest.model_version, detector.provider, state.bundle.threshold
     )
-    state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="dede-decode")
+    state.decode_pool = ThreadPoolExecutor(
+        settings.decode_threads,
+        thread_name_prefix="dede-decode",
+        initializer=lower_this_thread_priority,
+        initargs=(settings.worker_nice_increment,),
+    )
     state.batcher = Batcher(
         detector.score,
         max_batch_size=settings.max_batch_size,
@@ -132,7 +138,7 @@ def load_detector(bundle: Bundle, settings: Settings) -> Detector:
         bundle.manifest.input,
         providers,
         settings.intra_op_threads,
-        nice_increment=settings.inference_nice_increment,
+        nice_increment=settings.worker_nice_increment,
     )
 
 
@@ -145,4 +151,8 @@ async def _warm_up(state: ServiceState) -> None:
         log.exception("warm-up failed; the service stays not ready")
         state.set_ready(False, f"warm-up failed: {exc}")
         return
+    # Everything allocated so far (modules, the app, the session's wrappers) lives as long as the
+    # process: moved out of the collector's reach, a full collection under load has far less to walk.
+    gc.collect()
+    gc.freeze()
     state.set_ready(True)

@@ -2,7 +2,9 @@
 
 Policy (after Triton's dynamic batcher):
   - one queue of images, bounded by `max_queue`; a submit that does not fit fails at once
-    (`QueueFull`, the API's 503), it never waits;
+    (`QueueFull`, the API's 503), it never waits. A request reserves room for its images as soon as
+    it knows how many it has (`reserve`, before decoding them), so under a flood the excess is
+    refused before any work is spent on it, and a request that got room is never refused late;
   - a batch is up to `max_batch_size` images; it waits for more at most `max_delay_s` after its
     oldest image arrived, and only while more work is known to be on its way (requests counted by
     `incoming()` from their body read to submit): a lone request runs at once;
@@ -58,6 +60,25 @@ class _Pending:
     enqueued_at: float
 
 
+class Reservation:
+    """Room in the queue held for one request's images (see `Batcher.reserve`)."""
+
+    def __init__(self, batcher: Batcher, count: int) -> None:
+        self._batcher = batcher
+        self.count = count
+
+    def release(self) -> None:
+        self._batcher._reserved -= self.count
+        self.count = 0
+
+    def submit(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[ScoredImage]]:
+        """Queue these images (at most the reserved count) in the room held for them."""
+        if len(images) > self.count:
+            raise ValueError(f"{len(images)} images submitted on a reservation of {self.count}")
+        self.release()  # the room is handed to the submit below, on the same loop step
+        return self._batcher.submit(images)
+
+
 class Batcher:
     """Collects images from many requests into batches for `run_batch` (uint8 [N,3,H,W] -> [N])."""
 
@@ -78,6 +99,7 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._running: list[_Pending] = []
         self._incoming = 0
+        self._reserved = 0  # images held for requests between `reserve` and their submit
         self._closing = False
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -114,7 +136,7 @@ class Batcher:
         return len(self._queue)
 
     def has_room(self, count: int = 1) -> bool:
-        return len(self._queue) + count <= self._max_queue
+        return len(self._queue) + self._reserved + count <= self._max_queue
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -127,6 +149,23 @@ class Batcher:
         finally:
             self._incoming -= 1
             self._wakeup.set()  # a batch waiting for this request must not wait in vain
+
+    @contextlib.contextmanager
+    def reserve(self, count: int) -> Iterator[Reservation]:
+        """Room for `count` images, held until they are submitted through the reservation (or the
+        block ends); raises `QueueFull` or `BatcherClosed` at once when it cannot be had."""
+        if self._closing:
+            raise BatcherClosed("the service is shutting down")
+        if not self.has_room(count):
+            raise QueueFull(
+                f"{len(self._queue)} images queued and {self._reserved} on their way (limit {self._max_queue})"
+            )
+        reservation = Reservation(self, count)
+        self._reserved += count
+        try:
+            yield reservation
+        finally:
+            reservation.release()
 
     def submit(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[ScoredImage]]:
         """Queue the images of one request (all or none); one future per image, in order."""

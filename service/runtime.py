@@ -32,7 +32,7 @@ class RuntimeLoadError(Exception):
 _T = TypeVar("_T")
 
 
-def _lower_this_thread(increment: int) -> None:
+def lower_this_thread_priority(increment: int) -> None:
     """Raise the calling thread's nice value by `increment` (the thread's, not the process's: Linux
     keeps nice values per thread). Lowering one's own priority needs no privileges."""
     if increment > 0 and hasattr(os, "setpriority"):
@@ -54,7 +54,7 @@ def _in_lowered_thread(increment: int, make: Callable[[], _T]) -> _T:
 
     def target() -> None:
         try:
-            _lower_this_thread(increment)
+            lower_this_thread_priority(increment)
             result.append(make())
         except BaseException as exc:  # handed back to the caller below
             error.append(exc)
@@ -168,7 +168,7 @@ class Detector:
         """uint8 [N, 3, H, W] -> float32 [N]."""
         thread_id = threading.get_native_id()
         if self._nice_increment > 0 and thread_id not in self._lowered_threads:
-            _lower_this_thread(self._nice_increment)
+            lower_this_thread_priority(self._nice_increment)
             self._lowered_threads.add(thread_id)
         count = images.shape[0]
         bucket = next((b for b in self._pad_buckets if b >= count), count)

@@ -69,12 +69,12 @@ class Settings(BaseSettings):
         ["auto"], description="ONNX Runtime providers in order (auto, cuda, tensorrt, cpu)"
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per core)")
-    inference_nice_increment: int = Field(
+    worker_nice_increment: int = Field(
         5,
         ge=0,
         le=19,
-        description="how many nice levels the threads running the model sit below the HTTP side (0: same "
-        "priority); on a saturated CPU the event loop then still answers refusals quickly",
+        description="how many nice levels the threads decoding images and running the model sit below the "
+        "event loop (0: same priority); on a saturated CPU the event loop then still answers refusals quickly",
     )
     inline_decode_max_pixels: int = Field(
         4096,

@@ -2,7 +2,7 @@
 its scores are right), sequential probes, and the malformed-upload sender.
 
 Connections and bodies come from the serving benchmark's load generator (`benchmarks.serving.loadgen`):
-one keep-alive connection per simulated client, multipart bodies encoded before the clock starts.
+lean keep-alive HTTP/1.1 connections, multipart bodies encoded before the clock starts.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.serving.loadgen import CONTENT_TYPE, _client, multipart_body
+from benchmarks.serving.loadgen import CONTENT_TYPE, Answer, Connection, TransportError, multipart_body
 from benchmarks.serving.raw import reference_scores
 from models.bundle import Bundle, prepare_image
 
@@ -67,7 +66,7 @@ class Shot:
     correct: bool | None  # 200 only: every score equals the graph's own
 
 
-def _scores_ok(response: httpx.Response, expected: np.ndarray) -> bool:
+def _scores_ok(response: Answer, expected: np.ndarray) -> bool:
     try:
         got = np.array([r["score"] for r in response.json()["images"]], dtype=np.float64)
     except (ValueError, KeyError, TypeError):
@@ -75,18 +74,18 @@ def _scores_ok(response: httpx.Response, expected: np.ndarray) -> bool:
     return got.shape == expected.shape and bool(np.allclose(got, expected, rtol=RTOL, atol=0))
 
 
-async def _send(http: httpx.AsyncClient, workload: Workload, turn: int, due: float, t0: float) -> Shot:
+async def _send(connection: Connection, workload: Workload, turn: int, due: float, t0: float) -> Shot:
     index = turn % len(workload.bodies)
     started = time.perf_counter()
     retry_after, correct = None, None
     try:
-        response = await http.post("/detect", content=workload.bodies[index])
-        status: int | str = response.status_code
+        response = await connection.post("/detect", workload.bodies[index])
+        status: int | str = response.status
         retry_after = response.headers.get("retry-after")
         if status == 200:
             correct = _scores_ok(response, workload.expected[index])
-    except httpx.HTTPError as exc:
-        status = type(exc).__name__
+    except TransportError as exc:
+        status = str(exc)
     done = time.perf_counter()
     return Shot(due - t0, started - due, done - due, done - started, status, retry_after, correct)
 
@@ -101,19 +100,20 @@ async def open_loop(
     """Requests due at a fixed rate for `seconds` over `connections` keep-alive connections, every
     answer kept; returns (shots, the time the sending window ended, on the perf_counter clock).
     Waits for every request sent before returning."""
-    pool = [_client(url, {"Content-Type": CONTENT_TYPE}) for _ in range(connections)]
-    idle: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
-    for http in pool:
-        idle.put_nowait(http)
+    pool = [Connection(url, {"Content-Type": CONTENT_TYPE}) for _ in range(connections)]
+    await asyncio.gather(*(c.open() for c in pool))  # before the clock starts
+    idle: asyncio.Queue[Connection] = asyncio.Queue()
+    for connection in pool:
+        idle.put_nowait(connection)
     shots: list[Shot] = []
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(turn: int, due: float) -> None:
-        http = await idle.get()
+        connection = await idle.get()
         try:
-            shots.append(await _send(http, workload, turn, due, t0))
+            shots.append(await _send(connection, workload, turn, due, t0))
         finally:
-            idle.put_nowait(http)
+            idle.put_nowait(connection)
 
     t0 = time.perf_counter()
     end = t0 + seconds
@@ -129,8 +129,8 @@ async def open_loop(
         turn += 1
     window_end = time.perf_counter()
     await asyncio.gather(*tasks)
-    for http in pool:
-        await http.aclose()
+    for connection in pool:
+        await connection.close()
     return shots, window_end
 
 
@@ -140,15 +140,16 @@ async def probe(
     """One request every `every_s` on one connection (never two at once) until `stop(shots)` or
     `seconds` have passed; `due_s` counts from the first probe."""
     shots: list[Shot] = []
-    async with _client(url, {"Content-Type": CONTENT_TYPE}) as http:
-        t0 = time.perf_counter()
-        due = t0
-        while due - t0 < seconds and not stop(shots):
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            shots.append(await _send(http, workload, len(shots), due, t0))
-            due = max(due + every_s, time.perf_counter())
+    connection = Connection(url, {"Content-Type": CONTENT_TYPE})
+    t0 = time.perf_counter()
+    due = t0
+    while due - t0 < seconds and not stop(shots):
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        shots.append(await _send(connection, workload, len(shots), due, t0))
+        due = max(due + every_s, time.perf_counter())
+    await connection.close()
     return shots
 
 

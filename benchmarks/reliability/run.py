@@ -45,7 +45,7 @@ import numpy as np
 from benchmarks.provenance import REPO_ROOT, run_record
 from benchmarks.reliability.load import Shot, Workload, make_workload, open_loop, percentiles_ms, probe
 from benchmarks.reliability.report import write_report
-from benchmarks.serving.loadgen import CONTENT_TYPE, _client, closed_loop
+from benchmarks.serving.loadgen import CONTENT_TYPE, closed_loop
 from benchmarks.serving.server import BenchServer, open_benchmark_bundle
 from models.bundle import Bundle, load_bundle
 from service.settings import Settings
@@ -112,6 +112,13 @@ def default_limits() -> Limits:
 # -- malformed uploads --------------------------------------------------------------------------------
 
 
+def _httpx_client(url: str, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+    """For the runs where the client's CPU does not matter and a general client helps: malformed
+    uploads (chunked bodies, odd headers) and the SIGTERM scenario (transport errors told apart)."""
+    one_connection = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    return httpx.AsyncClient(base_url=url, headers=headers, limits=one_connection, timeout=60)
+
+
 async def _send_case(http: httpx.AsyncClient, case: RequestCase) -> tuple[int | str, float, bool, bool]:
     """(status or transport error name, seconds, whether the answer shows internals, whether a 200 that
     should carry a per-image error lacks it)."""
@@ -143,7 +150,7 @@ async def _send_all(
     next_case = iter(range(len(cases)))
 
     async def worker() -> None:
-        async with _client(url, {}) as http:
+        async with _httpx_client(url) as http:
             for index in next_case:
                 outcomes[index] = await _send_case(http, cases[index])
 
@@ -580,7 +587,7 @@ def sigterm_under_load(bundle_path: Path, log_dir: Path, workload: Workload, cli
     signalled: list[float] = []
 
     async def client(number: int) -> None:
-        async with _client(server.url, {"Content-Type": CONTENT_TYPE}) as http:
+        async with _httpx_client(server.url, {"Content-Type": CONTENT_TYPE}) as http:
             turn = number
             while True:
                 index = turn % len(workload.bodies)

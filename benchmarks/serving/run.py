@@ -353,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
                 "seconds_per_point": args.seconds,
                 "warmup_s": args.warmup,
                 "images": "CIFAR-10 test, first 512, PNG-encoded",
-                "load_generator": "asyncio + httpx, one keep-alive connection per client, same machine",
+                "load_generator": "asyncio, a lean HTTP/1.1 keep-alive connection per client (loadgen.Connection), "
+                "same machine",
             },
             "raw_session": raw,
             "servers": {},

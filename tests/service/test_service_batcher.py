@@ -132,6 +132,38 @@ def test_a_full_queue_refuses_at_once_and_all_or_nothing() -> None:
     asyncio.run(scenario())
 
 
+def test_reserved_room_is_kept_for_its_request_and_refuses_others_before_they_decode() -> None:
+    model = FakeModel()
+
+    async def scenario() -> None:
+        batcher = make_batcher(model, max_queue=4)
+        batcher.start()
+        model.release.clear()
+        running = batcher.submit([image(1)])
+        await wait_started(model)
+        with batcher.reserve(3) as first:  # e.g. a request of 3 images, about to decode them
+            assert not batcher.has_room(2)
+            with pytest.raises(QueueFull), batcher.reserve(2):
+                pass
+            late = batcher.submit([image(9)])  # room that nobody reserved is still taken
+            with pytest.raises(QueueFull):
+                batcher.submit([image(8)])  # the 3 reserved places are not given away
+            with pytest.raises(ValueError):
+                first.submit([image(2)] * 4)
+            kept = first.submit([image(2), image(3)])  # fewer than reserved: one image failed to decode
+        assert batcher.queue_depth == 3 and batcher.has_room(1) and not batcher.has_room(2)
+        with pytest.raises(RuntimeError), batcher.reserve(1):
+            raise RuntimeError("decoding crashed")
+        assert batcher.has_room(1)  # a reservation that ends without a submit gives its room back
+        model.release.set()
+        assert [r.score for r in await asyncio.gather(*running, *late, *kept)] == [1, 9, 2, 3]
+        await batcher.stop()
+        with pytest.raises(BatcherClosed), batcher.reserve(1):
+            pass
+
+    asyncio.run(scenario())
+
+
 def test_a_failing_batch_fails_every_request_in_it_and_the_worker_goes_on() -> None:
     model = FakeModel()
 
