@@ -61,6 +61,10 @@ def goals_table(results: dict) -> list[str]:
         row(f"soak memory growth after warm-up{short}", f"< {goals['soak_rss_growth']:.0%}", f"{growth:.1%}",
             growth < goals["soak_rss_growth"])  # fmt: skip
         row(f"soak scores wrong{short}", "0", str(soak["scores_wrong"]), soak["scores_wrong"] == 0)
+        first, last = soak["latency_first_window_ms"].get("p99"), soak["latency_last_window_ms"].get("p99")
+        if first and last and "soak_p99_drift" in goals:
+            row(f"soak latency stable: p99 last minute / first minute{short}", f"<= {goals['soak_p99_drift']}x",
+                f"{last} / {first} ms = {last / first:.2f}x", last / first <= goals["soak_p99_drift"])  # fmt: skip
     overload = sections.get("overload")
     if overload:
         short = "" if overload["protocol"]["full_length"] else " (short run)"

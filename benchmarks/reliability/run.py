@@ -62,6 +62,9 @@ GOALS = {
     "rejection_ms": 100,
     "soak_errors": 0,
     "soak_rss_growth": 0.10,
+    # The issue asks for stable latency percentiles over the soak; read here as the last minute's
+    # p99 within 1.5x of the first minute's.
+    "soak_p99_drift": 1.5,
     "overload_rejection_p99_ms": 100,
     "overload_recovery_s": 10,
 }
@@ -655,6 +658,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--synthetic", action="store_true", help="serve a stand-in graph (harness check)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--out", type=Path, help="folder for results.json and REPORT.md (default: this one)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild REPORT.md from results.json (goals as in this file)",
+    )
     parser.add_argument("--note", default="", help="a remark printed at the top of REPORT.md")
     group = parser.add_argument_group("malformed")
     group.add_argument("--uploads", type=int, default=10_000, help="malformed requests to send")
@@ -677,7 +685,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--soak-load", type=float, default=0.8, help="fraction of saturation")
     group.add_argument("--overload-seconds", type=float, default=60.0)
     group.add_argument("--overload-factor", type=float, default=5.0, help="multiple of saturation")
-    group.add_argument("--max-connections", type=int, default=512, help="most client connections in overload")
+    group.add_argument(
+        "--max-connections", type=int, default=1024, help="most client connections in overload"
+    )
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(args.modes) - set(MODES)
@@ -688,6 +698,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.report_only:
+        out_dir = args.out or HERE
+        results = json.loads((out_dir / "results.json").read_text())
+        results["goals"] = GOALS
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_report(results, out_dir)
+        print(f"wrote {out_dir / 'REPORT.md'} from {out_dir / 'results.json'}")
+        return
     with tempfile.TemporaryDirectory(prefix="dede-reliability-") as scratch:
         scratch_dir = Path(scratch)
         bundle, bundle_path, out_dir = open_benchmark_bundle(
