@@ -279,7 +279,37 @@ def _variant_lines(results: dict, default: str) -> list[str]:
         "instead of none and averages four fixed masks. The `clean/...` column is the control: it uses the same trigger on an encoder "
         "WITHOUT a backdoor, so a high value there means the score reacts to the trigger's pixels, not to the "
         "backdoor; a variant is only better if it is ahead on the attacked encoders without rising on the "
-        "clean one.",
+        "clean one. `dede_lab_wide_*`: the same method with a decoder of more capacity (`lab_wide`: width "
+        "128, 4 decoder blocks) where the suite lists it.",
+        "",
+    ]
+    return lines + _trimmed_lines()
+
+
+def _trimmed_lines() -> list[str]:
+    """The trimmed-sum measurement (benchmarks/detection/trimmed_scores.py), when it has been run."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "detection" / "trimmed_scores.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    rows = data["auroc_by_dropped_patches"]
+    drops = list(next(iter(rows.values())))
+    lines = [
+        "### Is the reaction to the trigger local?",
+        "",
+        f"`{data['run']['command']}` at commit `{data['run']['commit'][:12]}`: AUROC of the sum of per-patch "
+        f"errors after dropping each image's k worst of {data['patches_per_image']} patches "
+        f"({data['images_each']} clean and triggered test images each, `lab` decoder, OOD auxiliary data).",
+        "",
+        "| encoder | " + " | ".join(f"k={d}" for d in drops) + " |",
+        "| --- | " + " | ".join("---" for _ in drops) + " |",
+    ]
+    lines += [f"| {name} | " + " | ".join(_fmt(row[d]) for d in drops) + " |" for name, row in rows.items()]
+    lines += [
+        "",
+        "Dropping the patches under the trigger changes AUROC by at most about 0.02 and leaves the clean "
+        "control near 0.7: a clean encoder's embedding of a patched image moves as a whole, so its rebuild "
+        "differs everywhere, not only under the white square. A trimmed sum is therefore not adopted.",
         "",
     ]
     return lines

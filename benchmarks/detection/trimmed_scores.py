@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=HERE / "trimmed_scores.json")
     args = parser.parse_args(argv)
     lab = Lab(SUITES["lab"], progress=False)
-    results: dict = {"run": run_record(), "images_each": args.images, "auroc_by_dropped_patches": {}}
+    results: dict = {
+        "run": run_record(["-m", "benchmarks.detection.trimmed_scores", shlex.join(sys.argv[1:])]),
+        "images_each": args.images,
+        "auroc_by_dropped_patches": {},
+    }
     for name in ENCODERS:
         run_dir = lab.decoder_dir(name, "ood", "lab")
         if not run_dir.is_dir():
