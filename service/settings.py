@@ -76,8 +76,9 @@ class Settings(BaseSettings):
         description="how many nice levels the threads decoding images and running the model sit below the "
         "event loop (0: same priority); on a saturated CPU the event loop then still answers refusals quickly",
     )
-    # 65,536 pixels (64 CIFAR images, or one 256x256) decode in a few milliseconds; handing them to a
-    # thread instead cost 15% of the saturated throughput on 2 cores (benchmarks/serving).
+    # 65,536 pixels (64 CIFAR images, or one 256x256) decode in a few milliseconds; on 2 cores handing
+    # them to a thread cost more saturated throughput than it saved (benchmarks/serving, 1130 -> 1318
+    # images/s when this went from 4,096 to 65,536).
     inline_decode_max_pixels: int = Field(
         65_536,
         ge=0,
