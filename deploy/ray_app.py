@@ -34,7 +34,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.app import create_app
-from service.batcher import BatcherClosed, InferenceFailed, QueueFull, ScoredImage
+from service.batcher import BatcherClosed, InferenceFailed, QueueFull, ReservingQueue, ScoredImage
 from service.metrics import Metrics
 from service.settings import Settings
 from service.state import ServiceState
@@ -59,10 +59,11 @@ class BatchResult:
     batch_size: int
 
 
-class RayBatchQueue:
+class RayBatchQueue(ReservingQueue):
     """Takes the place of `service.batcher.Batcher` in a replica: the same methods that service/api.py
-    and service/state.py call (incoming, submit, has_room, queue_depth, closed, start, stop), but each
-    image goes to a `@serve.batch` method, which gathers the images of concurrent requests.
+    and service/state.py call (reserve and has_room from `ReservingQueue`, incoming, submit,
+    queue_depth, closed, start, stop), but each image goes to a `@serve.batch` method, which gathers
+    the images of concurrent requests.
 
     Kept from the service's batcher: the queue is bounded (a submit that does not fit raises
     `QueueFull`, the API's 503), a failed batch fails each of its images with `InferenceFailed`,
@@ -77,6 +78,7 @@ class RayBatchQueue:
         self._max_queue = max_queue
         self._metrics = metrics
         self._pending = 0  # images submitted and not yet answered (queued in Ray or running)
+        self._reserved = 0
         self._closing = False
 
     def start(self) -> None:
@@ -98,9 +100,6 @@ class RayBatchQueue:
     @property
     def queue_depth(self) -> int:
         return self._pending
-
-    def has_room(self, count: int = 1) -> bool:
-        return self._pending + count <= self._max_queue
 
     @contextlib.contextmanager
     def incoming(self) -> Iterator[None]:

@@ -61,14 +61,14 @@ class _Pending:
 
 
 class Reservation:
-    """Room in the queue held for one request's images (see `Batcher.reserve`)."""
+    """Room in a queue held for one request's images (see `ReservingQueue.reserve`)."""
 
-    def __init__(self, batcher: Batcher, count: int) -> None:
-        self._batcher = batcher
+    def __init__(self, queue: ReservingQueue, count: int) -> None:
+        self._queue = queue
         self.count = count
 
     def release(self) -> None:
-        self._batcher._reserved -= self.count
+        self._queue._reserved -= self.count
         self.count = 0
 
     def submit(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[ScoredImage]]:
@@ -76,10 +76,49 @@ class Reservation:
         if len(images) > self.count:
             raise ValueError(f"{len(images)} images submitted on a reservation of {self.count}")
         self.release()  # the room is handed to the submit below, on the same loop step
-        return self._batcher.submit(images)
+        return self._queue.submit(images)
 
 
-class Batcher:
+class ReservingQueue:
+    """Admission shared by every queue the API submits to (this module's `Batcher`, and the Ray
+    replica's queue in deploy/ray_app.py): room is reserved before decoding, submitted after."""
+
+    _max_queue: int  # images queued or reserved, at most
+    _reserved: int = 0  # images held for requests between `reserve` and their submit
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def queue_depth(self) -> int:
+        raise NotImplementedError
+
+    def submit(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[ScoredImage]]:
+        raise NotImplementedError
+
+    def has_room(self, count: int = 1) -> bool:
+        return self.queue_depth + self._reserved + count <= self._max_queue
+
+    @contextlib.contextmanager
+    def reserve(self, count: int) -> Iterator[Reservation]:
+        """Room for `count` images, held until they are submitted through the reservation (or the
+        block ends); raises `QueueFull` or `BatcherClosed` at once when it cannot be had."""
+        if self.closed:
+            raise BatcherClosed("the service is shutting down")
+        if not self.has_room(count):
+            raise QueueFull(
+                f"{self.queue_depth} images queued and {self._reserved} on their way (limit {self._max_queue})"
+            )
+        reservation = Reservation(self, count)
+        self._reserved += count
+        try:
+            yield reservation
+        finally:
+            reservation.release()
+
+
+class Batcher(ReservingQueue):
     """Collects images from many requests into batches for `run_batch` (uint8 [N,3,H,W] -> [N])."""
 
     def __init__(
@@ -99,7 +138,7 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._running: list[_Pending] = []
         self._incoming = 0
-        self._reserved = 0  # images held for requests between `reserve` and their submit
+        self._reserved = 0
         self._closing = False
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -135,9 +174,6 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def has_room(self, count: int = 1) -> bool:
-        return len(self._queue) + self._reserved + count <= self._max_queue
-
     # -- intake ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -149,23 +185,6 @@ class Batcher:
         finally:
             self._incoming -= 1
             self._wakeup.set()  # a batch waiting for this request must not wait in vain
-
-    @contextlib.contextmanager
-    def reserve(self, count: int) -> Iterator[Reservation]:
-        """Room for `count` images, held until they are submitted through the reservation (or the
-        block ends); raises `QueueFull` or `BatcherClosed` at once when it cannot be had."""
-        if self._closing:
-            raise BatcherClosed("the service is shutting down")
-        if not self.has_room(count):
-            raise QueueFull(
-                f"{len(self._queue)} images queued and {self._reserved} on their way (limit {self._max_queue})"
-            )
-        reservation = Reservation(self, count)
-        self._reserved += count
-        try:
-            yield reservation
-        finally:
-            reservation.release()
 
     def submit(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[ScoredImage]]:
         """Queue the images of one request (all or none); one future per image, in order."""

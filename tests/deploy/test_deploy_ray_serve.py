@@ -92,7 +92,8 @@ def ray_serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def test_ray_batch_queue_keeps_the_service_batchers_contract() -> None:
-    """Bounded (QueueFull), closed on stop (BatcherClosed), a failed batch fails its images with
+    """Bounded (QueueFull), room reserved before decoding counts against the bound (the API's
+    admission path), closed on stop (BatcherClosed), a failed batch fails its images with
     InferenceFailed, and the queue-depth gauge returns to 0; no Ray needed for this part."""
     import asyncio
 
@@ -122,9 +123,19 @@ def test_ray_batch_queue_keeps_the_service_batchers_contract() -> None:
         with pytest.raises(InferenceFailed, match="boom"):
             await bad[0]
         assert queue.queue_depth == 0
+
+        with queue.reserve(2) as reservation:
+            assert not queue.has_room(2)
+            with pytest.raises(QueueFull), queue.reserve(2):
+                pass
+            (late,) = reservation.submit([np.full(2, 3, np.uint8)])
+        assert (await late).score == 6.0 and queue.has_room(3)
+
         await queue.stop(1.0)
         with pytest.raises(BatcherClosed):
             queue.submit([np.ones(2, np.uint8)])
+        with pytest.raises(BatcherClosed), queue.reserve(1):
+            pass
 
     asyncio.run(scenario())
 
