@@ -51,9 +51,17 @@ PRESETS: dict[str, DecoderConfig] = {
 }
 
 
+# Patches per side at any resolution, unless a patch size is given: the presets were sized and
+# measured on an 8 x 8 token grid (32 px, patch 4), and the decoder's cost grows with the square of
+# the token count, so larger inputs get larger patches (64 px: 8, 96 px: 12, 224 px: 28).
+TOKEN_GRID = 8
+
+
 def preset_config(name: str, image_size: int, **overrides: float | int) -> DecoderConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown decoder preset {name!r}; known: {', '.join(PRESETS)}")
+    if "patch_size" not in overrides and image_size > PRESETS[name].patch_size * TOKEN_GRID:
+        overrides = {**overrides, "patch_size": max(1, image_size // TOKEN_GRID)}
     config = replace(PRESETS[name], image_size=image_size, **overrides)
     if image_size % config.patch_size:
         raise ValueError(f"image size {image_size} is not a multiple of patch size {config.patch_size}")
