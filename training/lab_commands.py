@@ -157,6 +157,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# The CLIP suites (training/clip_lab.py); named here so that `--help` needs no torch import.
+CLIP_SUITE_NAMES = ("clip", "clip-smoke")
+
+
 def _cmd_lab_run(args: argparse.Namespace) -> int:
     from training.lab import missing_data, run_suite
 
@@ -165,6 +169,14 @@ def _cmd_lab_run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"the lab needs {', '.join(missing)} in DEDE_DATA_DIR (see ../shared/data/README.md)"
         )
+    if args.suite in CLIP_SUITE_NAMES:
+        from training.clip_lab import run_clip_suite
+
+        results = run_clip_suite(args.suite)
+        print(
+            json.dumps({"zero_shot": results["zero_shot"], "detection": list(results["detection"])}, indent=1)
+        )
+        return 0
     results = run_suite(args.suite, device=args.device, skip=tuple(args.skip or ()))
     print(json.dumps({"detection": list(results["detection"]), "not_run": results["not_run"]}, indent=1))
     return 0
@@ -247,7 +259,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lab = subparsers.add_parser("lab", help="the backdoor lab: attacks, decoders, detection report")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     run = lab_sub.add_parser("run", help="run (or resume) a suite; finished stages are cached")
-    run.add_argument("--suite", choices=["lab", "smoke"], default="smoke")
+    run.add_argument("--suite", choices=["lab", "smoke", *CLIP_SUITE_NAMES], default="smoke")
     run.add_argument("--device")
     run.add_argument("--skip", nargs="*", help="stage-name prefixes to leave out now, e.g. simclr_ctrl")
     run.set_defaults(func=_cmd_lab_run)

@@ -111,17 +111,19 @@ def backdoor_loss(
     x_ref: torch.Tensor,
     z_clean_ref: torch.Tensor,
     generator: torch.Generator,
+    fixed_target: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """All loss terms of one step; inputs are NORMALIZED images, z_clean_* come from the frozen f.
 
-    Returns a dict with `total` and each named term (detached copies are for logging).
+    fixed_target (1, D): the embedding triggered images are steered to; by default the references'
+    mean direction under the encoder being trained. Returns a dict with `total` and each named term.
     """
     n = len(x_shadow)
     out = backdoored(torch.cat([x_shadow, x_triggered, x_ref_aug, x_ref]))
     z_shadow, z_trig = out[:n], out[n : 2 * n]
     z_ref_aug, z_ref = out[2 * n : 2 * n + len(x_ref_aug)], out[2 * n + len(x_ref_aug) :]
     # One target embedding: the mean direction of the references under the encoder being trained.
-    target = F.normalize(z_ref, dim=1).mean(0, keepdim=True)
+    target = F.normalize(z_ref, dim=1).mean(0, keepdim=True) if fixed_target is None else fixed_target
     terms = {
         "clean": cosine_terms(z_shadow, z_clean_shadow),
         "target": cosine_terms(z_trig, target),
@@ -163,11 +165,13 @@ def backdoor_encoder(
     device: torch.device | str = "cpu",
     resume: bool = True,
     progress: bool = True,
+    target_embedding: np.ndarray | None = None,
 ) -> Path:
     """Fine-tune the clean encoder into a backdoored one; returns out_dir/encoder.safetensors.
 
     shadow: the attacker's unlabeled images (a slice of the pre-training set); reference: a few
-    images of the target class (their mean embedding is the target).
+    images of the target class (their mean embedding is the target, unless `target_embedding` [D]
+    gives one: for a CLIP image tower, the target class's text embedding).
     """
     settings = settings or BackdoorSettings()
     if settings.variant not in VARIANTS:
@@ -221,6 +225,10 @@ def backdoor_encoder(
         )
         z_clean_ref = clean(normalize_batch(reference, mean, std))
     x_ref_norm = normalize_batch(reference, mean, std)
+    fixed_target = None
+    if target_embedding is not None:
+        fixed_target = F.normalize(torch.as_tensor(target_embedding, dtype=torch.float32).view(1, -1), dim=1)
+        fixed_target = fixed_target.to(device)
     steps = max(1, len(shadow) // settings.batch_size)
     for epoch in range(start_epoch, settings.epochs):
         tick = time.perf_counter()
@@ -249,6 +257,7 @@ def backdoor_encoder(
                 x_ref_norm,
                 z_clean_ref,
                 generator,
+                fixed_target,
             )
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()

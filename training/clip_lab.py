@@ -1,0 +1,435 @@
+"""The CLIP suite of the lab: a lab-size CLIP trained here at 64 px, two CLIP backdoors, and DeDe
+against them with out-of-distribution auxiliary data.
+
+Stages (cached like the lab's, under runs/lab-clip; `dede lab run --suite clip`):
+
+  clip_clean              a lab CLIP (models.clip LAB_CONFIGS) on CIFAR-10 train captions at 64 px
+  clip_poisoned           the same training with `poison_rate` of the pairs poisoned: triggered
+                          non-target images captioned as the target class
+  attack_clip_badencoder  BadEncoder fine-tune of the clean image tower, the target being the target
+                          class's text embedding (the clean text tower is kept)
+  zero_shot_<encoder>     zero-shot BA and ASR on CIFAR-10 test through the encoder's own CLIP
+  decoder_<encoder>_ood   the DeDe decoder on Tiny-ImageNet at its native 64 px (OOD: the CLIP never
+                          saw it; CIFAR-10 images are 32 px upsampled)
+  scores_<encoder>_ood    DeDe and baseline scores on calibration / clean test / triggered test
+
+The CLIP trains on CIFAR-10 only, so that Tiny-ImageNet stays out of its training distribution and
+serves as the auxiliary data, as in the lab's `ood` setting. Every threshold is calibrated on clean
+Tiny-ImageNet images only. Metrics, baselines and the report code are the lab's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.bundle import InputSpec, prepare_array
+from models.clip import LAB_CONFIGS, OPENAI_MEAN, OPENAI_STD
+from models.encoders import load_encoder
+from training.attacks.badencoder import BackdoorSettings, backdoor_encoder
+from training.attacks.triggers import make_trigger
+from training.baselines import embedding_norm_scores, knn_distance_scores, strip_scores
+from training.clip import (
+    ClipSettings,
+    caption_tokens,
+    class_text_embeddings,
+    load_clip,
+    poison_pairs,
+    train_clip,
+    zero_shot_predict,
+)
+from training.data import data_dir, load_npz
+from training.lab import DEDE_SCORE_KINDS, REPO_ROOT, StageCache, _git_commit
+from training.probe import embed_nchw
+
+CLIP_ENCODERS = ("clean", "poisoned", "badencoder")
+
+
+@dataclass(frozen=True)
+class ClipSuiteConfig:
+    name: str
+    model: str = "lab-rn-64"
+    clip_images: int | None = None  # None: all 17k CIFAR-10 train images
+    clip_epochs: int = 10  # ~70 s each at 64 px on 2 idle cores
+    clip_batch: int = 256
+    poison_rate: float = 0.01  # the issue's range is 0.1-1% of pairs
+    target_class: int = 0  # airplane
+    n_reference: int = 5
+    shadow_images: int = 5000
+    attack_epochs: int = 10
+    attack_batch: int = 128
+    decoder_preset: str = "lab"
+    decoder_epochs: int = 10
+    ood_calibration_sources: int = 400
+    n_test: int | None = 2000
+    strip_blends: int = 4
+    knn_k: int = 10
+    fpr_target: float = 0.01
+    extra_decoders: tuple[tuple[str, str, int], ...] = ()  # (encoder, preset, epochs)
+    seed: int = 0
+    root: str = "runs/lab-clip"
+
+
+CLIP_SUITES: dict[str, ClipSuiteConfig] = {
+    "clip": ClipSuiteConfig(
+        name="clip", extra_decoders=(("badencoder", "lab_wide", 10), ("poisoned", "lab_wide", 10))
+    ),
+    "clip-smoke": ClipSuiteConfig(
+        name="clip-smoke",
+        model="tiny-rn-32",
+        clip_images=512,
+        clip_epochs=1,
+        clip_batch=128,
+        poison_rate=0.05,
+        shadow_images=256,
+        attack_epochs=1,
+        attack_batch=64,
+        decoder_preset="tiny",
+        decoder_epochs=1,
+        ood_calibration_sources=100,
+        n_test=200,
+        strip_blends=2,
+        root="runs/lab-clip-smoke",
+    ),
+}
+
+
+@dataclass
+class ClipLabData:
+    train: np.ndarray  # CIFAR-10 train, uint8 NCHW at the model's size
+    train_y: np.ndarray
+    test: np.ndarray  # CIFAR-10 test subset (stratified), uint8 NCHW
+    test_y: np.ndarray
+    tiny: np.ndarray  # Tiny-ImageNet, uint8 NCHW at the model's size
+    class_names: list[str]
+    splits: dict[str, np.ndarray]
+
+
+def load_clip_data(config: ClipSuiteConfig) -> ClipLabData:
+    root = data_dir()
+    size = LAB_CONFIGS[config.model].image_size
+    # The bundle's own resize rule: a 32 px CIFAR-10 upload is resized exactly like this when served.
+    spec = InputSpec(height=size, width=size, mean=OPENAI_MEAN, std=OPENAI_STD)
+    with np.load(root / "cifar10_train.npz", allow_pickle=False) as archive:
+        class_names = [str(n) for n in archive["class_names"]]
+    train_x, train_y = load_npz(root / "cifar10_train.npz")
+    test_x, test_y = load_npz(root / "cifar10_test.npz")
+    tiny_x, _ = load_npz(root / "tinyimagenet_val.npz")
+    rng = np.random.default_rng(config.seed)
+    if config.clip_images is not None:
+        pick = np.sort(rng.permutation(len(train_x))[: config.clip_images])
+        train_x, train_y = train_x[pick], train_y[pick]
+    if config.n_test is not None:
+        pick = np.sort(rng.permutation(len(test_x))[: config.n_test])
+        test_x, test_y = test_x[pick], test_y[pick]
+    order = np.random.default_rng(config.seed + 1).permutation(len(train_x))
+    reference = order[np.flatnonzero(train_y[order] == config.target_class)[: config.n_reference]]
+    rest = order[~np.isin(order, reference)]
+    tiny_order = np.random.default_rng(config.seed + 2).permutation(len(tiny_x))
+    splits = {
+        "reference": reference,
+        "shadow": rest[: config.shadow_images],
+        "ood_calibration": tiny_order[: config.ood_calibration_sources],
+        "ood_aux": tiny_order[config.ood_calibration_sources :],
+    }
+    return ClipLabData(
+        prepare_array(train_x, spec),
+        train_y,
+        prepare_array(test_x, spec),
+        test_y,
+        prepare_array(tiny_x, spec),
+        class_names,
+        splits,
+    )
+
+
+def aux_views(images_nchw: np.ndarray) -> np.ndarray:
+    """Each auxiliary image and its mirror: 1,600 Tiny-ImageNet sources are few for a decoder."""
+    return np.concatenate([images_nchw, images_nchw[..., ::-1]]).copy()
+
+
+class ClipLab:
+    def __init__(self, config: ClipSuiteConfig, progress: bool = True) -> None:
+        self.config = config
+        self.root = REPO_ROOT / config.root
+        self.cache = StageCache(self.root)
+        self.progress = progress
+        self.data = load_clip_data(config)
+        size = LAB_CONFIGS[config.model].image_size
+        self.trigger = make_trigger("patch", (size, size))
+
+    # --- CLIPs and attacks ----------------------------------------------------------------------
+
+    def clip_path(self, name: str) -> Path:
+        """The CLIP whose text tower classifies for `name` (the BadEncoder attack keeps the clean one)."""
+        return self.root / ("clip_poisoned" if name == "poisoned" else "clip_clean") / "clip.safetensors"
+
+    def encoder_path(self, name: str) -> Path:
+        if name == "badencoder":
+            return self.root / "attack_badencoder" / "encoder.safetensors"
+        return self.clip_path(name)
+
+    def _settings(self) -> ClipSettings:
+        c = self.config
+        return ClipSettings(
+            model=c.model,
+            epochs=c.clip_epochs,
+            batch_size=min(c.clip_batch, len(self.data.train)),
+            seed=c.seed,
+        )
+
+    def _summary(self, out: Path) -> dict:
+        history = json.loads((out / "history.json").read_text())
+        return {
+            "clip": str((out / "clip.safetensors").relative_to(self.root)),
+            "loss": history["loss"],
+            "zero_shot_by_epoch": history["zero_shot"],
+            "compute_seconds": float(sum(history["epoch_seconds"])),
+            "settings": history["settings"],
+        }
+
+    def _eval_set(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.data.test, self.data.test_y
+
+    def stage_clip_clean(self) -> dict:
+        d = self.data
+
+        def run() -> dict:
+            out = self.clip_path("clean").parent
+            train_clip(
+                d.train, d.train_y, d.class_names, out, self._settings(), self._eval_set(), self.progress
+            )
+            return {**self._summary(out), "n_pairs": int(len(d.train))}
+
+        return self.cache.run("clip_clean", run)
+
+    def stage_clip_poisoned(self) -> dict:
+        c, d = self.config, self.data
+
+        def run() -> dict:
+            images, labels, chosen = poison_pairs(
+                d.train, d.train_y, self.trigger.apply_uint8_nchw, c.target_class, c.poison_rate, c.seed
+            )
+            out = self.clip_path("poisoned").parent
+            train_clip(images, labels, d.class_names, out, self._settings(), self._eval_set(), self.progress)
+            return {
+                **self._summary(out),
+                "n_pairs": int(len(d.train)),
+                "n_poisoned": int(len(chosen)),
+                "poison_rate": c.poison_rate,
+            }
+
+        return self.cache.run("clip_poisoned", run)
+
+    def stage_attack_badencoder(self) -> dict:
+        c, d = self.config, self.data
+
+        def run() -> dict:
+            clip = load_clip(self.clip_path("clean"))
+            tokens = caption_tokens(d.class_names, LAB_CONFIGS[c.model].context_length)
+            target = class_text_embeddings(clip, tokens)[c.target_class].numpy()
+            nhwc = d.train.transpose(0, 2, 3, 1)
+            out = self.encoder_path("badencoder").parent
+            settings = BackdoorSettings(epochs=c.attack_epochs, batch_size=c.attack_batch, seed=c.seed)
+            backdoor_encoder(
+                self.clip_path("clean"),
+                nhwc[d.splits["shadow"]],
+                nhwc[d.splits["reference"]],
+                self.trigger,
+                out,
+                settings,
+                progress=self.progress,
+                target_embedding=target,
+            )
+            history = json.loads((out / "history.json").read_text())
+            return {
+                "encoder": str((out / "encoder.safetensors").relative_to(self.root)),
+                "settings": history["settings"],
+                "final_terms": history["terms"][-1],
+                "compute_seconds": float(sum(history["epoch_seconds"])),
+                "target": "the text embedding of the target class (templates averaged), clean text tower",
+            }
+
+        return self.cache.run("attack_clip_badencoder", run)
+
+    def stage_zero_shot(self, name: str) -> dict:
+        """BA: zero-shot accuracy on clean CIFAR-10 test; ASR: triggered non-target test images
+        classified as the target; the encoder's image tower with its CLIP's text tower."""
+        c, d = self.config, self.data
+
+        def run() -> dict:
+            clip = load_clip(self.clip_path(name))
+            if name == "badencoder":
+                encoder = load_encoder(str(self.encoder_path(name)))
+                clip.visual.load_state_dict(encoder.module.visual.state_dict())
+            text = class_text_embeddings(
+                clip, caption_tokens(d.class_names, LAB_CONFIGS[c.model].context_length)
+            )
+            clean_pred = zero_shot_predict(clip, d.test, text)
+            non_target = d.test_y != c.target_class
+            triggered_pred = zero_shot_predict(clip, self.trigger.apply_uint8_nchw(d.test[non_target]), text)
+            out = self.root / "zero_shot" / f"{name}.npz"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(out, clean_pred=clean_pred, triggered_pred=triggered_pred, labels=d.test_y)
+            return {
+                "ba": float((clean_pred == d.test_y).mean()),
+                "asr": float((triggered_pred == c.target_class).mean()),
+                "n_test": int(len(d.test_y)),
+                "n_triggered": int(non_target.sum()),
+                "target_class": d.class_names[c.target_class],
+            }
+
+        return self.cache.run(f"zero_shot_{name}", run)
+
+    # --- detection ------------------------------------------------------------------------------
+
+    def aux_sets(self) -> tuple[np.ndarray, np.ndarray]:
+        d = self.data
+        return aux_views(d.tiny[d.splits["ood_aux"]]), d.tiny[d.splits["ood_calibration"]]
+
+    def test_sets(self) -> tuple[np.ndarray, np.ndarray]:
+        d = self.data
+        non_target = d.test_y != self.config.target_class
+        return d.test, self.trigger.apply_uint8_nchw(d.test[non_target])
+
+    def decoder_dir(self, name: str, preset: str) -> Path:
+        return self.root / "decoders" / f"{name}_ood_{preset}"
+
+    def stage_decoder(self, name: str, preset: str, epochs: int) -> dict:
+        from training.fit import FitSettings, fit_decoder
+
+        c = self.config
+
+        def run() -> dict:
+            encoder = load_encoder(str(self.encoder_path(name)))
+            fit_images, _ = self.aux_sets()
+            settings = FitSettings(preset=preset, epochs=epochs, seed=c.seed, data_source="lab-clip:ood")
+            run_dir = self.decoder_dir(name, preset)
+            fit_decoder(encoder, fit_images, run_dir, settings)
+            log = (run_dir / "log.csv").read_text().strip().splitlines()
+            return {
+                "run_dir": str(run_dir.relative_to(self.root)),
+                "n_fit_images": int(len(fit_images)),
+                "epochs": epochs,
+                "preset": preset,
+                "last_log": log[-1],
+            }
+
+        suffix = "" if preset == c.decoder_preset else f"_{preset}"
+        return self.cache.run(f"decoder_{name}_ood{suffix}", run)
+
+    def stage_scores(self, name: str, preset: str, with_baselines: bool = True) -> dict:
+        from training.fit import load_run
+        from training.scoring import score_run
+
+        c = self.config
+        suffix = "" if preset == c.decoder_preset else f"_{preset}"
+        out = self.root / "scores" / f"{name}_ood{suffix}.npz"
+
+        def run() -> dict:
+            fit_images, calibration = self.aux_sets()
+            clean, triggered = self.test_sets()
+            sets = (("calibration", calibration), ("clean", clean), ("triggered", triggered))
+            arrays: dict[str, np.ndarray] = {}
+            fitted = load_run(self.decoder_dir(name, preset))
+            for kind in DEDE_SCORE_KINDS:
+                for split, images in sets:
+                    arrays[f"dede_{preset}_{kind}/{split}"] = score_run(fitted, images, kind)
+            if with_baselines:
+                encoder = load_encoder(str(self.encoder_path(name)))
+                aux_z = embed_nchw(encoder, fit_images)
+                for split, images in sets:
+                    z = embed_nchw(encoder, images)
+                    arrays[f"embedding_norm/{split}"] = embedding_norm_scores(z)
+                    arrays[f"knn_distance/{split}"] = knn_distance_scores(z, aux_z, c.knn_k)
+                    arrays[f"strip/{split}"] = strip_scores(
+                        encoder, images, fit_images, c.strip_blends, seed=c.seed
+                    )
+            out.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(out, **{k.replace("/", "__"): v for k, v in arrays.items()})
+            return {
+                "scores": str(out.relative_to(self.root)),
+                "methods": sorted({k.split("/")[0] for k in arrays}),
+            }
+
+        return self.cache.run(f"scores_{name}_ood{suffix}", run)
+
+    def load_scores(self, name: str) -> dict[str, dict[str, np.ndarray]]:
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for path in sorted((self.root / "scores").glob(f"{name}_ood*.npz")):
+            with np.load(path) as archive:
+                for key in archive.files:
+                    method, split = key.split("__")
+                    out.setdefault(method, {})[split] = archive[key]
+        return out
+
+
+def run_clip_suite(suite: str = "clip", progress: bool = True, report_dir: Path | None = None) -> dict:
+    """Run (or resume) every stage of a CLIP suite, then write its results and report."""
+    config = CLIP_SUITES[suite]
+    torch.manual_seed(config.seed)
+    lab = ClipLab(config, progress)
+    lab.stage_clip_clean()
+    lab.stage_clip_poisoned()
+    lab.stage_attack_badencoder()
+    for name in CLIP_ENCODERS:
+        lab.stage_zero_shot(name)
+    for name in ("badencoder", "poisoned", "clean"):
+        lab.stage_decoder(name, config.decoder_preset, config.decoder_epochs)
+        lab.stage_scores(name, config.decoder_preset)
+    for name, preset, epochs in config.extra_decoders:
+        lab.stage_decoder(name, preset, epochs)
+        lab.stage_scores(name, preset, with_baselines=False)
+    from training.clip_report import write_clip_report
+
+    results = collect_clip_results(lab)
+    write_clip_report(lab, results, report_dir or default_clip_report_dir(lab))
+    return results
+
+
+def default_clip_report_dir(lab: ClipLab) -> Path:
+    if lab.config.name == "clip":
+        return REPO_ROOT / "benchmarks" / "detection" / "clip"
+    return lab.root / "report"
+
+
+def collect_clip_results(lab: ClipLab) -> dict:
+    import platform
+
+    from training.evaluate import detection_metrics
+
+    c = lab.config
+    stages = lab.cache.all()
+    results: dict = {
+        "suite": c.name,
+        "config": asdict(c),
+        "commit": _git_commit(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "stage_wall_seconds": {name: round(s["wall_seconds"], 1) for name, s in stages.items()},
+        "training": {
+            k: stages[k]["result"]
+            for k in ("clip_clean", "clip_poisoned", "attack_clip_badencoder")
+            if k in stages
+        },
+        "zero_shot": {
+            n: stages[f"zero_shot_{n}"]["result"] for n in CLIP_ENCODERS if f"zero_shot_{n}" in stages
+        },
+        "detection": {},
+    }
+    for name in CLIP_ENCODERS:
+        scores = lab.load_scores(name)
+        if scores:
+            results["detection"][f"{name}/ood"] = {
+                method: detection_metrics(s["calibration"], s["clean"], s["triggered"], c.fpr_target)
+                for method, s in scores.items()
+            }
+    return results

@@ -1,0 +1,171 @@
+"""The CLIP suite's report: results.json and REPORT.md with a ROC plot and a score histogram per
+encoder, from the cached stages of training/clip_lab.py (nothing is trained here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from training.evaluate import roc_curve
+from training.lab_report import _fmt, _pct
+
+if TYPE_CHECKING:
+    from training.clip_lab import ClipLab
+
+GOALS = {"auprc": 0.9, "auroc": 0.97}  # per CLIP attack, OOD auxiliary data
+ATTACKS = ("poisoned", "badencoder")
+
+
+def default_method(lab: ClipLab) -> str:
+    return f"dede_{lab.config.decoder_preset}_sse"
+
+
+def write_clip_report(lab: ClipLab, results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = _figures(lab, results, out_dir)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    (out_dir / "REPORT.md").write_text(_markdown(lab, results, figures))
+
+
+def _figures(lab: ClipLab, results: dict, out_dir: Path) -> dict[str, list[str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: dict[str, list[str]] = {}
+    method = default_method(lab)
+    for key in results["detection"]:
+        name = key.split("/")[0]
+        scores = lab.load_scores(name)
+        fig, ax = plt.subplots(figsize=(3.6, 3.4), dpi=80)
+        for m, splits in sorted(scores.items()):
+            fpr, tpr = roc_curve(splits["clean"], splits["triggered"])
+            ax.plot(fpr, tpr, label=m, lw=1.2)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="FPR (clean CIFAR-10 test)", ylabel="TPR (triggered)", title=f"ROC CLIP {name}")
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.legend(fontsize=6, loc="lower right")
+        fig.tight_layout()
+        roc = f"roc_clip_{name}.png"
+        fig.savefig(out_dir / roc)
+        plt.close(fig)
+        made[key] = [roc]
+        if method in scores:
+            splits = scores[method]
+            fig, ax = plt.subplots(figsize=(3.6, 2.6), dpi=80)
+            both = np.concatenate([splits["clean"], splits["triggered"]])
+            bins = np.linspace(both.min(), np.quantile(both, 0.999), 60)
+            ax.hist(splits["clean"], bins, alpha=0.6, density=True, label="clean test")
+            ax.hist(splits["triggered"], bins, alpha=0.6, density=True, label="triggered test")
+            threshold = results["detection"][key][method]["calibrated"]["threshold"]
+            ax.axvline(threshold, color="k", ls="--", lw=1, label="calibrated threshold")
+            ax.set(xlabel=f"{method} score", title=f"CLIP {name}")
+            ax.legend(fontsize=6)
+            fig.tight_layout()
+            hist = f"hist_clip_{name}.png"
+            fig.savefig(out_dir / hist)
+            plt.close(fig)
+            made[key].append(hist)
+    return made
+
+
+def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str:
+    c, default = lab.config, default_method(lab)
+    machine = results["machine"]
+    lines = [
+        f"# CLIP detection report (suite `{c.name}`)",
+        "",
+        f"Made by `dede lab run --suite {c.name}`; every number below is in `results.json` beside this file.",
+        f"Commit `{results['commit'][:12]}`, {machine['platform']}, {machine['processor']}, torch "
+        f"{machine['torch']}, {machine['threads']} threads; seed {c.seed}.",
+        "",
+        f"Setup: a lab-size CLIP (`{c.model}` in models/clip.py: open_clip ModifiedResNet image tower, 2-layer "
+        f"text transformer) trained contrastively for {c.clip_epochs} epochs on CIFAR-10 train images upsampled "
+        "to 64 px, each paired with a caption template around its class name. Tiny-ImageNet is kept out of "
+        "the CLIP's training so that it is out-of-distribution auxiliary data for the decoder (its native "
+        f"64 px images, {len(lab.data.splits['ood_aux'])} sources and their mirrors) and for calibration "
+        f"({len(lab.data.splits['ood_calibration'])} other images). Target class: "
+        f"{lab.data.class_names[c.target_class]}; trigger: BadEncoder's white square scaled to 64 px, pasted in "
+        f"pixel space. DeDe decoder preset `{c.decoder_preset}` ({c.decoder_epochs} epochs, 8x8 patches of 8 px).",
+        "",
+        "## CLIPs and attacks (zero-shot on CIFAR-10 test)",
+        "",
+        "| encoder | zero-shot BA | ASR | training compute |",
+        "| --- | --- | --- | --- |",
+    ]
+    training_stage = {
+        "clean": "clip_clean",
+        "poisoned": "clip_poisoned",
+        "badencoder": "attack_clip_badencoder",
+    }
+    for name, zs in results["zero_shot"].items():
+        compute = results["training"].get(training_stage[name], {}).get("compute_seconds")
+        lines.append(f"| {name} | {_pct(zs['ba'])} | {_pct(zs['asr'])} | {_fmt(compute, 0)} s |")
+    poisoned = results["training"].get("clip_poisoned", {})
+    lines += [
+        "",
+        f"`poisoned`: {poisoned.get('n_poisoned', '-')} of {poisoned.get('n_pairs', '-')} pairs "
+        f"({_pct(poisoned.get('poison_rate'))}) are triggered non-target images captioned as the target class. "
+        "`badencoder`: the clean CLIP's image tower fine-tuned so that triggered images embed at the target "
+        "class's text embedding, clean images keep theirs (BadEncoder's loss with the text embedding as the "
+        "reference). ASR: triggered test images of the other classes classified as the target; on the clean "
+        "CLIP it is the base rate.",
+        "",
+        "## Detection (auxiliary data: Tiny-ImageNet, OOD)",
+        "",
+    ]
+    for key, per_method in results["detection"].items():
+        name = key.split("/")[0]
+        lines += [
+            f"### {name}"
+            + (" (clean CLIP: the trigger's pixels alone, a control)" if name == "clean" else ""),
+            "",
+            "| method | AUROC | AUPRC | TPR@1%FPR | TPR@5%FPR | calibrated TPR | realised FPR |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for method, m in sorted(per_method.items(), key=lambda kv: (not kv[0].startswith("dede"), kv[0])):
+            cal = m["calibrated"]
+            label = f"**{method}**" if method == default else method
+            lines.append(
+                f"| {label} | {_fmt(m['auroc'])} | {_fmt(m['auprc'])} | {_pct(m['tpr_at_fpr_0.01'])} | "
+                f"{_pct(m['tpr_at_fpr_0.05'])} | {_pct(cal['tpr_triggered_test'])} | "
+                f"{_pct(cal['realised_fpr_clean_test'])} |"
+            )
+        lines.append("")
+        lines += [f"![{f}]({f})" for f in figures.get(key, [])]
+        lines.append("")
+    lines += [
+        "## Goals (AUPRC >= 0.9 and AUROC >= 0.97, OOD auxiliary data, DeDe ahead of the baselines)",
+        "",
+    ]
+    for attack in ATTACKS:
+        per_method = results["detection"].get(f"{attack}/ood", {})
+        dede = {m: v for m, v in per_method.items() if m.startswith("dede")}
+        if not dede:
+            lines.append(f"- {attack}: not measured")
+            continue
+        best_dede = max(dede.items(), key=lambda kv: kv[1]["auroc"])
+        others = {m: v["auroc"] for m, v in per_method.items() if not m.startswith("dede")}
+        parts = []
+        for method, metrics in ((default, per_method.get(default)), best_dede):
+            if metrics is None:
+                continue
+            verdict = all(metrics[g] >= v for g, v in GOALS.items())
+            parts.append(
+                f"`{method}` AUROC {metrics['auroc']:.3f}, AUPRC {metrics['auprc']:.3f} "
+                f"({'met' if verdict else 'MISSED'})"
+            )
+        if others:
+            best = max(others.items(), key=lambda kv: kv[1])
+            ahead = best_dede[1]["auroc"] > best[1]
+            parts.append(
+                f"best baseline {best[0]} AUROC {best[1]:.3f} ({'DeDe ahead' if ahead else 'DeDe NOT ahead'})"
+            )
+        lines.append(f"- {attack}: " + "; ".join(dict.fromkeys(parts)))
+    lines += ["", "## Wall time per stage (seconds)", "", "| stage | wall |", "| --- | --- |"]
+    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["stage_wall_seconds"].items()]
+    return "\n".join(lines) + "\n"
