@@ -158,7 +158,30 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+OPENCLIP_PREFIX = "openclip:"  # `openclip:RN50`, `openclip:ViT-B-32`, `openclip:lab-rn-64` (models/clip.py)
+
+
+def _openclip_architecture(arch: str) -> Architecture:
+    """A CLIP image tower; its keys are `visual.*`, so a whole CLIP's state dict loads onto it (the
+    text tower's keys are dropped as unknown)."""
+    from models.clip import OPENAI_MEAN, OPENAI_STD, clip_image_size, image_tower
+
+    name = arch.removeprefix(OPENCLIP_PREFIX)
+    size = clip_image_size(name)
+    return Architecture(
+        build=lambda _w: image_tower(name), input_size=(size, size), mean=OPENAI_MEAN, std=OPENAI_STD
+    )
+
+
+def architecture(arch: str) -> Architecture | None:
+    if arch.startswith(OPENCLIP_PREFIX):
+        return _openclip_architecture(arch)
+    return ARCHITECTURES.get(arch)
+
+
 def build_architecture(arch: str, width: int = 64) -> nn.Module:
+    if arch.startswith(OPENCLIP_PREFIX):
+        return _openclip_architecture(arch).build(width)
     if arch not in ARCHITECTURES:
         raise EncoderLoadError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[arch].build(width)
@@ -368,10 +391,12 @@ def _load_encoder(
             state, metadata = load_state_dict_file(path)
             arch_name = arch or metadata.get("arch") or "cifar_resnet18"
             width = width or int(metadata.get("width", 0)) or _guess_width(state) or 64
+            if arch_name.startswith(OPENCLIP_PREFIX):
+                width = None  # the open_clip config fixes every size
             if metadata.get("mean") and mean is None:
                 mean = tuple(json.loads(metadata["mean"]))
                 std = tuple(json.loads(metadata["std"])) if std is None else std
-            module = build_architecture(arch_name, width)
+            module = build_architecture(arch_name, width or 64)
             expected = set(module.state_dict().keys())
             mapped = normalize_state_dict_keys(state, expected)
             missing = sorted(k for k in expected - set(mapped) if not k.endswith("num_batches_tracked"))
@@ -425,7 +450,7 @@ def _finish(
     mean: tuple[float, float, float] | None,
     std: tuple[float, float, float] | None,
 ) -> LoadedEncoder:
-    defaults = ARCHITECTURES.get(arch)
+    defaults = architecture(arch)
     input_size = input_size or (defaults.input_size if defaults else (32, 32))
     mean = mean or (defaults.mean if defaults else CIFAR_MEAN)
     std = std or (defaults.std if defaults else CIFAR_STD)
