@@ -259,6 +259,11 @@ def backdoor_encoder(
                 generator,
                 fixed_target,
             )
+            if not torch.isfinite(terms["total"]):
+                raise FloatingPointError(
+                    f"{settings.variant}: the loss is {terms['total'].item()} at epoch {epoch + 1} step "
+                    f"{step + 1}; lower the learning rate (now {settings.lr})"
+                )
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             # Clipping: the first steps of a fine-tune with a large lr can otherwise blow the norms up.
