@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from models.decoder import TOKEN_GRID
 from training.evaluate import roc_curve
 from training.lab_report import _fmt, _pct
 
@@ -76,6 +77,8 @@ def _figures(lab: ClipLab, results: dict, out_dir: Path) -> dict[str, list[str]]
 def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str:
     c, default = lab.config, default_method(lab)
     machine = results["machine"]
+    size = lab.data.test.shape[-1]
+    patch = size // TOKEN_GRID
     lines = [
         f"# CLIP detection report (suite `{c.name}`)",
         "",
@@ -85,12 +88,13 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
         "",
         f"Setup: a lab-size CLIP (`{c.model}` in models/clip.py: open_clip ModifiedResNet image tower, 2-layer "
         f"text transformer) trained contrastively for {c.clip_epochs} epochs on CIFAR-10 train images upsampled "
-        "to 64 px, each paired with a caption template around its class name. Tiny-ImageNet is kept out of "
-        "the CLIP's training so that it is out-of-distribution auxiliary data for the decoder (its native "
-        f"64 px images, {len(lab.data.splits['ood_aux'])} sources and their mirrors) and for calibration "
+        f"to {size} px, each paired with a caption template around its class name. Tiny-ImageNet is kept out of "
+        "the CLIP's training so that it is out-of-distribution auxiliary data for the decoder (its "
+        f"64 px images at {size} px, {len(lab.data.splits['ood_aux'])} sources and their mirrors) and for calibration "
         f"({len(lab.data.splits['ood_calibration'])} other images). Target class: "
-        f"{lab.data.class_names[c.target_class]}; trigger: BadEncoder's white square scaled to 64 px, pasted in "
-        f"pixel space. DeDe decoder preset `{c.decoder_preset}` ({c.decoder_epochs} epochs, 8x8 patches of 8 px).",
+        f"{lab.data.class_names[c.target_class]}; trigger: BadEncoder's white square scaled to {size} px, pasted in "
+        f"pixel space. DeDe decoder preset `{c.decoder_preset}` ({c.decoder_epochs} epochs, "
+        f"{TOKEN_GRID}x{TOKEN_GRID} patches of {patch} px).",
         "",
         "## CLIPs and attacks (zero-shot on CIFAR-10 test)",
         "",
@@ -138,6 +142,7 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
         lines.append("")
         lines += [f"![{f}]({f})" for f in figures.get(key, [])]
         lines.append("")
+    lines += _variant_lines(results, default)
     lines += [
         "## Goals (AUPRC >= 0.9 and AUROC >= 0.97, OOD auxiliary data, DeDe ahead of the baselines)",
         "",
@@ -169,3 +174,32 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
     lines += ["", "## Wall time per stage (seconds)", "", "| stage | wall |", "| --- | --- |"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["stage_wall_seconds"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _variant_lines(results: dict, default: str) -> list[str]:
+    keys = list(results["detection"])
+    if not keys:
+        return []
+    methods = sorted(
+        {m for k in keys for m in results["detection"][k]}, key=lambda m: (not m.startswith("dede"), m)
+    )
+    lines = [
+        "## Score variants side by side (AUROC / AUPRC)",
+        "",
+        "| method | " + " | ".join(keys) + " |",
+        "| --- | " + " | ".join("---" for _ in keys) + " |",
+    ]
+    for method in methods:
+        cells = []
+        for key in keys:
+            m = results["detection"][key].get(method)
+            cells.append("-" if m is None else f"{_fmt(m['auroc'])} / {_fmt(m['auprc'])}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines + [
+        "",
+        f"Default: `{default}` (the method's sum of squared errors). `max_patch` scores the worst rebuilt patch; "
+        "`lab_wide` is a decoder of more capacity. The `clean/ood` column is the control: the same trigger on a "
+        "CLIP without a backdoor, so a high value there means the score reacts to the trigger's pixels, not to a "
+        "backdoor.",
+        "",
+    ]

@@ -1,0 +1,30 @@
+"""The CLIP smoke suite end to end on the real data (marked `lab`; skipped without the data files)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from training.lab import REPO_ROOT, missing_data
+
+pytest.importorskip("open_clip")
+
+
+@pytest.mark.lab
+def test_clip_smoke_suite_runs_and_reports() -> None:
+    if missing_data():
+        pytest.skip("DEDE_DATA_DIR lacks the lab's data files")
+    from training.clip_lab import CLIP_ENCODERS, CLIP_SUITES, run_clip_suite
+
+    results = run_clip_suite("clip-smoke", progress=False)
+    assert set(results["zero_shot"]) == set(CLIP_ENCODERS)
+    for name in CLIP_ENCODERS:
+        metrics = results["detection"][f"{name}/ood"]
+        assert {"dede_tiny_sse", "dede_tiny_max_patch", "knn_distance", "strip", "embedding_norm"} <= set(
+            metrics
+        )
+        assert 0 <= metrics["dede_tiny_sse"]["auroc"] <= 1
+    written = REPO_ROOT / CLIP_SUITES["clip-smoke"].root / "report" / "results.json"
+    assert json.loads(written.read_text())["zero_shot"] == json.loads(json.dumps(results["zero_shot"]))
+    assert (written.parent / "REPORT.md").read_text().count("| **dede_tiny_sse** |") == len(CLIP_ENCODERS)
