@@ -64,6 +64,20 @@ class EncoderIdentity(_Strict):
     input_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # The encoder's own way from any image to its input size (CLIP: bicubic, shorter side, centre crop).
+    resize: ResizeRule = "resize"
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+
+    def input_spec(self) -> InputSpec:
+        """The InputSpec of a detector around this encoder: fitting, calibration and serving share it."""
+        return InputSpec(
+            height=self.input_size[0],
+            width=self.input_size[1],
+            mean=self.mean,
+            std=self.std,
+            resize=self.resize,
+            interpolation=self.interpolation,
+        )
 
 
 class DecoderSpec(_Strict):

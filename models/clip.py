@@ -20,17 +20,23 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class LabClipConfig:
-    """A small CLIP: a ModifiedResNet image tower and a short-context text transformer."""
+    """A small CLIP: a ModifiedResNet image tower (vision_layers per stage) or a ViT (vision_layers
+    an int: blocks, with vision_patch_size), and a short-context text transformer."""
 
     image_size: int = 64
     embed_dim: int = 128
-    vision_layers: tuple[int, int, int, int] = (1, 1, 1, 1)
+    vision_layers: tuple[int, int, int, int] | int = (1, 1, 1, 1)
+    vision_patch_size: int = 8  # ViT towers only
     vision_width: int = 32
     vision_head_width: int = 32
     context_length: int = 16  # captions are one short template sentence
     text_width: int = 128
     text_heads: int = 4
     text_layers: int = 2
+    # How images reach the tower: the lab CLIPs were trained on whole images resized bilinearly
+    # (CIFAR-10's 32 px upsampled), so that is their own preprocessing too.
+    resize: str = "resize"
+    interpolation: str = "bilinear"
 
 
 LAB_CONFIGS: dict[str, LabClipConfig] = {
@@ -46,6 +52,20 @@ LAB_CONFIGS: dict[str, LabClipConfig] = {
         text_heads=2,
         text_layers=1,
     ),
+    # A ViT tower with CLIP's own preprocessing, for tests of the 224 px path's mechanics at 32 px.
+    "tiny-vit-32": LabClipConfig(
+        image_size=32,
+        embed_dim=32,
+        vision_layers=2,
+        vision_patch_size=8,
+        vision_width=32,
+        vision_head_width=16,
+        text_width=32,
+        text_heads=2,
+        text_layers=1,
+        resize="shorter_side_center_crop",
+        interpolation="bicubic",
+    ),
 }
 
 
@@ -58,6 +78,7 @@ def build_clip(name: str) -> nn.Module:
         c = LAB_CONFIGS[name]
         vision = CLIPVisionCfg(
             layers=c.vision_layers,
+            patch_size=c.vision_patch_size,
             width=c.vision_width,
             head_width=c.vision_head_width,
             image_size=c.image_size,
@@ -84,6 +105,14 @@ def clip_image_size(name: str) -> int:
 
     size = open_clip.get_model_config(name)["vision_cfg"].get("image_size", 224)
     return int(size if isinstance(size, int) else size[0])
+
+
+def clip_preprocessing(name: str) -> tuple[str, str]:
+    """(resize rule, interpolation) of the bundle InputSpec: open_clip's own transform for its
+    architectures (bicubic resize of the shorter side, centre crop), the training one for lab CLIPs."""
+    if name in LAB_CONFIGS:
+        return LAB_CONFIGS[name].resize, LAB_CONFIGS[name].interpolation
+    return "shorter_side_center_crop", "bicubic"
 
 
 class ClipImageTower(nn.Module):

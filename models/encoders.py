@@ -137,6 +137,8 @@ class Architecture:
     input_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize: str = "resize"  # models.bundle.InputSpec's rule and interpolation for this encoder
+    interpolation: str = "bilinear"
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -164,12 +166,18 @@ OPENCLIP_PREFIX = "openclip:"  # `openclip:RN50`, `openclip:ViT-B-32`, `openclip
 def _openclip_architecture(arch: str) -> Architecture:
     """A CLIP image tower; its keys are `visual.*`, so a whole CLIP's state dict loads onto it (the
     text tower's keys are dropped as unknown)."""
-    from models.clip import OPENAI_MEAN, OPENAI_STD, clip_image_size, image_tower
+    from models.clip import OPENAI_MEAN, OPENAI_STD, clip_image_size, clip_preprocessing, image_tower
 
     name = arch.removeprefix(OPENCLIP_PREFIX)
     size = clip_image_size(name)
+    resize, interpolation = clip_preprocessing(name)
     return Architecture(
-        build=lambda _w: image_tower(name), input_size=(size, size), mean=OPENAI_MEAN, std=OPENAI_STD
+        build=lambda _w: image_tower(name),
+        input_size=(size, size),
+        mean=OPENAI_MEAN,
+        std=OPENAI_STD,
+        resize=resize,
+        interpolation=interpolation,
     )
 
 
@@ -398,6 +406,8 @@ def _load_encoder(
                 std = tuple(json.loads(metadata["std"])) if std is None else std
             module = build_architecture(arch_name, width or 64)
             expected = set(module.state_dict().keys())
+            if arch_name.startswith(OPENCLIP_PREFIX) and not any(k.startswith("visual.") for k in state):
+                state = {f"visual.{k}": v for k, v in state.items()}  # open_clip's `model.visual` alone
             mapped = normalize_state_dict_keys(state, expected)
             missing = sorted(k for k in expected - set(mapped) if not k.endswith("num_batches_tracked"))
             if missing:
@@ -464,6 +474,8 @@ def _finish(
         input_size=input_size,
         mean=mean,
         std=std,
+        resize=defaults.resize if defaults else "resize",
+        interpolation=defaults.interpolation if defaults else "bilinear",
     )
     return LoadedEncoder(module=module, identity=identity)
 

@@ -55,3 +55,40 @@ def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     export_bundle(load_run(tiny_run), out, model_name="tiny-test", model_version="0")
     return out
+
+
+@pytest.fixture(scope="session")
+def clip_tower_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A whole (random) tiny ViT CLIP's state dict, text tower included, as a user would bring one."""
+    pytest.importorskip("open_clip")
+    import torch
+
+    from models.clip import build_clip
+
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("clip") / "tiny-vit-clip.pt"
+    torch.save(build_clip("tiny-vit-32").state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clip_bundle(
+    clip_tower_file: Path, tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A bundle around a CLIP image tower (its own preprocessing: bicubic, shorter side, centre crop)."""
+    from models.encoders import load_encoder
+    from training.calibrate import calibrate_run
+    from training.data import load_images
+    from training.export import export_bundle
+    from training.fit import FitSettings, fit_decoder, load_run
+
+    encoder = load_encoder(str(clip_tower_file), arch="openclip:tiny-vit-32")
+    spec = encoder.identity.input_spec()
+    run_dir = tmp_path_factory.mktemp("clip-run")
+    images, _ = load_images(str(tiny_data["aux"]), spec)
+    fit_decoder(encoder, images, run_dir, FitSettings(preset="tiny", epochs=1, batch_size=128))
+    clean, _ = load_images(str(tiny_data["clean"]), spec)
+    calibrate_run(run_dir, clean, fpr=0.05, source="clean.npz")
+    out = tmp_path_factory.mktemp("bundles") / "clip"
+    export_bundle(load_run(run_dir), out, model_name="clip-tower-test", model_version="0")
+    return out

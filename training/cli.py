@@ -48,14 +48,13 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from models.bundle import InputSpec
     from models.encoders import load_encoder
     from training.data import load_images
     from training.fit import FitSettings, fit_decoder
 
     encoder = load_encoder(args.encoder, args.arch, args.width, args.input_size, args.mean, args.std)
     h, w = encoder.identity.input_size
-    spec = InputSpec(height=h, width=w, mean=encoder.mean, std=encoder.std)
+    spec = encoder.identity.input_spec()
     images, _ = load_images(args.data, spec, args.limit)
     settings = FitSettings(
         preset=args.preset,
@@ -77,14 +76,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from models.bundle import InputSpec
     from training.calibrate import calibrate_run
     from training.data import load_images
     from training.fit import load_run
 
     run = load_run(Path(args.run))
-    h, w = run.encoder.identity.input_size
-    spec = InputSpec(height=h, width=w, mean=run.encoder.mean, std=run.encoder.std)
+    spec = run.encoder.identity.input_spec()
     images, _ = load_images(args.data, spec, args.limit)
     if args.data == run.info["fit"].get("data_source") and args.limit is None:
         print("warning: calibrating on the fitting data underestimates clean scores; use held-out images")

@@ -25,7 +25,6 @@ from models.bundle import (
     ONNX_NAME,
     ONNX_RECONSTRUCTION,
     ONNX_SCORE,
-    InputSpec,
     Manifest,
     load_bundle,
     write_manifest,
@@ -241,12 +240,7 @@ def export_bundle(
             "model_name": model_name,
             "model_version": model_version,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "input": InputSpec(
-                height=identity.input_size[0],
-                width=identity.input_size[1],
-                mean=identity.mean,
-                std=identity.std,
-            ).model_dump(mode="json"),
+            "input": identity.input_spec().model_dump(mode="json"),
             "encoder": identity.model_dump(mode="json"),
             "decoder": {
                 "preset": run.info["preset"],

@@ -99,7 +99,6 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     """One fitted run against one trigger: DeDe and the baselines, same calibration and metrics."""
-    from models.bundle import InputSpec
     from training.attacks.triggers import make_trigger
     from training.baselines import embedding_norm_scores, knn_distance_scores, strip_scores
     from training.data import load_images
@@ -110,7 +109,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     run = load_run(Path(args.run))
     h, w = run.encoder.identity.input_size
-    spec = InputSpec(height=h, width=w, mean=run.encoder.mean, std=run.encoder.std)
+    spec = run.encoder.identity.input_spec()
     calibration, _ = load_images(args.calibration, spec, args.calibration_limit)
     test, test_y = load_images(args.test, spec, args.test_limit)
     trigger = make_trigger(args.trigger, (h, w))

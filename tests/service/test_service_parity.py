@@ -1,6 +1,6 @@
 """The same image files scored by `dede score` (offline) and by the service give identical scores.
 
-Uses the session's real exported bundle (tests/conftest.py `tiny_bundle`: a fitted decoder on a small
+Uses the session's real exported bundles (tests/conftest.py `tiny_bundle`: a fitted decoder on a small
 random encoder, exported by training/export.py), so this runs the whole offline -> online path.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from conftest import REPO_ROOT, random_images, start_server
 from PIL import Image
 
@@ -43,7 +44,13 @@ def write_files(folder: Path) -> list[Path]:
     return paths
 
 
-def test_service_and_dede_score_agree_exactly(tiny_bundle: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "clip_bundle"])
+def test_service_and_dede_score_agree_exactly(
+    bundle_fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """`clip_bundle`: a CLIP image tower with CLIP's preprocessing (bicubic, shorter side, centre
+    crop), which the odd-sized files go through."""
+    tiny_bundle = request.getfixturevalue(bundle_fixture)
     paths = write_files(tmp_path / "images")
     out = tmp_path / "offline.jsonl"
     subprocess.run(
