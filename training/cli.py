@@ -40,7 +40,11 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
         help="a state dict (.pt/.pth/.safetensors), TorchScript (.ts), ONNX (.onnx) file, "
         "`package.module:factory`, or `random:ARCH` (a freshly initialised encoder)",
     )
-    group.add_argument("--arch", help="architecture of a state dict, e.g. cifar_resnet18, resnet50")
+    group.add_argument(
+        "--arch",
+        help="architecture of a state dict, e.g. cifar_resnet18, resnet50, or openclip:<name> for an "
+        "open_clip image tower (openclip:ViT-B-32, openclip:RN50; a whole CLIP or the tower alone)",
+    )
     group.add_argument("--width", type=int, help="base width of a CIFAR ResNet (64 = standard)")
     group.add_argument("--input-size", type=_size, help="encoder input size, e.g. 32 or 224x224")
     group.add_argument("--mean", type=_floats3, help="normalization mean, e.g. 0.4914,0.4822,0.4465")
