@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models.bundle import InputSpec, prepare_array
 from models.clip import LAB_CONFIGS, OPENAI_MEAN, OPENAI_STD
@@ -70,14 +71,25 @@ class ClipSuiteConfig:
     strip_blends: int = 4
     knn_k: int = 10
     fpr_target: float = 0.01
-    extra_decoders: tuple[tuple[str, str, int], ...] = ()  # (encoder, preset, epochs)
+    # Further decoders beside the default one, as (encoder, preset, epochs, aux views); each is a
+    # named variant of the report (see `decoder_label`).
+    extra_decoders: tuple[tuple[str, str, int, str], ...] = ()
     seed: int = 0
     root: str = "runs/lab-clip"
 
 
 CLIP_SUITES: dict[str, ClipSuiteConfig] = {
     "clip": ClipSuiteConfig(
-        name="clip", extra_decoders=(("badencoder", "lab_wide", 10), ("poisoned", "lab_wide", 10))
+        name="clip",
+        extra_decoders=(
+            ("badencoder", "lab_wide", 10, "mirror"),
+            ("poisoned", "lab_wide", 10, "mirror"),
+            # The default decoder's loss at the test mask stays near 1.0 (the mean image): with 3,200
+            # views it hardly learns to use the embedding. More views (zoomed quadrants) and epochs:
+            ("badencoder", "lab", 30, "quadrants"),
+            ("clean", "lab", 30, "quadrants"),
+            ("poisoned", "lab", 30, "quadrants"),
+        ),
     ),
     "clip-smoke": ClipSuiteConfig(
         name="clip-smoke",
@@ -148,9 +160,33 @@ def load_clip_data(config: ClipSuiteConfig) -> ClipLabData:
     )
 
 
-def aux_views(images_nchw: np.ndarray) -> np.ndarray:
-    """Each auxiliary image and its mirror: 1,600 Tiny-ImageNet sources are few for a decoder."""
-    return np.concatenate([images_nchw, images_nchw[..., ::-1]]).copy()
+AUX_VIEWS = ("mirror", "quadrants")
+
+
+def aux_views(images_nchw: np.ndarray, views: str = "mirror") -> np.ndarray:
+    """1,600 Tiny-ImageNet sources are few for a decoder. `mirror`: each image and its mirror;
+    `quadrants`: also each quarter of the image (and of its mirror) enlarged to the full size."""
+    if views not in AUX_VIEWS:
+        raise ValueError(f"unknown auxiliary views {views!r}; known: {', '.join(AUX_VIEWS)}")
+    both = np.concatenate([images_nchw, images_nchw[..., ::-1]])
+    if views == "mirror":
+        return both.copy()
+    size = both.shape[-1]
+    half = size // 2
+    zoomed = [
+        F.interpolate(torch.from_numpy(both[..., r : r + half, c : c + half]).float(), size=(size, size),
+                      mode="bilinear", align_corners=False).round().clamp(0, 255).to(torch.uint8).numpy()
+        for r in (0, half) for c in (0, half)
+    ]  # fmt: skip
+    return np.concatenate([both, *zoomed])
+
+
+def decoder_label(config: ClipSuiteConfig, preset: str, epochs: int, views: str) -> str:
+    """A decoder's name in stages, folders and score keys: its preset when it trains as long as the
+    suite's default on the default views, else preset, epochs and views (`lab_40ep_quadrants`)."""
+    if views == "mirror" and epochs == config.decoder_epochs:
+        return preset
+    return f"{preset}_{epochs}ep_{views}"
 
 
 class ClipLab:
@@ -292,28 +328,31 @@ class ClipLab:
 
     # --- detection ------------------------------------------------------------------------------
 
-    def aux_sets(self) -> tuple[np.ndarray, np.ndarray]:
+    def aux_sets(self, views: str = "mirror") -> tuple[np.ndarray, np.ndarray]:
         d = self.data
-        return aux_views(d.tiny[d.splits["ood_aux"]]), d.tiny[d.splits["ood_calibration"]]
+        return aux_views(d.tiny[d.splits["ood_aux"]], views), d.tiny[d.splits["ood_calibration"]]
 
     def test_sets(self) -> tuple[np.ndarray, np.ndarray]:
         d = self.data
         non_target = d.test_y != self.config.target_class
         return d.test, self.trigger.apply_uint8_nchw(d.test[non_target])
 
-    def decoder_dir(self, name: str, preset: str) -> Path:
-        return self.root / "decoders" / f"{name}_ood_{preset}"
+    def decoder_dir(self, name: str, label: str) -> Path:
+        return self.root / "decoders" / f"{name}_ood_{label}"
 
-    def stage_decoder(self, name: str, preset: str, epochs: int) -> dict:
+    def stage_decoder(self, name: str, preset: str, epochs: int, views: str = "mirror") -> dict:
         from training.fit import FitSettings, fit_decoder
 
         c = self.config
+        label = decoder_label(c, preset, epochs, views)
 
         def run() -> dict:
             encoder = load_encoder(str(self.encoder_path(name)))
-            fit_images, _ = self.aux_sets()
-            settings = FitSettings(preset=preset, epochs=epochs, seed=c.seed, data_source="lab-clip:ood")
-            run_dir = self.decoder_dir(name, preset)
+            fit_images, _ = self.aux_sets(views)
+            settings = FitSettings(
+                preset=preset, epochs=epochs, seed=c.seed, data_source=f"lab-clip:ood:{views}"
+            )
+            run_dir = self.decoder_dir(name, label)
             fit_decoder(encoder, fit_images, run_dir, settings)
             log = (run_dir / "log.csv").read_text().strip().splitlines()
             return {
@@ -321,18 +360,21 @@ class ClipLab:
                 "n_fit_images": int(len(fit_images)),
                 "epochs": epochs,
                 "preset": preset,
+                "views": views,
                 "last_log": log[-1],
             }
 
-        suffix = "" if preset == c.decoder_preset else f"_{preset}"
+        suffix = "" if label == c.decoder_preset else f"_{label}"
         return self.cache.run(f"decoder_{name}_ood{suffix}", run)
 
-    def stage_scores(self, name: str, preset: str, with_baselines: bool = True) -> dict:
+    def stage_scores(self, name: str, label: str, with_baselines: bool = True) -> dict:
+        """DeDe scores of the decoder named `label` (and, with_baselines, the baselines') on the
+        calibration, clean test and triggered test images."""
         from training.fit import load_run
         from training.scoring import score_run
 
         c = self.config
-        suffix = "" if preset == c.decoder_preset else f"_{preset}"
+        suffix = "" if label == c.decoder_preset else f"_{label}"
         out = self.root / "scores" / f"{name}_ood{suffix}.npz"
 
         def run() -> dict:
@@ -340,10 +382,10 @@ class ClipLab:
             clean, triggered = self.test_sets()
             sets = (("calibration", calibration), ("clean", clean), ("triggered", triggered))
             arrays: dict[str, np.ndarray] = {}
-            fitted = load_run(self.decoder_dir(name, preset))
+            fitted = load_run(self.decoder_dir(name, label))
             for kind in DEDE_SCORE_KINDS:
                 for split, images in sets:
-                    arrays[f"dede_{preset}_{kind}/{split}"] = score_run(fitted, images, kind)
+                    arrays[f"dede_{label}_{kind}/{split}"] = score_run(fitted, images, kind)
             if with_baselines:
                 encoder = load_encoder(str(self.encoder_path(name)))
                 aux_z = embed_nchw(encoder, fit_images)
@@ -386,9 +428,9 @@ def run_clip_suite(suite: str = "clip", progress: bool = True, report_dir: Path 
     for name in ("badencoder", "poisoned", "clean"):
         lab.stage_decoder(name, config.decoder_preset, config.decoder_epochs)
         lab.stage_scores(name, config.decoder_preset)
-    for name, preset, epochs in config.extra_decoders:
-        lab.stage_decoder(name, preset, epochs)
-        lab.stage_scores(name, preset, with_baselines=False)
+    for name, preset, epochs, views in config.extra_decoders:
+        lab.stage_decoder(name, preset, epochs, views)
+        lab.stage_scores(name, decoder_label(config, preset, epochs, views), with_baselines=False)
     from training.clip_report import write_clip_report
 
     results = collect_clip_results(lab)

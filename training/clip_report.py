@@ -171,6 +171,19 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
                 f"best baseline {best[0]} AUROC {best[1]:.3f} ({'DeDe ahead' if ahead else 'DeDe NOT ahead'})"
             )
         lines.append(f"- {attack}: " + "; ".join(dict.fromkeys(parts)))
+    cues = [
+        f"{attack} (AUROC {results['detection'][f'{attack}/ood']['embedding_norm']['auroc']:.3f})"
+        for attack in ATTACKS
+        if results["detection"].get(f"{attack}/ood", {}).get("embedding_norm", {}).get("auroc", 0) > 0.9
+    ]
+    if cues:
+        lines += [
+            "",
+            "The embedding's L2 norm alone separates triggered from clean images on " + ", ".join(cues) + ": "
+            "these attacks leave a norm cue (as the plain BadEncoder does on the SimCLR encoders, see the "
+            "lab report), which a norm-preserving attack would remove; it is a property of the attack, not a "
+            "detector that holds up.",
+        ]
     lines += ["", "## Wall time per stage (seconds)", "", "| stage | wall |", "| --- | --- |"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["stage_wall_seconds"].items()]
     return "\n".join(lines) + "\n"
