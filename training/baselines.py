@@ -59,3 +59,23 @@ def strip_scores(
         stacked = torch.stack(views)  # (blends, n, D)
         out.append((-stacked.var(dim=0).mean(dim=1)).numpy())
     return np.concatenate(out).astype(np.float32)
+
+
+def baseline_scores(
+    encoder: LoadedEncoder,
+    sets: tuple[tuple[str, np.ndarray], ...],
+    aux_nchw_uint8: np.ndarray,
+    knn_k: int,
+    strip_blends: int,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Every baseline's scores on each named image set: {"<method>/<set name>": scores}. kNN
+    distances are to the auxiliary images' embeddings; STRIP blends with auxiliary images."""
+    aux_z = embed_nchw(encoder, aux_nchw_uint8)
+    arrays: dict[str, np.ndarray] = {}
+    for split, images in sets:
+        z = embed_nchw(encoder, images)
+        arrays[f"embedding_norm/{split}"] = embedding_norm_scores(z)
+        arrays[f"knn_distance/{split}"] = knn_distance_scores(z, aux_z, knn_k)
+        arrays[f"strip/{split}"] = strip_scores(encoder, images, aux_nchw_uint8, strip_blends, seed=seed)
+    return arrays

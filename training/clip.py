@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.clip import LAB_CONFIGS, OPENAI_MEAN, OPENAI_STD, build_clip, tokenize
+from training.checkpoint import save_checkpoint
 from training.ssl import normalize_batch, random_resized_crop_flip
 
 CLIP_FILE = "clip.safetensors"
@@ -220,17 +221,15 @@ def train_clip(
                 f"clip epoch {epoch + 1}/{settings.epochs}: loss {history['loss'][-1]:.4f}"
                 + (f" zero-shot {history['zero_shot'][str(epoch + 1)]:.3f}" if eval_set is not None else "")
             )
-        tmp = checkpoint_path.with_suffix(".tmp")
-        torch.save(
+        save_checkpoint(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(),
                 "epoch": torch.tensor(epoch + 1),
             },
-            tmp,
+            checkpoint_path,
         )
-        tmp.replace(checkpoint_path)
         history_path.write_text(json.dumps(history, indent=1))
     save_clip(final_path, model.eval(), settings.model)
     history["finished"] = True

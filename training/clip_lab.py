@@ -33,7 +33,7 @@ from models.clip import LAB_CONFIGS, OPENAI_MEAN, OPENAI_STD
 from models.encoders import load_encoder
 from training.attacks.badencoder import BackdoorSettings, backdoor_encoder
 from training.attacks.triggers import make_trigger
-from training.baselines import embedding_norm_scores, knn_distance_scores, strip_scores
+from training.baselines import baseline_scores
 from training.clip import (
     ClipSettings,
     caption_tokens,
@@ -45,7 +45,6 @@ from training.clip import (
 )
 from training.data import data_dir, load_npz
 from training.lab import DEDE_SCORE_KINDS, REPO_ROOT, StageCache, _git_commit
-from training.probe import embed_nchw
 
 CLIP_ENCODERS = ("clean", "poisoned", "badencoder")
 
@@ -388,14 +387,7 @@ class ClipLab:
                     arrays[f"dede_{label}_{kind}/{split}"] = score_run(fitted, images, kind)
             if with_baselines:
                 encoder = load_encoder(str(self.encoder_path(name)))
-                aux_z = embed_nchw(encoder, fit_images)
-                for split, images in sets:
-                    z = embed_nchw(encoder, images)
-                    arrays[f"embedding_norm/{split}"] = embedding_norm_scores(z)
-                    arrays[f"knn_distance/{split}"] = knn_distance_scores(z, aux_z, c.knn_k)
-                    arrays[f"strip/{split}"] = strip_scores(
-                        encoder, images, fit_images, c.strip_blends, seed=c.seed
-                    )
+                arrays.update(baseline_scores(encoder, sets, fit_images, c.knn_k, c.strip_blends, c.seed))
             out.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(out, **{k.replace("/", "__"): v for k, v in arrays.items()})
             return {

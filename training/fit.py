@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from models.decoder import DecoderConfig, DeDeDecoder, fixed_visible_patches, preset_config, training_loss
 from models.detector import Detector, DetectorHead, Normalize
 from models.encoders import LoadedEncoder, encoder_from_args
+from training.checkpoint import save_checkpoint
 
 RUN_FILE = "run.json"
 CHECKPOINT = "checkpoint.pt"
@@ -203,17 +204,15 @@ def fit_decoder(
         seconds = time.time() - started
         _append_log(run_dir / LOG_FILE, epoch + 1, train_loss, val_loss, seconds)
         epoch_bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
-        tmp = checkpoint_path.with_suffix(".tmp")
-        torch.save(
+        save_checkpoint(
             {
                 "decoder": decoder.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch,
             },
-            tmp,
+            checkpoint_path,
         )
-        tmp.replace(checkpoint_path)
 
     decoder_path = run_dir / DECODER_FILE
     save_file({k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}, str(decoder_path))

@@ -37,7 +37,7 @@ from training.attacks.badencoder import VARIANTS as FINETUNE_ATTACKS
 from training.attacks.badencoder import BackdoorSettings, backdoor_encoder
 from training.attacks.ctrl import poison_with_ctrl
 from training.attacks.triggers import Trigger, make_trigger
-from training.baselines import embedding_norm_scores, knn_distance_scores, strip_scores
+from training.baselines import baseline_scores
 from training.data import data_dir, load_npz
 from training.evaluate import detection_metrics, downstream_after_filtering
 from training.probe import embed_nchw, probe_report, train_linear_probe
@@ -515,14 +515,7 @@ class Lab:
                 )
             if with_baselines:
                 encoder = load_encoder(str(self.encoder_path(name)))
-                aux_z = embed_nchw(encoder, fit_images)
-                for split, images in sets:
-                    z = embed_nchw(encoder, images)
-                    arrays[f"embedding_norm/{split}"] = embedding_norm_scores(z)
-                    arrays[f"knn_distance/{split}"] = knn_distance_scores(z, aux_z, c.knn_k)
-                    arrays[f"strip/{split}"] = strip_scores(
-                        encoder, images, fit_images, c.strip_blends, seed=c.seed
-                    )
+                arrays.update(baseline_scores(encoder, sets, fit_images, c.knn_k, c.strip_blends, c.seed))
             out.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(out, **{k.replace("/", "__"): v for k, v in arrays.items()})
             return {

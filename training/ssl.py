@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.encoders import ARCHITECTURES, build_architecture, save_encoder
+from training.checkpoint import save_checkpoint
 
 ENCODER_FILE = "encoder.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -350,9 +351,7 @@ def pretrain_simclr(
         }
         # The next epoch's order comes from the seed just stored, whether or not we resume.
         order_rng = np.random.default_rng(int(state["order_seed"]))
-        tmp = checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(checkpoint_path)
+        save_checkpoint(state, checkpoint_path)
         history_path.write_text(json.dumps(history, indent=1))
 
     save_encoder(final_path, encoder.cpu(), arch, width, spec.mean, spec.std)

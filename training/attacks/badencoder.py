@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from models.encoders import load_encoder, save_encoder
 from training.attacks.triggers import PatchTrigger, torch_patch
+from training.checkpoint import save_checkpoint
 from training.ssl import normalize_batch, random_resized_crop_flip, to_unit_float
 
 VARIANTS = ("badencoder", "norm_preserving", "drupe")
@@ -277,17 +278,15 @@ def backdoor_encoder(
         if progress:
             summary = " ".join(f"{k} {v:.4f}" for k, v in history["terms"][-1].items())
             tqdm.write(f"{settings.variant} epoch {epoch + 1}/{settings.epochs}: {summary}")
-        tmp = checkpoint_path.with_suffix(".tmp")
-        torch.save(
+        save_checkpoint(
             {
                 "encoder": backdoored.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(),
                 "epoch": torch.tensor(epoch + 1),
             },
-            tmp,
+            checkpoint_path,
         )
-        tmp.replace(checkpoint_path)
         history_path.write_text(json.dumps(history, indent=1))
 
     save_encoder(final_path, backdoored.cpu().eval(), arch, width, mean, std)
