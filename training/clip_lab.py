@@ -88,6 +88,8 @@ CLIP_SUITES: dict[str, ClipSuiteConfig] = {
             ("badencoder", "lab", 30, "quadrants"),
             ("clean", "lab", 30, "quadrants"),
             ("poisoned", "lab", 30, "quadrants"),
+            # The wider decoder overfits 3,200 views (its validation loss rises): given the 9,600.
+            ("badencoder", "lab_wide", 30, "quadrants"),
         ),
     ),
     "clip-smoke": ClipSuiteConfig(
@@ -370,7 +372,7 @@ class ClipLab:
         """DeDe scores of the decoder named `label` (and, with_baselines, the baselines') on the
         calibration, clean test and triggered test images."""
         from training.fit import load_run
-        from training.scoring import score_run
+        from training.scoring import score_parts, score_run
 
         c = self.config
         suffix = "" if label == c.decoder_preset else f"_{label}"
@@ -382,9 +384,17 @@ class ClipLab:
             sets = (("calibration", calibration), ("clean", clean), ("triggered", triggered))
             arrays: dict[str, np.ndarray] = {}
             fitted = load_run(self.decoder_dir(name, label))
+            non_target = self.data.test_y != c.target_class
+            parts: dict[str, np.ndarray] = {}
             for kind in DEDE_SCORE_KINDS:
                 for split, images in sets:
                     arrays[f"dede_{label}_{kind}/{split}"] = score_run(fitted, images, kind)
+                # Why the score separates (or not): the embedding swap alone vs the trigger's pixels.
+                for part, values in score_parts(fitted, clean[non_target], triggered, kind).items():
+                    parts[f"dede_{label}_{kind}__{part}"] = values
+            parts_out = self.root / "score_parts" / out.name
+            parts_out.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(parts_out, **parts)
             if with_baselines:
                 encoder = load_encoder(str(self.encoder_path(name)))
                 arrays.update(baseline_scores(encoder, sets, fit_images, c.knn_k, c.strip_blends, c.seed))
@@ -396,6 +406,16 @@ class ClipLab:
             }
 
         return self.cache.run(f"scores_{name}_ood{suffix}", run)
+
+    def load_score_parts(self, name: str) -> dict[str, dict[str, np.ndarray]]:
+        """method -> part (own, embedding_only, pixels_only, both) -> scores (see score_parts)."""
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for path in sorted((self.root / "score_parts").glob(f"{name}_ood*.npz")):
+            with np.load(path) as archive:
+                for key in archive.files:
+                    method, part = key.split("__")
+                    out.setdefault(method, {})[part] = archive[key]
+        return out
 
     def load_scores(self, name: str) -> dict[str, dict[str, np.ndarray]]:
         out: dict[str, dict[str, np.ndarray]] = {}
@@ -439,7 +459,7 @@ def default_clip_report_dir(lab: ClipLab) -> Path:
 def collect_clip_results(lab: ClipLab) -> dict:
     import platform
 
-    from training.evaluate import detection_metrics
+    from training.evaluate import auroc, detection_metrics
 
     c = lab.config
     stages = lab.cache.all()
@@ -463,7 +483,18 @@ def collect_clip_results(lab: ClipLab) -> dict:
             n: stages[f"zero_shot_{n}"]["result"] for n in CLIP_ENCODERS if f"zero_shot_{n}" in stages
         },
         "detection": {},
+        # encoder -> decoder label -> its last validation loss at the test mask (per-pixel MSE in
+        # normalized pixels), beside the MSE of an embedding-blind rebuild: the per-pixel mean image.
+        "decoders": {},
+        "mean_image_mse": _mean_image_mse(lab.aux_sets()[1]),
     }
+    for stage, record in stages.items():
+        if stage.startswith("decoder_"):
+            result = record["result"]
+            name = stage.removeprefix("decoder_").split("_ood")[0]
+            label = decoder_label(c, result["preset"], result["epochs"], result["views"])
+            last = result["last_log"].split(",")
+            results["decoders"].setdefault(name, {})[label] = float(last[2])
     for name in CLIP_ENCODERS:
         scores = lab.load_scores(name)
         if scores:
@@ -471,4 +502,24 @@ def collect_clip_results(lab: ClipLab) -> dict:
                 method: detection_metrics(s["calibration"], s["clean"], s["triggered"], c.fpr_target)
                 for method, s in scores.items()
             }
+        parts = lab.load_score_parts(name)
+        if parts:
+            # AUROC of each part against the clean score of the same images (non-target test images).
+            results.setdefault("score_parts", {})[f"{name}/ood"] = {
+                method: {
+                    f"auroc_{part}": auroc(p["own"], p[part])
+                    for part in ("embedding_only", "pixels_only", "both")
+                }
+                | {"n_images": int(len(p["own"]))}
+                for method, p in parts.items()
+            }
     return results
+
+
+def _mean_image_mse(images: np.ndarray) -> float:
+    """Per-pixel MSE, in the decoder's normalized pixel space, of rebuilding every image as the
+    per-pixel mean image: what a decoder that ignores the embedding reaches at best."""
+    mean = np.asarray(OPENAI_MEAN, np.float64).reshape(1, 3, 1, 1)
+    std = np.asarray(OPENAI_STD, np.float64).reshape(1, 3, 1, 1)
+    x = (images.astype(np.float64) / 255.0 - mean) / std
+    return float(x.var(axis=0).mean())

@@ -143,6 +143,7 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
         lines += [f"![{f}]({f})" for f in figures.get(key, [])]
         lines.append("")
     lines += _variant_lines(results, default)
+    lines += _score_part_lines(results, default)
     lines += [
         "## Goals (AUPRC >= 0.9 and AUROC >= 0.97, OOD auxiliary data, DeDe ahead of the baselines)",
         "",
@@ -216,3 +217,60 @@ def _variant_lines(results: dict, default: str) -> list[str]:
         "backdoor.",
         "",
     ]
+
+
+def _score_part_lines(results: dict, default: str) -> list[str]:
+    """Where a DeDe score's separation comes from: the embedding swap alone vs the trigger's pixels."""
+    parts = results.get("score_parts", {})
+    if not parts:
+        return []
+    lines = [
+        "## Why: the score split into the embedding swap and the trigger's pixels",
+        "",
+        "Each triggered test image is scored three more ways against its own clean version "
+        "(`training/scoring.score_parts`): *embedding only* rebuilds the clean image from the triggered "
+        "image's embedding (what a backdoor does, and all the method relies on); *pixels only* compares the "
+        "triggered pixels with a rebuild from the clean embedding (what a trigger does on any encoder); "
+        "*both* is the triggered score. AUROC against the clean scores of the same images.",
+        "",
+        f"Decoder val loss: per-pixel MSE at the test mask on Tiny-ImageNet; the per-pixel mean image "
+        f"(a rebuild blind to the embedding) scores {_fmt(results.get('mean_image_mse'))} on the calibration images.",
+        "",
+        "| encoder | method | both | embedding only | pixels only | decoder val loss (test mask) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    val_loss = {}
+    for stage, result in results.get("decoders", {}).items():
+        val_loss[stage] = result
+    for key, per_method in parts.items():
+        name = key.split("/")[0]
+        for method, p in sorted(per_method.items()):
+            loss = val_loss.get(name, {}).get(_decoder_of(method))
+            lines.append(
+                f"| {name} | {method} | {_fmt(p['auroc_both'])} | {_fmt(p['auroc_embedding_only'])} | "
+                f"{_fmt(p['auroc_pixels_only'])} | {_fmt(loss)} |"
+            )
+    lines.append("")
+    for attack in ATTACKS:
+        p = parts.get(f"{attack}/ood", {}).get(default)
+        if p is not None:
+            lines.append(
+                f"- {attack}, `{default}`: the embedding swap alone separates at AUROC "
+                f"{p['auroc_embedding_only']:.3f}, the trigger's pixels alone at {p['auroc_pixels_only']:.3f}."
+            )
+    control = parts.get("clean/ood", {}).get(default)
+    if control is not None:
+        lines.append(
+            f"- clean control, `{default}`: pixels alone {control['auroc_pixels_only']:.3f}, embedding alone "
+            f"{control['auroc_embedding_only']:.3f} (a backdoor-free encoder barely moves the embedding)."
+        )
+    return lines + [""]
+
+
+def _decoder_of(method: str) -> str:
+    """`dede_lab_30ep_quadrants_max_patch` -> `lab_30ep_quadrants`."""
+    stem = method.removeprefix("dede_")
+    for kind in ("_max_patch", "_sse"):
+        if stem.endswith(kind):
+            return stem.removesuffix(kind)
+    return stem

@@ -64,3 +64,38 @@ def score_run_several_masks(
         embedding = run.encoder.embed(batch)
         scores.append(torch.stack([head(batch, embedding)[0] for head in heads]).mean(dim=0).numpy())
     return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
+@torch.no_grad()
+def score_parts(
+    run: FittedRun,
+    clean: np.ndarray,
+    triggered: np.ndarray,
+    score_kind: str = "sse",
+    batch_size: int = 256,
+) -> dict[str, np.ndarray]:
+    """The score of paired images (triggered[i] is clean[i] with the trigger) split into what moves
+    it: the pixels the decoder compares against, or the embedding it rebuilds from.
+
+    own: clean pixels, clean embedding (the clean score); embedding_only: clean pixels, the triggered
+    image's embedding (a pure embedding swap, what a backdoor does and the method relies on);
+    pixels_only: triggered pixels, the clean embedding (the trigger's pixels alone, which a backdoor-
+    free encoder also shows); both: triggered pixels and embedding (the triggered score)."""
+    if len(clean) != len(triggered):
+        raise ValueError(f"paired sets differ in length: {len(clean)} clean, {len(triggered)} triggered")
+    if len(clean) == 0:
+        return {name: np.zeros(0, np.float32) for name in ("own", "embedding_only", "pixels_only", "both")}
+    head = run.head(score_kind).eval()
+    parts: dict[str, list[np.ndarray]] = {"own": [], "embedding_only": [], "pixels_only": [], "both": []}
+    for start in tqdm(range(0, len(clean), batch_size), desc="score parts", unit="batch", leave=False):
+        x = torch.from_numpy(np.ascontiguousarray(clean[start : start + batch_size]))
+        x_t = torch.from_numpy(np.ascontiguousarray(triggered[start : start + batch_size]))
+        z, z_t = run.encoder.embed(x), run.encoder.embed(x_t)
+        for name, (pixels, embedding) in {
+            "own": (x, z),
+            "embedding_only": (x, z_t),
+            "pixels_only": (x_t, z),
+            "both": (x_t, z_t),
+        }.items():
+            parts[name].append(head(pixels, embedding)[0].float().numpy())
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}

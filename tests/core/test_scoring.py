@@ -1,15 +1,17 @@
-"""The lab's several-masks score variant against the shipped score."""
+"""The lab's score variants and diagnostics against the shipped score."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from models.bundle import InputSpec
+from training.attacks.triggers import make_trigger
 from training.data import load_images
 from training.fit import load_run
-from training.scoring import score_run, score_run_several_masks
+from training.scoring import score_parts, score_run, score_run_several_masks
 
 
 def _images(tiny_data: dict[str, Path], run_dir: Path) -> np.ndarray:
@@ -34,3 +36,29 @@ def test_visible_patches_change_the_score_and_it_stays_deterministic(tiny_data: 
         [score_run_several_masks(run, images[i : i + 1], 0.9, n_masks=4) for i in range(len(images))]
     )
     np.testing.assert_allclose(one_by_one, at_09, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sse", "max_patch"])
+def test_score_parts_mix_pixels_and_embeddings_of_the_pair(
+    tiny_data: dict, tiny_run: Path, kind: str
+) -> None:
+    run, clean = load_run(tiny_run), _images(tiny_data, tiny_run)
+    triggered = make_trigger("patch", (32, 32)).apply_uint8_nchw(clean)
+    parts = score_parts(run, clean, triggered, kind, batch_size=16)
+    # The pure cases are the shipped scores of each set.
+    np.testing.assert_allclose(parts["own"], score_run(run, clean, kind), rtol=1e-5)
+    np.testing.assert_allclose(parts["both"], score_run(run, triggered, kind), rtol=1e-5)
+    # The mixed ones are neither: each differs from both pure cases.
+    for mixed in ("embedding_only", "pixels_only"):
+        assert not np.allclose(parts[mixed], parts["own"], rtol=1e-4)
+        assert not np.allclose(parts[mixed], parts["both"], rtol=1e-4)
+    # Unchanged pixels and embeddings: all four agree.
+    same = score_parts(run, clean, clean, kind)
+    for values in same.values():
+        np.testing.assert_allclose(values, same["own"], rtol=1e-6)
+
+
+def test_score_parts_refuses_unpaired_sets(tiny_data: dict, tiny_run: Path) -> None:
+    run, clean = load_run(tiny_run), _images(tiny_data, tiny_run)
+    with pytest.raises(ValueError, match="paired"):
+        score_parts(run, clean, clean[:-1])

@@ -25,6 +25,14 @@ def test_clip_smoke_suite_runs_and_reports() -> None:
             metrics
         )
         assert 0 <= metrics["dede_tiny_sse"]["auroc"] <= 1
+        # The score split: its "both" part is the triggered score, so its AUROC (same images) is close.
+        parts = results["score_parts"][f"{name}/ood"]["dede_tiny_sse"]
+        assert parts["n_images"] == metrics["dede_tiny_sse"]["n_triggered_test"]
+        assert set(parts) == {"auroc_both", "auroc_embedding_only", "auroc_pixels_only", "n_images"}
+    assert set(results["decoders"]) == set(CLIP_ENCODERS)
+    assert all(0 < loss < 10 for d in results["decoders"].values() for loss in d.values())
     written = REPO_ROOT / CLIP_SUITES["clip-smoke"].root / "report" / "results.json"
     assert json.loads(written.read_text())["zero_shot"] == json.loads(json.dumps(results["zero_shot"]))
-    assert (written.parent / "REPORT.md").read_text().count("| **dede_tiny_sse** |") == len(CLIP_ENCODERS)
+    report = (written.parent / "REPORT.md").read_text()
+    assert report.count("| **dede_tiny_sse** |") == len(CLIP_ENCODERS)
+    assert "## Why: the score split" in report
