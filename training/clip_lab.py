@@ -21,7 +21,7 @@ Tiny-ImageNet images only. Metrics, baselines and the report code are the lab's.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ from training.clip import (
     zero_shot_predict,
 )
 from training.data import data_dir, load_npz
-from training.lab import DEDE_SCORE_KINDS, REPO_ROOT, StageCache, _git_commit
+from training.lab import DEDE_SCORE_KINDS, REPO_ROOT, StageCache, load_score_tables, results_header
 
 CLIP_ENCODERS = ("clean", "poisoned", "badencoder")
 
@@ -409,22 +409,10 @@ class ClipLab:
 
     def load_score_parts(self, name: str) -> dict[str, dict[str, np.ndarray]]:
         """method -> part (own, embedding_only, pixels_only, both) -> scores (see score_parts)."""
-        out: dict[str, dict[str, np.ndarray]] = {}
-        for path in sorted((self.root / "score_parts").glob(f"{name}_ood*.npz")):
-            with np.load(path) as archive:
-                for key in archive.files:
-                    method, part = key.split("__")
-                    out.setdefault(method, {})[part] = archive[key]
-        return out
+        return load_score_tables(self.root / "score_parts", f"{name}_ood")
 
     def load_scores(self, name: str) -> dict[str, dict[str, np.ndarray]]:
-        out: dict[str, dict[str, np.ndarray]] = {}
-        for path in sorted((self.root / "scores").glob(f"{name}_ood*.npz")):
-            with np.load(path) as archive:
-                for key in archive.files:
-                    method, split = key.split("__")
-                    out.setdefault(method, {})[split] = archive[key]
-        return out
+        return load_score_tables(self.root / "scores", f"{name}_ood")
 
 
 def run_clip_suite(suite: str = "clip", progress: bool = True, report_dir: Path | None = None) -> dict:
@@ -457,23 +445,12 @@ def default_clip_report_dir(lab: ClipLab) -> Path:
 
 
 def collect_clip_results(lab: ClipLab) -> dict:
-    import platform
-
     from training.evaluate import auroc, detection_metrics
 
     c = lab.config
     stages = lab.cache.all()
     results: dict = {
-        "suite": c.name,
-        "config": asdict(c),
-        "commit": _git_commit(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-        "stage_wall_seconds": {name: round(s["wall_seconds"], 1) for name, s in stages.items()},
+        **results_header(c, stages),
         "training": {
             k: stages[k]["result"]
             for k in ("clip_clean", "clip_poisoned", "attack_clip_badencoder")

@@ -7,11 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from models.decoder import TOKEN_GRID
-from training.evaluate import roc_curve
-from training.lab_report import _fmt, _pct
+from training.lab_report import _fmt, _pct, roc_figure, score_histogram
 
 if TYPE_CHECKING:
     from training.clip_lab import ClipLab
@@ -42,34 +39,13 @@ def _figures(lab: ClipLab, results: dict, out_dir: Path) -> dict[str, list[str]]
     for key in results["detection"]:
         name = key.split("/")[0]
         scores = lab.load_scores(name)
-        fig, ax = plt.subplots(figsize=(3.6, 3.4), dpi=80)
-        for m, splits in sorted(scores.items()):
-            fpr, tpr = roc_curve(splits["clean"], splits["triggered"])
-            ax.plot(fpr, tpr, label=m, lw=1.2)
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set(xlabel="FPR (clean CIFAR-10 test)", ylabel="TPR (triggered)", title=f"ROC CLIP {name}")
-        ax.set_xscale("symlog", linthresh=0.01)
-        ax.legend(fontsize=6, loc="lower right")
-        fig.tight_layout()
         roc = f"roc_clip_{name}.png"
-        fig.savefig(out_dir / roc)
-        plt.close(fig)
+        roc_figure(plt, scores, f"ROC CLIP {name}", out_dir / roc)
         made[key] = [roc]
         if method in scores:
-            splits = scores[method]
-            fig, ax = plt.subplots(figsize=(3.6, 2.6), dpi=80)
-            both = np.concatenate([splits["clean"], splits["triggered"]])
-            bins = np.linspace(both.min(), np.quantile(both, 0.999), 60)
-            ax.hist(splits["clean"], bins, alpha=0.6, density=True, label="clean test")
-            ax.hist(splits["triggered"], bins, alpha=0.6, density=True, label="triggered test")
-            threshold = results["detection"][key][method]["calibrated"]["threshold"]
-            ax.axvline(threshold, color="k", ls="--", lw=1, label="calibrated threshold")
-            ax.set(xlabel=f"{method} score", title=f"CLIP {name}")
-            ax.legend(fontsize=6)
-            fig.tight_layout()
             hist = f"hist_clip_{name}.png"
-            fig.savefig(out_dir / hist)
-            plt.close(fig)
+            threshold = results["detection"][key][method]["calibrated"]["threshold"]
+            score_histogram(plt, scores[method], threshold, method, f"CLIP {name}", out_dir / hist)
             made[key].append(hist)
     return made
 

@@ -527,15 +527,7 @@ class Lab:
 
     def load_scores(self, name: str, aux: str) -> dict[str, dict[str, np.ndarray]]:
         """Every method's score arrays for (encoder, aux), merged over the presets that ran."""
-        out: dict[str, dict[str, np.ndarray]] = {}
-        for path in sorted((self.root / "scores").glob(f"{name}_{aux}*.npz")):
-            if path.stem != f"{name}_{aux}" and not path.stem.startswith(f"{name}_{aux}_"):
-                continue
-            with np.load(path) as archive:
-                for key in archive.files:
-                    method, split = key.split("__")
-                    out.setdefault(method, {})[split] = archive[key]
-        return out
+        return load_score_tables(self.root / "scores", f"{name}_{aux}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,23 +600,45 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def collect_results(lab: Lab, session_seconds: float) -> dict:
-    """Every figure, from the cached stages and score arrays."""
-    c = lab.config
-    stages = lab.cache.all()
-    results: dict = {
-        "suite": c.name,
-        "config": asdict(c),
+def results_header(config: object, stages: dict, device: str = "cpu") -> dict:
+    """What every suite's results.json opens with: the suite, its settings, the commit, the machine
+    and the wall time of each cached stage."""
+    return {
+        "suite": config.name,
+        "config": asdict(config),
         "commit": _git_commit(),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "device": lab.device,
+            "device": device,
         },
-        "seeds": {"suite": c.seed, "data_splits": [c.seed + i for i in range(5)]},
         "stage_wall_seconds": {name: round(s["wall_seconds"], 1) for name, s in stages.items()},
+    }
+
+
+def load_score_tables(folder: Path, stem: str) -> dict[str, dict[str, np.ndarray]]:
+    """method -> column -> scores, merged over `<stem>.npz` and every `<stem>_<variant>.npz` in
+    `folder` (keys `method__column`)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for path in sorted(folder.glob(f"{stem}*.npz")):
+        if path.stem != stem and not path.stem.startswith(f"{stem}_"):
+            continue
+        with np.load(path) as archive:
+            for key in archive.files:
+                method, column = key.split("__")
+                out.setdefault(method, {})[column] = archive[key]
+    return out
+
+
+def collect_results(lab: Lab, session_seconds: float) -> dict:
+    """Every figure, from the cached stages and score arrays."""
+    c = lab.config
+    stages = lab.cache.all()
+    results: dict = {
+        **results_header(c, stages, lab.device),
+        "seeds": {"suite": c.seed, "data_splits": [c.seed + i for i in range(5)]},
         "stage_compute_seconds": {
             name: round(s["result"]["compute_seconds"], 1)
             for name, s in stages.items()

@@ -62,42 +62,56 @@ def _figures(lab: Lab, results: dict, out_dir: Path) -> dict[str, list[str]]:
     for key in results["detection"]:
         name, aux = key.split("/")
         scores = lab.load_scores(name, aux)
-        fig, ax = plt.subplots(figsize=(3.6, 3.4), dpi=80)
-        for method, splits in sorted(scores.items()):
-            fpr, tpr = roc_curve(splits["clean"], splits["triggered"])
-            ax.plot(fpr, tpr, label=method, lw=1.2)
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set(xlabel="FPR (clean CIFAR-10 test)", ylabel="TPR (triggered)", title=f"ROC {name} / {aux}")
-        ax.set_xscale("symlog", linthresh=0.01)
-        ax.legend(fontsize=6, loc="lower right")
-        fig.tight_layout()
         roc = f"roc_{name}_{aux}.png"
-        fig.savefig(out_dir / roc)
-        plt.close(fig)
-
+        roc_figure(plt, scores, f"ROC {name} / {aux}", out_dir / roc)
+        made[key] = [roc]
         method = default_dede_method(lab)
-        hist = f"hist_{name}_{aux}.png"
         if method in scores:
-            splits = scores[method]
-            fig, ax = plt.subplots(figsize=(3.6, 2.6), dpi=80)
-            all_scores = np.concatenate([splits["clean"], splits["triggered"]])
-            bins = np.linspace(all_scores.min(), np.quantile(all_scores, 0.999), 60)
-            ax.hist(splits["clean"], bins, alpha=0.6, density=True, label="clean test")
-            ax.hist(splits["triggered"], bins, alpha=0.6, density=True, label="triggered test")
+            hist = f"hist_{name}_{aux}.png"
             threshold = results["detection"][key][method]["calibrated"]["threshold"]
-            ax.axvline(threshold, color="k", ls="--", lw=1, label="calibrated threshold")
-            ax.set(xlabel=f"{method} score", title=f"{name} / {aux}")
-            ax.legend(fontsize=6)
-            fig.tight_layout()
-            fig.savefig(out_dir / hist)
-            plt.close(fig)
-            made[key] = [roc, hist]
-        else:
-            made[key] = [roc]
+            score_histogram(plt, scores[method], threshold, method, f"{name} / {aux}", out_dir / hist)
+            made[key].append(hist)
     grid = _reconstruction_grid(lab, results, out_dir, plt)
     if grid:
         made["grid"] = [grid]
     return made
+
+
+def roc_figure(plt, scores: dict[str, dict[str, np.ndarray]], title: str, path: Path) -> None:  # noqa: ANN001
+    """One ROC curve per method (clean test vs triggered test), FPR on a log-like axis."""
+    fig, ax = plt.subplots(figsize=(3.6, 3.4), dpi=80)
+    for method, splits in sorted(scores.items()):
+        fpr, tpr = roc_curve(splits["clean"], splits["triggered"])
+        ax.plot(fpr, tpr, label=method, lw=1.2)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="FPR (clean CIFAR-10 test)", ylabel="TPR (triggered)", title=title)
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def score_histogram(
+    plt,  # noqa: ANN001
+    splits: dict[str, np.ndarray],
+    threshold: float,
+    method: str,
+    title: str,
+    path: Path,
+) -> None:
+    """Clean vs triggered test scores of one method, with the clean-calibrated threshold."""
+    fig, ax = plt.subplots(figsize=(3.6, 2.6), dpi=80)
+    both = np.concatenate([splits["clean"], splits["triggered"]])
+    bins = np.linspace(both.min(), np.quantile(both, 0.999), 60)
+    ax.hist(splits["clean"], bins, alpha=0.6, density=True, label="clean test")
+    ax.hist(splits["triggered"], bins, alpha=0.6, density=True, label="triggered test")
+    ax.axvline(threshold, color="k", ls="--", lw=1, label="calibrated threshold")
+    ax.set(xlabel=f"{method} score", title=title)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _reconstruction_grid(lab: Lab, results: dict, out_dir: Path, plt) -> str | None:  # noqa: ANN001
