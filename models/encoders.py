@@ -9,7 +9,8 @@ graph. Sources:
   - a TorchScript file;
   - an ONNX file, treated as a black box (fitting needs only embeddings; export composes graphs);
   - `package.module:factory` for anything else;
-  - `random:ARCH`, a freshly initialised encoder (tests, demos, pre-training from scratch).
+  - `random:ARCH`, a freshly initialised encoder (tests, demos, pre-training from scratch);
+  - a Hugging Face CLIP folder (config.json + model.safetensors), its image tower (models/hf_clip.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.bundle import EncoderIdentity, sha256_file
+from models.hf_clip import is_hf_clip_folder
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -383,6 +385,8 @@ def _load_encoder(
             torch.manual_seed(0)  # the same spec always means the same weights
             module = build_architecture(arch_name, width or 64)
         return _finish(module, arch_name, "random", spec, None, width, input_size, mean, std)
+    if is_hf_clip_folder(path):
+        return _load_hf_clip(path, input_size, mean, std)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".onnx":
@@ -437,8 +441,42 @@ def _load_encoder(
             raise EncoderLoadError(f"factory {spec} returned {type(module).__name__}, not a torch module")
         return _finish(module, arch or spec, "factory", spec, None, None, input_size, mean, std)
     raise EncoderLoadError(
-        f"encoder {spec!r}: no such file, and not `random:ARCH` or `package.module:factory`"
+        f"encoder {spec!r}: no such file or Hugging Face CLIP folder, and not `random:ARCH` or `package.module:factory`"
     )
+
+
+def _load_hf_clip(
+    folder: Path,
+    input_size: tuple[int, int] | None,
+    mean: tuple[float, float, float] | None,
+    std: tuple[float, float, float] | None,
+) -> LoadedEncoder:
+    """A Hugging Face CLIP folder (models/hf_clip.py): its preprocessing is the tower's own."""
+    from models.hf_clip import HF_CLIP_ARCH, HfClipLoadError, folder_sha256, load_hf_clip_tower
+
+    try:
+        tower, prep = load_hf_clip_tower(folder)
+        digest = folder_sha256(folder)
+    except HfClipLoadError as exc:
+        raise EncoderLoadError(str(exc)) from exc
+    if input_size is not None and tuple(input_size) != prep.input_size:
+        raise EncoderLoadError(
+            f"{folder}: the tower takes {prep.input_size} inputs (its config.json); drop --input-size"
+        )
+    module = _freeze(tower)
+    identity = EncoderIdentity(
+        architecture=HF_CLIP_ARCH if tower.projection is None else f"{HF_CLIP_ARCH}+projection",
+        kind="hf_clip_folder",
+        source=folder.name,
+        sha256=digest,
+        embedding_dim=_probe_embedding_dim(module, prep.input_size),
+        input_size=prep.input_size,
+        mean=mean or prep.mean,
+        std=std or prep.std,
+        resize=prep.resize,
+        interpolation=prep.interpolation,
+    )
+    return LoadedEncoder(module=module, identity=identity)
 
 
 def _guess_width(state: dict[str, torch.Tensor]) -> int | None:
