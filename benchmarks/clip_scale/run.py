@@ -10,8 +10,8 @@ Part 2, per CLIP tower (openclip:ViT-B-32 and openclip:RN50, RANDOM weights: thi
 and costs, not detection): fit the `lab` decoder for one epoch on TinyImageNet images prepared by the
 bundle's own preprocessing (bicubic, shorter side, centre crop), calibrate, export (with the export's
 own parity check), ONNX Runtime at batch 1 vs batch 8, `python -m service` loading the bundle and
-answering one request with the offline scorer's scores, and ONNX Runtime throughput of the whole
-graph vs the encoder alone.
+answering one request with the offline scorer's scores, its throughput under 8 clients, and ONNX
+Runtime throughput of the whole graph vs the encoder alone.
 
 Writes benchmarks/clip_scale/results.json and REPORT.md (with commit, machine and command).
 """
@@ -195,24 +195,35 @@ def _ort_throughput(path: Path, size: int, output: str, repeats: int) -> dict[st
     return figures
 
 
-def _service_scores(bundle_dir: Path, paths: list[Path], log_path: Path) -> tuple[dict[str, float], float]:
-    """`python -m service` on loopback (benchmarks/serving's harness): its /detect answer for the
-    files, and the seconds from process start to that answer."""
+def _service_check(
+    bundle_dir: Path, paths: list[Path], pngs: list[bytes], log_path: Path, seconds: float
+) -> tuple[dict[str, float], float, dict]:
+    """`python -m service` on loopback (benchmarks/serving's harness, its default settings): its
+    /detect answer for the files, the seconds from process start to that answer, and its throughput
+    under 8 closed-loop clients sending one PNG each per request (benchmarks/serving's load generator)."""
     import httpx
 
+    from benchmarks.serving.loadgen import closed_loop, multipart_body
+    from benchmarks.serving.run import _run_async
     from benchmarks.serving.server import BenchServer
 
     started = time.perf_counter()
-    server = BenchServer(bundle_dir, log_path, max_batch_size=4)
+    server = BenchServer(bundle_dir, log_path)
     try:
         server.wait_ready(timeout_s=600)
         files = [("images", (p.name, p.read_bytes())) for p in paths]
         response = httpx.post(server.url + "/detect", files=files, timeout=300)
+        start_to_answer = time.perf_counter() - started
+        response.raise_for_status()
+        bodies = [multipart_body([png], [f"{i}.png"]) for i, png in enumerate(pngs)]
+        load = _run_async(closed_loop(server.url, bodies, 1, concurrency=8, seconds=seconds, warmup_s=2.0))
     finally:
         server.stop()
-    response.raise_for_status()
     scores = {row["filename"]: row["score"] for row in response.json()["images"]}
-    return scores, time.perf_counter() - started
+    throughput = {
+        k: getattr(load, k) for k in ("images_per_s", "p50_ms", "p99_ms", "requests", "errors", "concurrency")
+    }
+    return scores, start_to_answer, throughput
 
 
 def clip_mechanics(
@@ -272,7 +283,14 @@ def clip_mechanics(
         paths.append(work / name)
         paths[-1].write_bytes(buffer.getvalue())
     offline = {Path(r.path).name: r.score for r in score_files(bundle, paths)}
-    served, timings["service_start_to_answer_s"] = _service_scores(bundle_dir, paths, work / "server.log")
+    pngs = []
+    for array in images_nhwc[n_fit + n_calibration : n_fit + n_calibration + 64]:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    served, timings["service_start_to_answer_s"], service_load = _service_check(
+        bundle_dir, paths, pngs, work / "server.log", seconds=max(10.0, 3.0 * repeats)
+    )
 
     alone_path = work / f"encoder-{arch}.onnx"
     _export_encoder_alone(_EncoderAlone(encoder.module, spec.mean, spec.std).eval(), size, alone_path)
@@ -296,6 +314,7 @@ def clip_mechanics(
             "scores": served,
             "offline_scores": offline,
             "identical_to_offline": served == offline,
+            "closed_loop_8_clients_64px_png": service_load,
             "max_relative_diff_vs_offline": relative_diff(
                 [served[n] for n in names], [offline[n] for n in names]
             ),
@@ -423,6 +442,14 @@ def write_report(result: dict, path: Path) -> None:
     row(
         "ORT images/s, batch 16: encoder+decoder / encoder alone",
         lambda t: f"{rate(t, 'encoder_and_decoder', 16):.1f} / {rate(t, 'encoder_alone', 16):.1f}",
+    )
+    row(
+        "service, 8 clients x 1 PNG: images/s; p50 / p99 ms",
+        lambda t: (
+            f"{t['service']['closed_loop_8_clients_64px_png']['images_per_s']:.1f}; "
+            f"{t['service']['closed_loop_8_clients_64px_png']['p50_ms']:.0f} / "
+            f"{t['service']['closed_loop_8_clients_64px_png']['p99_ms']:.0f}"
+        ),
     )
     row("bundle graph, MB", lambda t: f"{t['bundle_onnx_mb']:.0f}")
     lines += ["", *result.get("notes", [])]
