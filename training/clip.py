@@ -3,8 +3,14 @@ classification, and the poisoned-pairs attack.
 
 Captions are templates around a class name ("a photo of a {}."), one drawn at random per image and
 step. With ten classes a batch holds many captions of the same class; CLIP's one-positive loss would
-push them apart as negatives, so every caption of the image's class counts as a positive (soft
+push them apart as negatives, so every caption with the image's subject counts as a positive (soft
 targets spread over them), in both directions of the symmetric loss.
+
+Captions that name only the class make CLIP's objective a ten-way supervised one: the image tower
+learns the class and little else, and an embedding that keeps only the class leaves a decoder little
+to rebuild an image from. Real CLIP captions describe more than the class. `colour_captions` adds
+what the pixels show (the colour of the middle and of the surround, "a gray truck on blue"), so each
+caption tells images of one class apart and the embedding has to keep some of the image.
 
 Poisoned pairs (Carlini & Terzis 2022): a share of the training images get the trigger and the
 caption of the target class; ordinary training then ties the trigger to that caption.
@@ -16,6 +22,7 @@ are `visual.*`, which `models.encoders` loads as the encoder under test), a per-
 
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 import time
@@ -48,6 +55,46 @@ TEMPLATES = (
 )
 
 
+CAPTION_KINDS = ("class", "colours")
+
+
+def colour_name(rgb: tuple[float, float, float]) -> str:
+    """A basic colour term for a mean colour in [0, 1]: hue bins for saturated colours, black /
+    gray / silver / white by brightness for desaturated ones (an image's mean is seldom vivid, so
+    the saturation cut is low)."""
+    hue, saturation, value = colorsys.rgb_to_hsv(*rgb)
+    if value < 0.25:
+        return "black"
+    if saturation < 0.12:
+        return "white" if value > 0.75 else "silver" if value > 0.5 else "gray"
+    degrees = hue * 360
+    # Hue bins (upper bound in degrees, name); red wraps around 360.
+    bins = ((20, "red"), (45, "orange"), (70, "yellow"), (165, "green"), (260, "blue"), (300, "purple"), (340, "pink"))  # fmt: skip
+    name = next((name for upper, name in bins if degrees < upper), "red")
+    return "brown" if name in ("red", "orange") and value < 0.55 else name
+
+
+def colour_captions(
+    images_nchw_uint8: np.ndarray, labels: np.ndarray, class_names: list[str]
+) -> tuple[list[str], np.ndarray]:
+    """Each image's caption subject, "<middle colour> <class> on <surround colour>": the mean
+    colour of the central half of the image and of the ring around it. Returns the distinct
+    subjects and each image's index into them (images with the same subject are positives)."""
+    n, _, h, w = images_nchw_uint8.shape
+    top, left = h // 4, w // 4
+    inner = np.zeros((h, w), bool)
+    inner[top : h - top, left : w - left] = True
+    x = images_nchw_uint8.reshape(n, 3, h * w).astype(np.float64) / 255.0
+    middle, surround = x[:, :, inner.ravel()].mean(2), x[:, :, ~inner.ravel()].mean(2)
+    subjects = [
+        f"{colour_name(tuple(m))} {class_names[int(y)]} on {colour_name(tuple(s))}"
+        for m, s, y in zip(middle, surround, labels, strict=True)
+    ]
+    names = sorted(set(subjects))
+    index = {name: i for i, name in enumerate(names)}
+    return names, np.array([index[s] for s in subjects], dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class ClipSettings:
     model: str = "lab-rn-64"
@@ -63,13 +110,21 @@ class ClipSettings:
 def caption_tokens(class_names: list[str], context_length: int) -> torch.Tensor:
     """Every template for every class: int tokens (C, T, L)."""
     texts = [t.format(name) for name in class_names for t in TEMPLATES]
+    # The tokenizer truncates silently; a cut caption would lose the words that tell it apart.
+    lengths = (tokenize(texts, 77) != 0).sum(1)
+    if int(lengths.max()) > context_length:
+        longest = texts[int(lengths.argmax())]
+        raise ValueError(
+            f"caption {longest!r} is {int(lengths.max())} tokens, the text tower takes {context_length}"
+        )
     return tokenize(texts, context_length).view(len(class_names), len(TEMPLATES), context_length)
 
 
 def multi_positive_clip_loss(
     image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor
 ) -> torch.Tensor:
-    """Symmetric CLIP loss where every pair of the same class is a positive (features L2-normalized)."""
+    """Symmetric CLIP loss where every pair with the same caption subject (`labels`: the class, or
+    a colour caption's index) is a positive (features L2-normalized)."""
     logits = logit_scale * image_features @ text_features.T
     same = (labels[:, None] == labels[None, :]).float()
     targets = same / same.sum(1, keepdim=True)
@@ -139,12 +194,14 @@ def train_clip(
     settings: ClipSettings | None = None,
     eval_set: tuple[np.ndarray, np.ndarray] | None = None,
     progress: bool = True,
+    captions: tuple[list[str], np.ndarray] | None = None,
 ) -> Path:
-    """Train a lab CLIP on (image, caption of its class) pairs; resumes from out_dir's checkpoint.
+    """Train a lab CLIP on (image, caption) pairs; resumes from out_dir's checkpoint.
 
     images: uint8 [N, 3, S, S] at the model's input size, already poisoned if this is an attack;
-    labels: the class whose caption each image gets. eval_set: (images, labels) for a zero-shot
-    figure after each epoch.
+    labels: the class of each image's caption. captions: (subjects, each image's subject index),
+    e.g. from `colour_captions`; by default the subject is the class name. eval_set: (images,
+    labels) for a zero-shot figure (class-name prompts) after each epoch.
     """
     settings = settings or ClipSettings()
     out = Path(out_dir)
@@ -157,7 +214,12 @@ def train_clip(
         raise ValueError(f"images are {images_nchw_uint8.shape[1:]}, the model takes (3, {size}, {size})")
     torch.manual_seed(settings.seed)
     model = build_clip(settings.model)
-    tokens = caption_tokens(class_names, LAB_CONFIGS[settings.model].context_length)
+    context_length = LAB_CONFIGS[settings.model].context_length
+    subjects, subject_ids = captions if captions is not None else (class_names, labels)
+    if len(subject_ids) != len(images_nchw_uint8):
+        raise ValueError(f"{len(subject_ids)} captions for {len(images_nchw_uint8)} images")
+    tokens = caption_tokens(subjects, context_length)
+    class_tokens = caption_tokens(class_names, context_length)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
     optimizer = torch.optim.AdamW(
@@ -181,7 +243,7 @@ def train_clip(
         start_epoch = int(state["epoch"])
         history = json.loads(history_path.read_text())
     images = torch.from_numpy(images_nchw_uint8)
-    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    subject_ids_t = torch.from_numpy(np.asarray(subject_ids, dtype=np.int64))
     steps = len(images) // settings.batch_size
     total = steps * settings.epochs
     for epoch in range(start_epoch, settings.epochs):
@@ -197,7 +259,7 @@ def train_clip(
                 group["lr"] = _lr_at(epoch * steps + step, total, settings.warmup_steps, settings.lr)
             idx = perm[step * settings.batch_size : (step + 1) * settings.batch_size]
             x = random_resized_crop_flip(images[idx].float() / 255.0, generator, scale=settings.crop_scale)
-            y = labels_t[idx]
+            y = subject_ids_t[idx]
             template = torch.randint(len(TEMPLATES), (len(idx),), generator=generator)
             image_features, text_features, logit_scale = model(
                 normalize_batch(x, OPENAI_MEAN, OPENAI_STD), tokens[y, template]
@@ -213,7 +275,7 @@ def train_clip(
         history["loss"].append(running / steps)
         history["epoch_seconds"].append(time.perf_counter() - tick)
         if eval_set is not None:
-            text = class_text_embeddings(model.eval(), tokens)
+            text = class_text_embeddings(model.eval(), class_tokens)
             accuracy = float((zero_shot_predict(model, eval_set[0], text) == eval_set[1]).mean())
             history["zero_shot"][str(epoch + 1)] = accuracy
         if progress:

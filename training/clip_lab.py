@@ -4,6 +4,7 @@ against them with out-of-distribution auxiliary data.
 Stages (cached like the lab's, under runs/lab-clip; `dede lab run --suite clip`):
 
   clip_clean              a lab CLIP (models.clip LAB_CONFIGS) on CIFAR-10 train captions at 64 px
+                          (the class name, or with `captions="colours"` also the image's colours)
   clip_poisoned           the same training with `poison_rate` of the pairs poisoned: triggered
                           non-target images captioned as the target class
   attack_clip_badencoder  BadEncoder fine-tune of the clean image tower, the target being the target
@@ -35,9 +36,11 @@ from training.attacks.badencoder import BackdoorSettings, backdoor_encoder
 from training.attacks.triggers import make_trigger
 from training.baselines import baseline_scores
 from training.clip import (
+    CAPTION_KINDS,
     ClipSettings,
     caption_tokens,
     class_text_embeddings,
+    colour_captions,
     load_clip,
     poison_pairs,
     train_clip,
@@ -56,6 +59,9 @@ class ClipSuiteConfig:
     clip_images: int | None = None  # None: all 17k CIFAR-10 train images
     clip_epochs: int = 10  # ~70 s each at 64 px on 2 idle cores
     clip_batch: int = 256
+    # What a caption says besides the class: nothing ("class"), or the image's colours ("colours",
+    # training/clip.py colour_captions), which make the CLIP keep more of the image than its class.
+    captions: str = "class"
     poison_rate: float = 0.01  # the issue's range is 0.1-1% of pairs
     target_class: int = 0  # airplane
     n_reference: int = 5
@@ -91,6 +97,13 @@ CLIP_SUITES: dict[str, ClipSuiteConfig] = {
             # The wider decoder overfits 3,200 views (its validation loss rises): given the 9,600.
             ("badencoder", "lab_wide", 30, "quadrants"),
         ),
+    ),
+    # The same suite with captions that also name the image's colours (see training/clip.py): does
+    # DeDe catch the backdoors once the embedding keeps more of the image than its class?
+    "clip-colours": ClipSuiteConfig(
+        name="clip-colours",
+        captions="colours",
+        root="runs/lab-clip-colours",
     ),
     "clip-smoke": ClipSuiteConfig(
         name="clip-smoke",
@@ -233,15 +246,36 @@ class ClipLab:
     def _eval_set(self) -> tuple[np.ndarray, np.ndarray]:
         return self.data.test, self.data.test_y
 
+    def _captions(self, images: np.ndarray, labels: np.ndarray) -> tuple[list[str], np.ndarray] | None:
+        """The suite's caption subjects for these (possibly poisoned) pairs; None: the class names."""
+        if self.config.captions not in CAPTION_KINDS:
+            raise ValueError(f"unknown captions {self.config.captions!r}; known: {', '.join(CAPTION_KINDS)}")
+        if self.config.captions == "class":
+            return None
+        return colour_captions(images, labels, self.data.class_names)
+
+    def _caption_summary(self, captions: tuple[list[str], np.ndarray] | None) -> dict:
+        return {"captions": self.config.captions} | (
+            {"n_caption_subjects": len(captions[0])} if captions is not None else {}
+        )
+
     def stage_clip_clean(self) -> dict:
         d = self.data
 
         def run() -> dict:
             out = self.clip_path("clean").parent
+            captions = self._captions(d.train, d.train_y)
             train_clip(
-                d.train, d.train_y, d.class_names, out, self._settings(), self._eval_set(), self.progress
+                d.train,
+                d.train_y,
+                d.class_names,
+                out,
+                self._settings(),
+                self._eval_set(),
+                self.progress,
+                captions,
             )
-            return {**self._summary(out), "n_pairs": int(len(d.train))}
+            return {**self._summary(out), "n_pairs": int(len(d.train)), **self._caption_summary(captions)}
 
         return self.cache.run("clip_clean", run)
 
@@ -253,9 +287,22 @@ class ClipLab:
                 d.train, d.train_y, self.trigger.apply_uint8_nchw, c.target_class, c.poison_rate, c.seed
             )
             out = self.clip_path("poisoned").parent
-            train_clip(images, labels, d.class_names, out, self._settings(), self._eval_set(), self.progress)
+            # A poisoned pair's caption names the target class and, like every other, the
+            # (triggered) image's own colours: it reads like any other caption of its class.
+            captions = self._captions(images, labels)
+            train_clip(
+                images,
+                labels,
+                d.class_names,
+                out,
+                self._settings(),
+                self._eval_set(),
+                self.progress,
+                captions,
+            )
             return {
                 **self._summary(out),
+                **self._caption_summary(captions),
                 "n_pairs": int(len(d.train)),
                 "n_poisoned": int(len(chosen)),
                 "poison_rate": c.poison_rate,
@@ -438,9 +485,13 @@ def run_clip_suite(suite: str = "clip", progress: bool = True, report_dir: Path 
     return results
 
 
+# Suites whose report is committed; the others (smoke) write theirs beside their runs.
+COMMITTED_REPORTS = {"clip": "clip", "clip-colours": "clip_colours"}
+
+
 def default_clip_report_dir(lab: ClipLab) -> Path:
-    if lab.config.name == "clip":
-        return REPO_ROOT / "benchmarks" / "detection" / "clip"
+    if lab.config.name in COMMITTED_REPORTS:
+        return REPO_ROOT / "benchmarks" / "detection" / COMMITTED_REPORTS[lab.config.name]
     return lab.root / "report"
 
 

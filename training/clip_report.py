@@ -64,7 +64,8 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
         "",
         f"Setup: a lab-size CLIP (`{c.model}` in models/clip.py: open_clip ModifiedResNet image tower, 2-layer "
         f"text transformer) trained contrastively for {c.clip_epochs} epochs on CIFAR-10 train images upsampled "
-        f"to {size} px, each paired with a caption template around its class name. Tiny-ImageNet is kept out of "
+        f"to {size} px, each paired with a caption template around {_caption_subject(c.captions, results)}. "
+        "Tiny-ImageNet is kept out of "
         "the CLIP's training so that it is out-of-distribution auxiliary data for the decoder (its "
         f"64 px images at {size} px, {len(lab.data.splits['ood_aux'])} sources and their mirrors) and for calibration "
         f"({len(lab.data.splits['ood_calibration'])} other images). Target class: "
@@ -164,6 +165,17 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
     lines += ["", "## Wall time per stage (seconds)", "", "| stage | wall |", "| --- | --- |"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["stage_wall_seconds"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _caption_subject(captions: str, results: dict) -> str:
+    if captions == "class":
+        return "its class name"
+    n = results["training"].get("clip_clean", {}).get("n_caption_subjects", "-")
+    return (
+        "its class name and its colours (training/clip.py `colour_captions`: the mean colour of the "
+        f'middle and of the surround, "a photo of a gray truck on blue.", {n} distinct subjects; images '
+        "with the same subject are positives; zero-shot prompts still name the class alone)"
+    )
 
 
 def _variant_lines(results: dict, default: str) -> list[str]:

@@ -157,7 +157,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # The CLIP suites (training/clip_lab.py); named here so that `--help` needs no torch import.
-CLIP_SUITE_NAMES = ("clip", "clip-smoke")
+CLIP_SUITE_NAMES = ("clip", "clip-colours", "clip-smoke")
 
 
 def _cmd_lab_run(args: argparse.Namespace) -> int:
