@@ -454,6 +454,41 @@ class ClipLab:
 
         return self.cache.run(f"scores_{name}_ood{suffix}", run)
 
+    def stage_embedding_content(self) -> dict:
+        """How much of the image each encoder's embedding keeps, decoder-free: the participation
+        ratio of the embeddings and the held-out R^2 of a linear map from embedding to an 8x8
+        thumbnail (fit on the auxiliary sources, measured on the calibration images). An untrained
+        tower of the same architecture is the reference for what a conv net keeps by itself."""
+        from training.evaluate import linear_r2, participation_ratio
+
+        d = self.data
+        fit_images, eval_images = d.tiny[d.splits["ood_aux"]], d.tiny[d.splits["ood_calibration"]]
+
+        def thumbnails(images: np.ndarray) -> np.ndarray:
+            x = torch.from_numpy(images).float() / 255.0
+            return F.adaptive_avg_pool2d(x, 8).flatten(1).numpy()
+
+        def run() -> dict:
+            specs = {name: str(self.encoder_path(name)) for name in CLIP_ENCODERS}
+            specs["untrained"] = f"random:openclip:{self.config.model}"
+            result = {}
+            for name, spec in specs.items():
+                torch.manual_seed(self.config.seed)
+                encoder = load_encoder(spec)
+                with torch.no_grad():
+                    z_fit, z_eval = (
+                        torch.cat([encoder.embed(torch.from_numpy(images[i : i + 256])) for i in range(0, len(images), 256)]).numpy()
+                        for images in (fit_images, eval_images)
+                    )  # fmt: skip
+                result[name] = {
+                    "embedding_dim": int(z_fit.shape[1]),
+                    "participation_ratio": participation_ratio(np.concatenate([z_fit, z_eval])),
+                    "thumbnail_r2": linear_r2(z_fit, thumbnails(fit_images), z_eval, thumbnails(eval_images)),
+                }
+            return {"encoders": result, "n_fit": int(len(fit_images)), "n_eval": int(len(eval_images))}
+
+        return self.cache.run("embedding_content", run)
+
     def load_score_parts(self, name: str) -> dict[str, dict[str, np.ndarray]]:
         """method -> part (own, embedding_only, pixels_only, both) -> scores (see score_parts)."""
         return load_score_tables(self.root / "score_parts", f"{name}_ood")
@@ -478,6 +513,7 @@ def run_clip_suite(suite: str = "clip", progress: bool = True, report_dir: Path 
     for name, preset, epochs, views in config.extra_decoders:
         lab.stage_decoder(name, preset, epochs, views)
         lab.stage_scores(name, decoder_label(config, preset, epochs, views), with_baselines=False)
+    lab.stage_embedding_content()
     from training.clip_report import write_clip_report
 
     results = collect_clip_results(lab)
@@ -516,6 +552,8 @@ def collect_clip_results(lab: ClipLab) -> dict:
         "decoders": {},
         "mean_image_mse": _mean_image_mse(lab.aux_sets()[1]),
     }
+    if "embedding_content" in stages:
+        results["embedding_content"] = stages["embedding_content"]["result"]
     for stage, record in stages.items():
         if stage.startswith("decoder_"):
             result = record["result"]

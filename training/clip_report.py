@@ -252,6 +252,30 @@ def _score_part_lines(results: dict, default: str) -> list[str]:
             f"- clean control, `{default}`: pixels alone {control['auroc_pixels_only']:.3f}, embedding alone "
             f"{control['auroc_embedding_only']:.3f} (a backdoor-free encoder barely moves the embedding)."
         )
+    return lines + ["", *_embedding_content_lines(results)]
+
+
+def _embedding_content_lines(results: dict) -> list[str]:
+    content = results.get("embedding_content")
+    if not content:
+        return []
+    lines = [
+        "### How much of the image the embeddings keep",
+        "",
+        "Decoder-free (`ClipLab.stage_embedding_content`): the participation ratio of the L2-normalized "
+        "embeddings (the effective number of dimensions they spread over) and the held-out R^2 of a "
+        f"linear map from the embedding to the image's 8x8 thumbnail (fit on {content['n_fit']} auxiliary "
+        f"images, measured on {content['n_eval']} calibration images). `untrained`: the same tower with "
+        "random weights, what the architecture keeps by itself.",
+        "",
+        "| encoder | embedding dim | participation ratio | thumbnail R^2 |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, row in content["encoders"].items():
+        lines.append(
+            f"| {name} | {row['embedding_dim']} | {_fmt(row['participation_ratio'], 1)} | "
+            f"{_fmt(row['thumbnail_r2'])} |"
+        )
     return lines + [""]
 
 

@@ -125,3 +125,39 @@ def downstream_after_filtering(
         "asr_before": float(hits.sum() / max(1, keep_t.sum())),
         "asr_after": float((hits & ~triggered_flagged).sum() / max(1, keep_t.sum())),
     }
+
+
+# --- How much of the image an embedding keeps -----------------------------------------------------
+# DeDe can only tell a swapped embedding from the image's own if the embedding says something about
+# the image beyond its class; these two figures measure that, without any decoder.
+
+
+def participation_ratio(embeddings: np.ndarray) -> float:
+    """Effective number of dimensions the (L2-normalized, centred) embeddings spread over:
+    (sum of covariance eigenvalues)^2 / sum of their squares; 1 for a line, D for isotropic."""
+    z = np.asarray(embeddings, np.float64)
+    z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    eigenvalues = np.clip(np.linalg.eigvalsh(np.cov(z - z.mean(0), rowvar=False)), 0.0, None)
+    return float(eigenvalues.sum() ** 2 / max((eigenvalues**2).sum(), 1e-300))
+
+
+def linear_r2(
+    fit_inputs: np.ndarray,
+    fit_targets: np.ndarray,
+    eval_inputs: np.ndarray,
+    eval_targets: np.ndarray,
+    ridge: float = 1e-3,
+) -> float:
+    """R^2 on held-out data of a ridge regression from inputs to targets (all target columns pooled):
+    1 when the targets are a linear function of the inputs, 0 for the targets' mean. `ridge` is
+    relative to the mean diagonal of the standardized inputs' Gram matrix."""
+    x_fit, x_eval = np.asarray(fit_inputs, np.float64), np.asarray(eval_inputs, np.float64)
+    y_fit, y_eval = np.asarray(fit_targets, np.float64), np.asarray(eval_targets, np.float64)
+    mean, scale = x_fit.mean(0), np.maximum(x_fit.std(0), 1e-12)
+    x_fit, x_eval = (x_fit - mean) / scale, (x_eval - mean) / scale
+    y_mean = y_fit.mean(0)
+    gram = x_fit.T @ x_fit
+    penalty = ridge * np.trace(gram) / len(gram)
+    weights = np.linalg.solve(gram + penalty * np.eye(len(gram)), x_fit.T @ (y_fit - y_mean))
+    residual = ((x_eval @ weights + y_mean - y_eval) ** 2).sum()
+    return float(1.0 - residual / max(((y_eval - y_eval.mean(0)) ** 2).sum(), 1e-300))

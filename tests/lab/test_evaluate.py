@@ -10,6 +10,8 @@ from training.evaluate import (
     auroc,
     detection_metrics,
     downstream_after_filtering,
+    linear_r2,
+    participation_ratio,
     roc_curve,
     tpr_at_fpr,
 )
@@ -67,3 +69,29 @@ def test_downstream_after_filtering() -> None:
     )
     assert out["ba_before"] == 0.75 and out["ba_after"] == 1.0
     assert out["asr_before"] == 0.75 and out["asr_after"] == 0.25
+
+
+def test_participation_ratio_counts_the_dimensions_the_embeddings_spread_over() -> None:
+    rng = np.random.default_rng(0)
+    isotropic = rng.normal(size=(4000, 16))
+    assert participation_ratio(isotropic) == pytest.approx(15, rel=0.1)  # unit sphere in 16-d: 15 free
+    # Ten tight class clusters in 64 dimensions: about nine effective dimensions, whatever D is.
+    centres = rng.normal(size=(10, 64))
+    clustered = centres[rng.integers(0, 10, 4000)] + 0.01 * rng.normal(size=(4000, 64))
+    assert 7 < participation_ratio(clustered) < 10
+    # The scale of each embedding does not matter (they are L2-normalized first).
+    assert participation_ratio(isotropic * rng.uniform(0.1, 10, (4000, 1))) == pytest.approx(
+        participation_ratio(isotropic)
+    )
+
+
+def test_linear_r2_is_one_for_a_linear_map_and_zero_for_unrelated_targets() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3000, 20))
+    mixing = rng.normal(size=(20, 5))
+    y = x @ mixing + 3.0
+    assert linear_r2(x[:2000], y[:2000], x[2000:], y[2000:]) == pytest.approx(1.0, abs=1e-3)
+    noise = rng.normal(size=(3000, 5))
+    assert abs(linear_r2(x[:2000], noise[:2000], x[2000:], noise[2000:])) < 0.03
+    half = np.concatenate([y[:, :1], noise[:, :1] * y[:, :1].std()], axis=1)
+    assert linear_r2(x[:2000], half[:2000], x[2000:], half[2000:]) == pytest.approx(0.5, abs=0.05)
