@@ -31,8 +31,15 @@ def test_clip_smoke_suite_runs_and_reports() -> None:
         assert set(parts) == {"auroc_both", "auroc_embedding_only", "auroc_pixels_only", "n_images"}
     assert set(results["decoders"]) == set(CLIP_ENCODERS)
     assert all(0 < loss < 10 for d in results["decoders"].values() for loss in d.values())
+    assert results["training"]["clip_clean"]["captions"] == "colours"
+    assert results["training"]["clip_clean"]["n_caption_subjects"] > 10  # more than the class names
+    content = results["embedding_content"]["encoders"]
+    assert set(content) == {*CLIP_ENCODERS, "untrained"}
+    for row in content.values():
+        assert 1 <= row["participation_ratio"] <= row["embedding_dim"] and row["thumbnail_r2"] <= 1
     written = REPO_ROOT / CLIP_SUITES["clip-smoke"].root / "report" / "results.json"
     assert json.loads(written.read_text())["zero_shot"] == json.loads(json.dumps(results["zero_shot"]))
     report = (written.parent / "REPORT.md").read_text()
     assert report.count("| **dede_tiny_sse** |") == len(CLIP_ENCODERS)
     assert "## Why: the score split" in report
+    assert "### How much of the image the embeddings keep" in report
