@@ -103,6 +103,11 @@ CLIP_SUITES: dict[str, ClipSuiteConfig] = {
     "clip-colours": ClipSuiteConfig(
         name="clip-colours",
         captions="colours",
+        extra_decoders=(
+            ("badencoder", "lab", 30, "quadrants"),
+            ("clean", "lab", 30, "quadrants"),
+            ("poisoned", "lab", 30, "quadrants"),
+        ),
         root="runs/lab-clip-colours",
     ),
     "clip-smoke": ClipSuiteConfig(
@@ -544,12 +549,18 @@ def collect_clip_results(lab: ClipLab) -> dict:
         parts = lab.load_score_parts(name)
         if parts:
             # AUROC of each part against the clean score of the same images (non-target test images).
+            # Paired: the share of images whose own score rises with the swap alone. Unpaired (AUROC)
+            # is what a detector gets, since it never sees an image's clean version.
             results.setdefault("score_parts", {})[f"{name}/ood"] = {
                 method: {
                     f"auroc_{part}": auroc(p["own"], p[part])
                     for part in ("embedding_only", "pixels_only", "both")
                 }
-                | {"n_images": int(len(p["own"]))}
+                | {
+                    "paired_rise_embedding_only": float((p["embedding_only"] > p["own"]).mean()),
+                    "paired_rise_pixels_only": float((p["pixels_only"] > p["own"]).mean()),
+                    "n_images": int(len(p["own"])),
+                }
                 for method, p in parts.items()
             }
     return results

@@ -219,13 +219,16 @@ def _score_part_lines(results: dict, default: str) -> list[str]:
         "(`training/scoring.score_parts`): *embedding only* rebuilds the clean image from the triggered "
         "image's embedding (what a backdoor does, and all the method relies on); *pixels only* compares the "
         "triggered pixels with a rebuild from the clean embedding (what a trigger does on any encoder); "
-        "*both* is the triggered score. AUROC against the clean scores of the same images.",
+        "*both* is the triggered score. AUROC against the clean scores of the same images; *rises*: the "
+        "share of images whose own score goes up with that part alone (paired, which a detector cannot do: "
+        "it never sees the clean version).",
         "",
         f"Decoder val loss: per-pixel MSE at the test mask on Tiny-ImageNet; the per-pixel mean image "
         f"(a rebuild blind to the embedding) scores {_fmt(results.get('mean_image_mse'))} on the calibration images.",
         "",
-        "| encoder | method | both | embedding only | pixels only | decoder val loss (test mask) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| encoder | method | both | embedding only | pixels only | rises: embedding only | rises: pixels only "
+        "| decoder val loss (test mask) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     val_loss = {}
     for stage, result in results.get("decoders", {}).items():
@@ -236,15 +239,18 @@ def _score_part_lines(results: dict, default: str) -> list[str]:
             loss = val_loss.get(name, {}).get(_decoder_of(method))
             lines.append(
                 f"| {name} | {method} | {_fmt(p['auroc_both'])} | {_fmt(p['auroc_embedding_only'])} | "
-                f"{_fmt(p['auroc_pixels_only'])} | {_fmt(loss)} |"
+                f"{_fmt(p['auroc_pixels_only'])} | {_pct(p.get('paired_rise_embedding_only'))} | "
+                f"{_pct(p.get('paired_rise_pixels_only'))} | {_fmt(loss)} |"
             )
     lines.append("")
     for attack in ATTACKS:
         p = parts.get(f"{attack}/ood", {}).get(default)
         if p is not None:
             lines.append(
-                f"- {attack}, `{default}`: the embedding swap alone separates at AUROC "
-                f"{p['auroc_embedding_only']:.3f}, the trigger's pixels alone at {p['auroc_pixels_only']:.3f}."
+                f"- {attack}, `{default}`: the embedding swap alone raises the score of "
+                f"{_pct(p.get('paired_rise_embedding_only'))} of the images but separates them from clean ones "
+                f"at only AUROC {p['auroc_embedding_only']:.3f} (the shift is small against how much the score "
+                f"varies from image to image); the trigger's pixels alone at {p['auroc_pixels_only']:.3f}."
             )
     control = parts.get("clean/ood", {}).get(default)
     if control is not None:

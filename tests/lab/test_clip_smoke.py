@@ -28,7 +28,15 @@ def test_clip_smoke_suite_runs_and_reports() -> None:
         # The score split: its "both" part is the triggered score, so its AUROC (same images) is close.
         parts = results["score_parts"][f"{name}/ood"]["dede_tiny_sse"]
         assert parts["n_images"] == metrics["dede_tiny_sse"]["n_triggered_test"]
-        assert set(parts) == {"auroc_both", "auroc_embedding_only", "auroc_pixels_only", "n_images"}
+        assert set(parts) == {
+            "auroc_both",
+            "auroc_embedding_only",
+            "auroc_pixels_only",
+            "paired_rise_embedding_only",
+            "paired_rise_pixels_only",
+            "n_images",
+        }
+        assert 0 <= parts["paired_rise_embedding_only"] <= 1
     assert set(results["decoders"]) == set(CLIP_ENCODERS)
     assert all(0 < loss < 10 for d in results["decoders"].values() for loss in d.values())
     assert results["training"]["clip_clean"]["captions"] == "colours"
