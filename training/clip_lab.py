@@ -107,6 +107,7 @@ CLIP_SUITES: dict[str, ClipSuiteConfig] = {
             ("badencoder", "lab", 30, "quadrants"),
             ("clean", "lab", 30, "quadrants"),
             ("poisoned", "lab", 30, "quadrants"),
+            ("badencoder", "lab_wide", 30, "quadrants"),
         ),
         root="runs/lab-clip-colours",
     ),
