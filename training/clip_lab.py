@@ -13,6 +13,8 @@ Stages (cached like the lab's, under runs/lab-clip; `dede lab run --suite clip`)
   decoder_<encoder>_ood   the DeDe decoder on Tiny-ImageNet at its native 64 px (OOD: the CLIP never
                           saw it; CIFAR-10 images are 32 px upsampled)
   scores_<encoder>_ood    DeDe and baseline scores on calibration / clean test / triggered test
+  embedding_content       how much of the image each embedding keeps, decoder-free (participation
+                          ratio, linear R^2 to the 8x8 thumbnail), beside an untrained tower
 
 The CLIP trains on CIFAR-10 only, so that Tiny-ImageNet stays out of its training distribution and
 serves as the auxiliary data, as in the lab's `ood` setting. Every threshold is calibrated on clean
