@@ -163,20 +163,23 @@ CLIP_SUITE_NAMES = ("clip", "clip-colours", "clip-smoke")
 def _cmd_lab_run(args: argparse.Namespace) -> int:
     from training.lab import missing_data, run_suite
 
+    if args.skip and args.suite in CLIP_SUITE_NAMES:
+        raise ValueError("--skip applies to the lab and smoke suites; a CLIP suite runs every stage")
     missing = missing_data()
     if missing:
         raise FileNotFoundError(
             f"the lab needs {', '.join(missing)} in DEDE_DATA_DIR (see ../shared/data/README.md)"
         )
+    report_dir = Path(args.report_dir) if args.report_dir else None
     if args.suite in CLIP_SUITE_NAMES:
         from training.clip_lab import run_clip_suite
 
-        results = run_clip_suite(args.suite)
+        results = run_clip_suite(args.suite, report_dir=report_dir)
         print(
             json.dumps({"zero_shot": results["zero_shot"], "detection": list(results["detection"])}, indent=1)
         )
         return 0
-    results = run_suite(args.suite, device=args.device, skip=tuple(args.skip or ()))
+    results = run_suite(args.suite, device=args.device, skip=tuple(args.skip or ()), report_dir=report_dir)
     print(json.dumps({"detection": list(results["detection"]), "not_run": results["not_run"]}, indent=1))
     return 0
 
@@ -184,7 +187,7 @@ def _cmd_lab_run(args: argparse.Namespace) -> int:
 def _cmd_lab_report(args: argparse.Namespace) -> int:
     from training.lab import rebuild_report
 
-    results = rebuild_report(args.suite)
+    results = rebuild_report(args.suite, Path(args.report_dir) if args.report_dir else None)
     print(json.dumps({"detection": list(results["detection"]), "not_run": results["not_run"]}, indent=1))
     return 0
 
@@ -261,7 +264,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--suite", choices=["lab", "smoke", *CLIP_SUITE_NAMES], default="smoke")
     run.add_argument("--device")
     run.add_argument("--skip", nargs="*", help="stage-name prefixes to leave out now, e.g. simclr_ctrl")
+    report_dir_help = (
+        "write results.json and REPORT.md here (default: the suite's committed report folder, "
+        "or beside its runs); a partial run (--skip) belongs in its own folder"
+    )
+    run.add_argument("--report-dir", help=report_dir_help)
     run.set_defaults(func=_cmd_lab_run)
     rep = lab_sub.add_parser("report", help="rebuild results.json and REPORT.md from the cache")
     rep.add_argument("--suite", choices=["lab", "smoke"], default="lab")
+    rep.add_argument("--report-dir", help=report_dir_help)
     rep.set_defaults(func=_cmd_lab_report)

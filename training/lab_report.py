@@ -294,7 +294,8 @@ def _variant_lines(results: dict, default: str) -> list[str]:
         "WITHOUT a backdoor, so a high value there means the score reacts to the trigger's pixels, not to the "
         "backdoor; a variant is only better if it is ahead on the attacked encoders without rising on the "
         "clean one. `dede_lab_wide_*`: the same method with a decoder of more capacity (`lab_wide`: width "
-        "128, 4 decoder blocks) where the suite lists it.",
+        "128, 4 decoder blocks) and `dede_paper_*`: the reference-size decoder (width 192, 12+4 blocks), "
+        "both trained for as many epochs as the default, where the suite lists them.",
         "",
     ]
     return lines + _trimmed_lines()
