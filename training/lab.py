@@ -698,9 +698,7 @@ def collect_results(lab: Lab, session_seconds: float) -> dict:
             per_method[method] = metrics
         results["detection"][f"{name}/{aux}"] = per_method
     if not any(preset == "paper" for _, _, preset, _ in c.extra_decoders):
-        results["not_run"].append(
-            "DeDe with the `paper` decoder preset (not in this suite's config)"
-        )
+        results["not_run"].append("DeDe with the `paper` decoder preset (not in this suite's config)")
     for name, aux, preset, _ in c.extra_decoders:
         if f"decoder_{name}_{aux}_{preset}" not in stages:
             results["not_run"].append(f"DeDe `{preset}` decoder on {name}/{aux}")
