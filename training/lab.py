@@ -530,6 +530,34 @@ class Lab:
 
         return self.cache.run(stage, run)
 
+    def stage_feature_scores(self, name: str, aux: str, preset: str) -> dict:
+        """The feature-space variant of the score (`training.scoring.feature_space_scores`) and the
+        decoder-free activation-norm cue beside it, on the same three image sets as stage_scores."""
+        from training.fit import load_run
+        from training.scoring import feature_space_scores
+
+        stage = f"feature_scores_{name}_{aux}_{preset}"
+        out = self.root / "scores" / f"{name}_{aux}_{preset}_feature.npz"
+
+        def run() -> dict:
+            _, calibration = self.aux_sets(aux)
+            clean, triggered, _ = self.test_sets(name)
+            fitted = load_run(self.decoder_dir(name, aux, preset))
+            arrays: dict[str, np.ndarray] = {}
+            for split, images in (("calibration", calibration), ("clean", clean), ("triggered", triggered)):
+                for method, scores in feature_space_scores(fitted, images).items():
+                    # The activation norms need no decoder: they are baselines, named as such.
+                    key = method if method.startswith("activation_norm") else f"dede_{preset}_{method}"
+                    arrays[f"{key}/{split}"] = scores
+            out.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(out, **{k.replace("/", "__"): v for k, v in arrays.items()})
+            return {
+                "scores": str(out.relative_to(self.root)),
+                "methods": sorted({k.split("/")[0] for k in arrays}),
+            }
+
+        return self.cache.run(stage, run)
+
     def load_scores(self, name: str, aux: str) -> dict[str, dict[str, np.ndarray]]:
         """Every method's score arrays for (encoder, aux), merged over the presets that ran."""
         return load_score_tables(self.root / "scores", f"{name}_{aux}")
@@ -578,6 +606,8 @@ def run_suite(
             continue
         lab.stage_decoder(name, aux, config.decoder_preset, config.decoder_epochs)
         lab.stage_scores(name, aux, config.decoder_preset)
+        if allowed(f"feature_scores_{name}_{aux}"):
+            lab.stage_feature_scores(name, aux, config.decoder_preset)
     for name, aux, preset, epochs in config.extra_decoders:
         if allowed(f"decoder_{name}_{aux}_{preset}") and lab.encoder_path(name).is_file():
             lab.stage_decoder(name, aux, preset, epochs)

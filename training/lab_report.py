@@ -260,6 +260,17 @@ def _goal_lines(results: dict, default: str) -> list[str]:
             parts.append(
                 f"best baseline {best_other[0]} AUROC {best_other[1]:.3f} ({'DeDe ahead' if ahead else 'DeDe NOT ahead'})"
             )
+        variants = {m: v for m, v in results["detection"][f"{attack}/ood"].items() if m.startswith("dede")}
+        best_name, best = max(variants.items(), key=lambda kv: kv[1]["auroc"])
+        parts.append(
+            f"best DeDe variant {best_name} AUROC {best['auroc']:.3f}, calibrated TPR "
+            f"{best['calibrated']['tpr_triggered_test']:.3f}"
+            + (
+                f" ({'ahead of' if best['auroc'] > best_other[1] else 'NOT ahead of'} the baselines)"
+                if best_other
+                else ""
+            )
+        )
         lines.append(f"- {attack}: " + "; ".join(parts))
     return lines
 
@@ -296,6 +307,17 @@ def _variant_lines(results: dict, default: str) -> list[str]:
         "clean one. `dede_lab_wide_*`: the same method with a decoder of more capacity (`lab_wide`: width "
         "128, 4 decoder blocks) and `dede_paper_*`: the reference-size decoder (width 192, 12+4 blocks), "
         "both trained for as many epochs as the default, where the suite lists them.",
+        "",
+        "`dede_lab_feature_<stage>` measures the same discrepancy in the encoder's own feature space: the "
+        "squared distance between the encoder's feature maps at that ResNet stage for the input and for its "
+        "rebuild (the rebuild still comes from the embedding alone). `activation_norm_<stage>` is the "
+        "decoder-free cue it must be read against: the squared norm of the input's feature map at that "
+        "stage. Where the activation norm separates about as well, the attack inflates intermediate "
+        "activations on triggered inputs (as the plain BadEncoder inflates the embedding's norm), and most "
+        "of the feature score's separation is that cue; what the decoder adds shows in the calibrated TPR, "
+        "the threshold set on clean out-of-distribution images. The feature variant is a lab option: the "
+        "shipped graph (`dede export`) computes the pixel score, which works for any encoder, including "
+        "ONNX black boxes without named stages.",
         "",
     ]
     return lines + _trimmed_lines()

@@ -99,3 +99,65 @@ def score_parts(
         }.items():
             parts[name].append(head(pixels, embedding)[0].float().numpy())
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+# The encoder stages a feature-space score compares (CIFAR and torchvision ResNets name them so).
+FEATURE_STAGES = ("layer2", "layer3", "layer4")
+
+
+@torch.no_grad()
+def feature_space_scores(
+    run: FittedRun,
+    images: np.ndarray,
+    stages: tuple[str, ...] = FEATURE_STAGES,
+    batch_size: int = 256,
+) -> dict[str, np.ndarray]:
+    """A lab variant of the score in the encoder's own feature space, and the decoder-free cue it
+    must be read against.
+
+    `feature_<stage>`: squared distance between the encoder's feature maps at `stage` for the input
+    and for its rebuild (the rebuild from the embedding alone, as in the shipped score): the method's
+    discrepancy measured where the encoder sees content, not in pixels. `activation_norm_<stage>`:
+    the squared norm of the input's feature map at that stage, no decoder involved; an attack that
+    inflates intermediate activations on triggered inputs leaves this cue, as the plain BadEncoder
+    leaves one in the embedding's norm. Needs a torch encoder with named stage modules."""
+    encoder = run.encoder.module
+    if encoder is None:
+        raise ValueError("feature-space scores need a torch encoder (this run's is an ONNX black box)")
+    modules = dict(encoder.named_modules())
+    missing = [stage for stage in stages if stage not in modules]
+    if missing:
+        raise ValueError(
+            f"the encoder has no stage named {', '.join(missing)}; it has {', '.join(list(modules)[1:8])}, ..."
+        )
+    detector = run.detector("sse")
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [
+        modules[stage].register_forward_hook(
+            lambda _m, _i, out, stage=stage: captured.__setitem__(stage, out)
+        )
+        for stage in stages
+    ]
+    out: dict[str, list[np.ndarray]] = {
+        f"{kind}_{s}": [] for kind in ("feature", "activation_norm") for s in stages
+    }
+    try:
+        encoder.eval()
+        for start in tqdm(
+            range(0, len(images), batch_size), desc="feature scores", unit="batch", leave=False
+        ):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            _, rebuild = detector(batch)  # runs the encoder on the input: captures its feature maps
+            of_input = dict(captured)
+            encoder(rebuild)  # the rebuild is in the encoder's normalized input space already
+            for stage in stages:
+                out[f"feature_{stage}"].append(
+                    (of_input[stage] - captured[stage]).pow(2).flatten(1).sum(1).numpy()
+                )
+                out[f"activation_norm_{stage}"].append(of_input[stage].pow(2).flatten(1).sum(1).numpy())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {
+        name: np.concatenate(chunks) if chunks else np.zeros(0, np.float32) for name, chunks in out.items()
+    }

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from models.bundle import InputSpec
 from training.attacks.triggers import make_trigger
 from training.data import load_images
 from training.fit import load_run
-from training.scoring import score_parts, score_run, score_run_several_masks
+from training.scoring import feature_space_scores, score_parts, score_run, score_run_several_masks
 
 
 def _images(tiny_data: dict[str, Path], run_dir: Path) -> np.ndarray:
@@ -62,3 +63,31 @@ def test_score_parts_refuses_unpaired_sets(tiny_data: dict, tiny_run: Path) -> N
     run, clean = load_run(tiny_run), _images(tiny_data, tiny_run)
     with pytest.raises(ValueError, match="paired"):
         score_parts(run, clean, clean[:-1])
+
+
+def _stage3(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The CIFAR ResNet's layer-3 feature map, computed by hand (no hooks)."""
+    out = torch.relu(encoder.bn1(encoder.conv1(x)))
+    return encoder.layer3(encoder.layer2(encoder.layer1(out)))
+
+
+def test_feature_space_scores_match_a_hand_computation(tiny_data: dict, tiny_run: Path) -> None:
+    run, images = load_run(tiny_run), _images(tiny_data, tiny_run)[:12]
+    scores = feature_space_scores(run, images, stages=("layer3",), batch_size=5)
+    encoder, detector = run.encoder.module.eval(), run.detector("sse")
+    with torch.no_grad():
+        batch = torch.from_numpy(images)
+        _, rebuild = detector(batch)
+        of_input = _stage3(encoder, detector.head.normalize(batch))
+        of_rebuild = _stage3(encoder, rebuild)
+    expected_norm = of_input.pow(2).flatten(1).sum(1).numpy()
+    expected_distance = (of_input - of_rebuild).pow(2).flatten(1).sum(1).numpy()
+    np.testing.assert_allclose(scores["activation_norm_layer3"], expected_norm, rtol=1e-4)
+    np.testing.assert_allclose(scores["feature_layer3"], expected_distance, rtol=1e-4)
+    assert (expected_distance > 0).all()  # a rebuild is never the input itself
+
+
+def test_feature_space_scores_name_a_missing_stage(tiny_data: dict, tiny_run: Path) -> None:
+    run, images = load_run(tiny_run), _images(tiny_data, tiny_run)[:2]
+    with pytest.raises(ValueError, match="no stage named block9"):
+        feature_space_scores(run, images, stages=("layer3", "block9"))

@@ -17,6 +17,8 @@ def test_smoke_suite_runs() -> None:
     assert "badencoder/ood" in results["detection"]
     metrics = results["detection"]["badencoder/ood"]["dede_tiny_sse"]
     assert 0 <= metrics["auroc"] <= 1
+    for method in ("dede_tiny_feature_layer3", "activation_norm_layer3"):  # the feature-space stage
+        assert results["detection"]["badencoder/ood"][method]["n_clean_test"] == metrics["n_clean_test"]
     assert results["encoders"]["badencoder"]["probe"]["cifar10"]["ba"] > 0
 
 
