@@ -521,12 +521,7 @@ class Lab:
             if with_baselines:
                 encoder = load_encoder(str(self.encoder_path(name)))
                 arrays.update(baseline_scores(encoder, sets, fit_images, c.knn_k, c.strip_blends, c.seed))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(out, **{k.replace("/", "__"): v for k, v in arrays.items()})
-            return {
-                "scores": str(out.relative_to(self.root)),
-                "methods": sorted({k.split("/")[0] for k in arrays}),
-            }
+            return self.save_score_table(out, arrays)
 
         return self.cache.run(stage, run)
 
@@ -549,14 +544,19 @@ class Lab:
                     # The activation norms need no decoder: they are baselines, named as such.
                     key = method if method.startswith("activation_norm") else f"dede_{preset}_{method}"
                     arrays[f"{key}/{split}"] = scores
-            out.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(out, **{k.replace("/", "__"): v for k, v in arrays.items()})
-            return {
-                "scores": str(out.relative_to(self.root)),
-                "methods": sorted({k.split("/")[0] for k in arrays}),
-            }
+            return self.save_score_table(out, arrays)
 
         return self.cache.run(stage, run)
+
+    def save_score_table(self, out: Path, arrays: dict[str, np.ndarray]) -> dict:
+        """Write `{"<method>/<split>": scores}` as one .npz (keys `method__split`, the layout
+        load_score_tables reads) and return the stage result naming it."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out, **{k.replace("/", "__"): v for k, v in arrays.items()})
+        return {
+            "scores": str(out.relative_to(self.root)),
+            "methods": sorted({k.split("/")[0] for k in arrays}),
+        }
 
     def load_scores(self, name: str, aux: str) -> dict[str, dict[str, np.ndarray]]:
         """Every method's score arrays for (encoder, aux), merged over the presets that ran."""
