@@ -57,7 +57,10 @@ class BackdoorSettings:
     lambda_norm: float = 1.0  # norm_preserving, drupe
     lambda_sw: float = 1.0  # drupe
     lambda_spread: float = 1.0  # drupe
-    spread_ratio: float = 0.5  # drupe: triggered spread must reach this share of the clean spread
+    # drupe: triggered spread must reach this share of the clean spread. At 0.5 the anti-collapse
+    # term capped how close triggered embeddings could get to the target (cosine 0.95): ASR 51%
+    # (66% with lambda_target 3); at 0.2, ASR 98% with BA 58.5% vs 58.6% clean (lab suite, 20 epochs).
+    spread_ratio: float = 0.2
     sw_projections: int = 64
     max_grad_norm: float = 5.0
     seed: int = 0
