@@ -49,7 +49,15 @@ from training.clip import (
     zero_shot_predict,
 )
 from training.data import data_dir, load_npz
-from training.lab import DEDE_SCORE_KINDS, REPO_ROOT, StageCache, load_score_tables, results_header
+from training.lab import (
+    DEDE_SCORE_KINDS,
+    REPO_ROOT,
+    StageCache,
+    feature_score_table,
+    load_score_tables,
+    results_header,
+    save_score_table,
+)
 
 CLIP_ENCODERS = ("clean", "poisoned", "badencoder")
 
@@ -210,6 +218,15 @@ def decoder_label(config: ClipSuiteConfig, preset: str, epochs: int, views: str)
     if views == "mirror" and epochs == config.decoder_epochs:
         return preset
     return f"{preset}_{epochs}ep_{views}"
+
+
+def controlled_decoders(config: ClipSuiteConfig) -> list[str]:
+    """The labels of the decoders the suite fits for every encoder, the clean one included: a score
+    variant is only readable beside its control, so the feature-space variants use these."""
+    encoders_of = {config.decoder_preset: set(CLIP_ENCODERS)}
+    for name, preset, epochs, views in config.extra_decoders:
+        encoders_of.setdefault(decoder_label(config, preset, epochs, views), set()).add(name)
+    return [label for label, names in encoders_of.items() if names >= set(CLIP_ENCODERS)]
 
 
 class ClipLab:
@@ -426,14 +443,26 @@ class ClipLab:
             if with_baselines:
                 encoder = load_encoder(str(self.encoder_path(name)))
                 arrays.update(baseline_scores(encoder, sets, fit_images, c.knn_k, c.strip_blends, c.seed))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(out, **{k.replace("/", "__"): v for k, v in arrays.items()})
-            return {
-                "scores": str(out.relative_to(self.root)),
-                "methods": sorted({k.split("/")[0] for k in arrays}),
-            }
+            return save_score_table(self.root, out, arrays)
 
         return self.cache.run(f"scores_{name}_ood{suffix}", run)
+
+    def stage_feature_scores(self, name: str, label: str) -> dict:
+        """The feature-space variant of the score in the image tower's own stages, and the
+        decoder-free activation norms beside it (training.lab.feature_score_table), on the same
+        three image sets as stage_scores."""
+        from training.fit import load_run
+
+        out = self.root / "scores" / f"{name}_ood_{label}_feature.npz"
+
+        def run() -> dict:
+            _, calibration = self.aux_sets()
+            clean, triggered = self.test_sets()
+            sets = (("calibration", calibration), ("clean", clean), ("triggered", triggered))
+            fitted = load_run(self.decoder_dir(name, label))
+            return save_score_table(self.root, out, feature_score_table(fitted, label, sets))
+
+        return self.cache.run(f"feature_scores_{name}_ood_{label}", run)
 
     def stage_embedding_content(self) -> dict:
         """How much of the image each encoder's embedding keeps, decoder-free: the participation
@@ -494,6 +523,9 @@ def run_clip_suite(suite: str = "clip", progress: bool = True, report_dir: Path 
     for name, preset, epochs, views in config.extra_decoders:
         lab.stage_decoder(name, preset, epochs, views)
         lab.stage_scores(name, decoder_label(config, preset, epochs, views), with_baselines=False)
+    for label in controlled_decoders(config):
+        for name in CLIP_ENCODERS:
+            lab.stage_feature_scores(name, label)
     lab.stage_embedding_content()
     from training.clip_report import write_clip_report
 

@@ -149,18 +149,19 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
                 f"best baseline {best[0]} AUROC {best[1]:.3f} ({'DeDe ahead' if ahead else 'DeDe NOT ahead'})"
             )
         lines.append(f"- {attack}: " + "; ".join(dict.fromkeys(parts)))
-    cues = [
-        f"{attack} (AUROC {results['detection'][f'{attack}/ood']['embedding_norm']['auroc']:.3f})"
-        for attack in ATTACKS
-        if results["detection"].get(f"{attack}/ood", {}).get("embedding_norm", {}).get("auroc", 0) > 0.9
-    ]
+    cues = []
+    for attack in ATTACKS:
+        per_method = results["detection"].get(f"{attack}/ood", {})
+        norms = {m: v["auroc"] for m, v in per_method.items() if "norm" in m and v["auroc"] > 0.9}
+        if norms:
+            cues.append(f"{attack} (" + ", ".join(f"{m} {a:.3f}" for m, a in sorted(norms.items())) + ")")
     if cues:
         lines += [
             "",
-            "The embedding's L2 norm alone separates triggered from clean images on " + ", ".join(cues) + ": "
-            "these attacks leave a norm cue (as the plain BadEncoder does on the SimCLR encoders, see the "
-            "lab report), which a norm-preserving attack would remove; it is a property of the attack, not a "
-            "detector that holds up.",
+            "A norm alone (of the embedding, or of a stage's activations) separates triggered from clean "
+            "images on " + "; ".join(cues) + ": these attacks leave a norm cue (as the plain BadEncoder does "
+            "on the SimCLR encoders, see the lab report), which a norm-preserving attack would remove; it is a "
+            "property of the attack, not a detector that holds up.",
         ]
     lines += ["", "## Wall time per stage (seconds)", "", "| stage | wall |", "| --- | --- |"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["stage_wall_seconds"].items()]
@@ -203,6 +204,13 @@ def _variant_lines(results: dict, default: str) -> list[str]:
         "`lab_wide` is a decoder of more capacity. The `clean/ood` column is the control: the same trigger on a "
         "CLIP without a backdoor, so a high value there means the score reacts to the trigger's pixels, not to a "
         "backdoor.",
+        "",
+        "`dede_<decoder>_feature_<stage>`: the same discrepancy in the image tower's own feature space, the "
+        "squared distance between the tower's feature maps at that ResNet stage for the input and for its "
+        "rebuild (the rebuild still comes from the embedding alone), as in the lab report. "
+        "`activation_norm_<stage>`: the decoder-free cue it must be read against, the squared norm of the "
+        "input's feature map at that stage; where it separates about as well, the attack inflates the tower's "
+        "activations on triggered inputs and the feature score mostly reads that cue.",
         "",
     ]
 

@@ -40,6 +40,7 @@ from training.attacks.triggers import Trigger, make_trigger
 from training.baselines import baseline_scores
 from training.data import data_dir, load_npz
 from training.evaluate import detection_metrics, downstream_after_filtering
+from training.fit import FittedRun
 from training.probe import embed_nchw, probe_report, train_linear_probe
 from training.ssl import pretrain_simclr
 
@@ -521,7 +522,7 @@ class Lab:
             if with_baselines:
                 encoder = load_encoder(str(self.encoder_path(name)))
                 arrays.update(baseline_scores(encoder, sets, fit_images, c.knn_k, c.strip_blends, c.seed))
-            return self.save_score_table(out, arrays)
+            return save_score_table(self.root, out, arrays)
 
         return self.cache.run(stage, run)
 
@@ -529,7 +530,6 @@ class Lab:
         """The feature-space variant of the score (`training.scoring.feature_space_scores`) and the
         decoder-free activation-norm cue beside it, on the same three image sets as stage_scores."""
         from training.fit import load_run
-        from training.scoring import feature_space_scores
 
         stage = f"feature_scores_{name}_{aux}_{preset}"
         out = self.root / "scores" / f"{name}_{aux}_{preset}_feature.npz"
@@ -538,25 +538,10 @@ class Lab:
             _, calibration = self.aux_sets(aux)
             clean, triggered, _ = self.test_sets(name)
             fitted = load_run(self.decoder_dir(name, aux, preset))
-            arrays: dict[str, np.ndarray] = {}
-            for split, images in (("calibration", calibration), ("clean", clean), ("triggered", triggered)):
-                for method, scores in feature_space_scores(fitted, images).items():
-                    # The activation norms need no decoder: they are baselines, named as such.
-                    key = method if method.startswith("activation_norm") else f"dede_{preset}_{method}"
-                    arrays[f"{key}/{split}"] = scores
-            return self.save_score_table(out, arrays)
+            sets = (("calibration", calibration), ("clean", clean), ("triggered", triggered))
+            return save_score_table(self.root, out, feature_score_table(fitted, preset, sets))
 
         return self.cache.run(stage, run)
-
-    def save_score_table(self, out: Path, arrays: dict[str, np.ndarray]) -> dict:
-        """Write `{"<method>/<split>": scores}` as one .npz (keys `method__split`, the layout
-        load_score_tables reads) and return the stage result naming it."""
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out, **{k.replace("/", "__"): v for k, v in arrays.items()})
-        return {
-            "scores": str(out.relative_to(self.root)),
-            "methods": sorted({k.split("/")[0] for k in arrays}),
-        }
 
     def load_scores(self, name: str, aux: str) -> dict[str, dict[str, np.ndarray]]:
         """Every method's score arrays for (encoder, aux), merged over the presets that ran."""
@@ -650,6 +635,33 @@ def results_header(config: object, stages: dict, device: str = "cpu") -> dict:
             "device": device,
         },
         "stage_wall_seconds": {name: round(s["wall_seconds"], 1) for name, s in stages.items()},
+    }
+
+
+def feature_score_table(
+    fitted: FittedRun, label: str, sets: tuple[tuple[str, np.ndarray], ...]
+) -> dict[str, np.ndarray]:
+    """`{"<method>/<split>": scores}` of the feature-space score variants of the decoder named
+    `label` (`dede_<label>_feature_<stage>`) and of the decoder-free activation norms beside them."""
+    from training.scoring import feature_space_scores
+
+    arrays: dict[str, np.ndarray] = {}
+    for split, images in sets:
+        for method, scores in feature_space_scores(fitted, images).items():
+            # The activation norms need no decoder: they are baselines, named as such.
+            key = method if method.startswith("activation_norm") else f"dede_{label}_{method}"
+            arrays[f"{key}/{split}"] = scores
+    return arrays
+
+
+def save_score_table(root: Path, out: Path, arrays: dict[str, np.ndarray]) -> dict:
+    """Write `{"<method>/<split>": scores}` as one .npz (keys `method__split`, the layout
+    load_score_tables reads) and return the stage result naming it (relative to `root`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **{k.replace("/", "__"): v for k, v in arrays.items()})
+    return {
+        "scores": str(out.relative_to(root)),
+        "methods": sorted({k.split("/")[0] for k in arrays}),
     }
 
 

@@ -120,23 +120,17 @@ def feature_space_scores(
     discrepancy measured where the encoder sees content, not in pixels. `activation_norm_<stage>`:
     the squared norm of the input's feature map at that stage, no decoder involved; an attack that
     inflates intermediate activations on triggered inputs leaves this cue, as the plain BadEncoder
-    leaves one in the embedding's norm. Needs a torch encoder with named stage modules."""
+    leaves one in the embedding's norm. Needs a torch encoder with named stage modules; a stage name
+    also finds the one module it ends (`layer3` is a CLIP tower's `visual.layer3`)."""
     encoder = run.encoder.module
     if encoder is None:
         raise ValueError("feature-space scores need a torch encoder (this run's is an ONNX black box)")
-    modules = dict(encoder.named_modules())
-    missing = [stage for stage in stages if stage not in modules]
-    if missing:
-        raise ValueError(
-            f"the encoder has no stage named {', '.join(missing)}; it has {', '.join(list(modules)[1:8])}, ..."
-        )
+    modules = {stage: stage_module(encoder, stage) for stage in stages}
     detector = run.detector("sse")
     captured: dict[str, torch.Tensor] = {}
     hooks = [
-        modules[stage].register_forward_hook(
-            lambda _m, _i, out, stage=stage: captured.__setitem__(stage, out)
-        )
-        for stage in stages
+        module.register_forward_hook(lambda _m, _i, out, stage=stage: captured.__setitem__(stage, out))
+        for stage, module in modules.items()
     ]
     out: dict[str, list[np.ndarray]] = {
         f"{kind}_{s}": [] for kind in ("feature", "activation_norm") for s in stages
@@ -161,3 +155,16 @@ def feature_space_scores(
     return {
         name: np.concatenate(chunks) if chunks else np.zeros(0, np.float32) for name, chunks in out.items()
     }
+
+
+def stage_module(encoder: torch.nn.Module, stage: str) -> torch.nn.Module:
+    """The module named `stage`, or else the only one whose dotted name ends with it."""
+    modules = dict(encoder.named_modules())
+    if stage in modules:
+        return modules[stage]
+    ending = [name for name in modules if name.endswith(f".{stage}")]
+    if len(ending) == 1:
+        return modules[ending[0]]
+    if ending:
+        raise ValueError(f"stage {stage!r} is ambiguous in this encoder: {', '.join(ending)}")
+    raise ValueError(f"the encoder has no stage named {stage}; it has {', '.join(list(modules)[1:8])}, ...")

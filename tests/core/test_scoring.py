@@ -12,7 +12,13 @@ from models.bundle import InputSpec
 from training.attacks.triggers import make_trigger
 from training.data import load_images
 from training.fit import load_run
-from training.scoring import feature_space_scores, score_parts, score_run, score_run_several_masks
+from training.scoring import (
+    feature_space_scores,
+    score_parts,
+    score_run,
+    score_run_several_masks,
+    stage_module,
+)
 
 
 def _images(tiny_data: dict[str, Path], run_dir: Path) -> np.ndarray:
@@ -91,3 +97,15 @@ def test_feature_space_scores_name_a_missing_stage(tiny_data: dict, tiny_run: Pa
     run, images = load_run(tiny_run), _images(tiny_data, tiny_run)[:2]
     with pytest.raises(ValueError, match="no stage named block9"):
         feature_space_scores(run, images, stages=("layer3", "block9"))
+
+
+def test_stage_module_finds_a_stage_by_its_dotted_ending_and_refuses_an_ambiguous_one() -> None:
+    visual = torch.nn.ModuleDict({"layer2": torch.nn.Identity(), "layer3": torch.nn.ReLU()})
+    tower = torch.nn.ModuleDict({"visual": visual})
+    assert stage_module(tower, "layer3") is visual["layer3"]
+    assert stage_module(tower, "visual.layer2") is visual["layer2"]
+    twins = torch.nn.ModuleDict({"a": torch.nn.ModuleDict({"layer3": torch.nn.ReLU()}), "b": visual})
+    with pytest.raises(ValueError, match="ambiguous.*a.layer3, b.layer3"):
+        stage_module(twins, "layer3")
+    with pytest.raises(ValueError, match="no stage named layer9"):
+        stage_module(tower, "layer9")

@@ -25,6 +25,12 @@ def test_clip_smoke_suite_runs_and_reports() -> None:
             metrics
         )
         assert 0 <= metrics["dede_tiny_sse"]["auroc"] <= 1
+        # The feature-space variant in the tower's stages (`visual.layer3`), with its decoder-free cue.
+        assert {"dede_tiny_feature_layer3", "activation_norm_layer3"} <= set(metrics)
+        assert (
+            metrics["dede_tiny_feature_layer3"]["n_triggered_test"]
+            == metrics["dede_tiny_sse"]["n_triggered_test"]
+        )
         # The score split: its "both" part is the triggered score, so its AUROC (same images) is close.
         parts = results["score_parts"][f"{name}/ood"]["dede_tiny_sse"]
         assert parts["n_images"] == metrics["dede_tiny_sse"]["n_triggered_test"]
