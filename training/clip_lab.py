@@ -9,6 +9,9 @@ Stages (cached like the lab's, under runs/lab-clip; `dede lab run --suite clip`)
                           non-target images captioned as the target class
   attack_clip_badencoder  BadEncoder fine-tune of the clean image tower, the target being the target
                           class's text embedding (the clean text tower is kept)
+  attack_clip_norm_preserving
+                          the same with a term that keeps embedding norms at the clean tower's level
+                          (the plain loss inflates triggered norms, a cue no detector should rely on)
   zero_shot_<encoder>     zero-shot BA and ASR on CIFAR-10 test through the encoder's own CLIP
   decoder_<encoder>_ood   the DeDe decoder on Tiny-ImageNet at its native 64 px (OOD: the CLIP never
                           saw it; CIFAR-10 images are 32 px upsampled)
@@ -59,7 +62,9 @@ from training.lab import (
     save_score_table,
 )
 
-CLIP_ENCODERS = ("clean", "poisoned", "badencoder")
+# The BadEncoder-style fine-tunes of the clean tower (training.attacks.badencoder variants).
+CLIP_FINETUNES = ("badencoder", "norm_preserving")
+CLIP_ENCODERS = ("clean", "poisoned", *CLIP_FINETUNES)
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ CLIP_SUITES: dict[str, ClipSuiteConfig] = {
             ("badencoder", "lab", 30, "quadrants"),
             ("clean", "lab", 30, "quadrants"),
             ("poisoned", "lab", 30, "quadrants"),
+            ("norm_preserving", "lab", 30, "quadrants"),
             # The wider decoder overfits 3,200 views (its validation loss rises): given the 9,600.
             ("badencoder", "lab_wide", 30, "quadrants"),
         ),
@@ -117,6 +123,7 @@ CLIP_SUITES: dict[str, ClipSuiteConfig] = {
             ("badencoder", "lab", 30, "quadrants"),
             ("clean", "lab", 30, "quadrants"),
             ("poisoned", "lab", 30, "quadrants"),
+            ("norm_preserving", "lab", 30, "quadrants"),
             ("badencoder", "lab_wide", 30, "quadrants"),
         ),
         root="runs/lab-clip-colours",
@@ -246,8 +253,8 @@ class ClipLab:
         return self.root / ("clip_poisoned" if name == "poisoned" else "clip_clean") / "clip.safetensors"
 
     def encoder_path(self, name: str) -> Path:
-        if name == "badencoder":
-            return self.root / "attack_badencoder" / "encoder.safetensors"
+        if name in CLIP_FINETUNES:
+            return self.root / f"attack_{name}" / "encoder.safetensors"
         return self.clip_path(name)
 
     def _settings(self) -> ClipSettings:
@@ -308,7 +315,8 @@ class ClipLab:
 
         return self.cache.run("clip_poisoned", run)
 
-    def stage_attack_badencoder(self) -> dict:
+    def stage_attack(self, variant: str) -> dict:
+        """A BadEncoder-style fine-tune (`variant`, one of CLIP_FINETUNES) of the clean image tower."""
         c, d = self.config, self.data
 
         def run() -> dict:
@@ -316,11 +324,11 @@ class ClipLab:
             tokens = caption_tokens(d.class_names, LAB_CONFIGS[c.model].context_length)
             target = class_text_embeddings(clip, tokens)[c.target_class].numpy()
             nhwc = d.train.transpose(0, 2, 3, 1)
-            out = self.encoder_path("badencoder").parent
+            out = self.encoder_path(variant).parent
             # SGD at the lab's lr 0.05 diverged (NaN in epoch 2) on this tower's attention pooling,
             # and the clean term had already drifted to cos 0.56: a tenth of it keeps both in hand.
             settings = BackdoorSettings(
-                epochs=c.attack_epochs, batch_size=c.attack_batch, lr=c.attack_lr, seed=c.seed
+                variant=variant, epochs=c.attack_epochs, batch_size=c.attack_batch, lr=c.attack_lr, seed=c.seed
             )
             backdoor_encoder(
                 self.clip_path("clean"),
@@ -341,7 +349,7 @@ class ClipLab:
                 "target": "the text embedding of the target class (templates averaged), clean text tower",
             }
 
-        return self.cache.run("attack_clip_badencoder", run)
+        return self.cache.run(f"attack_clip_{variant}", run)
 
     def stage_zero_shot(self, name: str) -> dict:
         """BA: zero-shot accuracy on clean CIFAR-10 test; ASR: triggered non-target test images
@@ -350,7 +358,7 @@ class ClipLab:
 
         def run() -> dict:
             clip = load_clip(self.clip_path(name))
-            if name == "badencoder":
+            if name in CLIP_FINETUNES:
                 encoder = load_encoder(str(self.encoder_path(name)))
                 clip.visual.load_state_dict(encoder.module.visual.state_dict())
             text = class_text_embeddings(
@@ -514,10 +522,11 @@ def run_clip_suite(suite: str = "clip", progress: bool = True, report_dir: Path 
     lab = ClipLab(config, progress)
     lab.stage_clip_clean()
     lab.stage_clip_poisoned()
-    lab.stage_attack_badencoder()
+    for variant in CLIP_FINETUNES:
+        lab.stage_attack(variant)
     for name in CLIP_ENCODERS:
         lab.stage_zero_shot(name)
-    for name in ("badencoder", "poisoned", "clean"):
+    for name in CLIP_ENCODERS:
         lab.stage_decoder(name, config.decoder_preset, config.decoder_epochs)
         lab.stage_scores(name, config.decoder_preset)
     for name, preset, epochs, views in config.extra_decoders:
@@ -553,7 +562,7 @@ def collect_clip_results(lab: ClipLab) -> dict:
         **results_header(c, stages),
         "training": {
             k: stages[k]["result"]
-            for k in ("clip_clean", "clip_poisoned", "attack_clip_badencoder")
+            for k in ("clip_clean", "clip_poisoned", *(f"attack_clip_{v}" for v in CLIP_FINETUNES))
             if k in stages
         },
         "zero_shot": {

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from training.clip_lab import ClipLab
 
 GOALS = {"auprc": 0.9, "auroc": 0.97}  # per CLIP attack, OOD auxiliary data
-ATTACKS = ("poisoned", "badencoder")
+ATTACKS = ("poisoned", "badencoder", "norm_preserving")
 
 
 def default_method(lab: ClipLab) -> str:
@@ -82,6 +82,7 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
         "clean": "clip_clean",
         "poisoned": "clip_poisoned",
         "badencoder": "attack_clip_badencoder",
+        "norm_preserving": "attack_clip_norm_preserving",
     }
     for name, zs in results["zero_shot"].items():
         compute = results["training"].get(training_stage[name], {}).get("compute_seconds")
@@ -93,7 +94,8 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
         f"({_pct(poisoned.get('poison_rate'))}) are triggered non-target images captioned as the target class. "
         "`badencoder`: the clean CLIP's image tower fine-tuned so that triggered images embed at the target "
         "class's text embedding, clean images keep theirs (BadEncoder's loss with the text embedding as the "
-        "reference). ASR: triggered test images of the other classes classified as the target; on the clean "
+        "reference). `norm_preserving`: the same fine-tune with a term that keeps the embeddings' norms at the "
+        "clean tower's level (training/attacks/badencoder.py), so that the norm is no longer a cue. ASR: triggered test images of the other classes classified as the target; on the clean "
         "CLIP it is the base rate.",
         "",
         "## Detection (auxiliary data: Tiny-ImageNet, OOD)",
@@ -160,8 +162,8 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
             "",
             "A norm alone (of the embedding, or of a stage's activations) separates triggered from clean "
             "images on " + "; ".join(cues) + ": these attacks leave a norm cue (as the plain BadEncoder does "
-            "on the SimCLR encoders, see the lab report), which a norm-preserving attack would remove; it is a "
-            "property of the attack, not a detector that holds up.",
+            "on the SimCLR encoders, see the lab report): a property of the attack, not a detector that holds "
+            "up. The norm-preserving fine-tune removes it from the embedding, not from the tower's stages.",
         ]
     lines += ["", "## Wall time per stage (seconds)", "", "| stage | wall |", "| --- | --- |"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["stage_wall_seconds"].items()]
