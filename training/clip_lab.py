@@ -328,7 +328,11 @@ class ClipLab:
             # SGD at the lab's lr 0.05 diverged (NaN in epoch 2) on this tower's attention pooling,
             # and the clean term had already drifted to cos 0.56: a tenth of it keeps both in hand.
             settings = BackdoorSettings(
-                variant=variant, epochs=c.attack_epochs, batch_size=c.attack_batch, lr=c.attack_lr, seed=c.seed
+                variant=variant,
+                epochs=c.attack_epochs,
+                batch_size=c.attack_batch,
+                lr=c.attack_lr,
+                seed=c.seed,
             )
             backdoor_encoder(
                 self.clip_path("clean"),
