@@ -16,6 +16,9 @@ Stages (cached like the lab's, under runs/lab-clip; `dede lab run --suite clip`)
   decoder_<encoder>_ood   the DeDe decoder on Tiny-ImageNet at its native 64 px (OOD: the CLIP never
                           saw it; CIFAR-10 images are 32 px upsampled)
   scores_<encoder>_ood    DeDe and baseline scores on calibration / clean test / triggered test
+  feature_scores_<encoder>_ood_<decoder>
+                          the score in the tower's own feature space and the activation-norm cue,
+                          for each decoder fitted on every encoder (`controlled_decoders`)
   embedding_content       how much of the image each embedding keeps, decoder-free (participation
                           ratio, linear R^2 to the 8x8 thumbnail), beside an untrained tower
 

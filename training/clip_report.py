@@ -95,8 +95,9 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
         "`badencoder`: the clean CLIP's image tower fine-tuned so that triggered images embed at the target "
         "class's text embedding, clean images keep theirs (BadEncoder's loss with the text embedding as the "
         "reference). `norm_preserving`: the same fine-tune with a term that keeps the embeddings' norms at the "
-        "clean tower's level (training/attacks/badencoder.py), so that the norm is no longer a cue. ASR: triggered test images of the other classes classified as the target; on the clean "
-        "CLIP it is the base rate.",
+        "clean tower's level (training/attacks/badencoder.py), so that the norm is no longer a cue. ASR: "
+        "triggered test images of the other classes classified as the target; on the clean CLIP it is the "
+        "base rate.",
         "",
         "## Detection (auxiliary data: Tiny-ImageNet, OOD)",
         "",
@@ -154,7 +155,11 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
     cues = []
     for attack in ATTACKS:
         per_method = results["detection"].get(f"{attack}/ood", {})
-        norms = {m: v["auroc"] for m, v in per_method.items() if "norm" in m and v["auroc"] > 0.9}
+        norms = {
+            m: v["auroc"]
+            for m, v in per_method.items()
+            if (m == "embedding_norm" or m.startswith("activation_norm_")) and v["auroc"] > 0.9
+        }
         if norms:
             cues.append(f"{attack} (" + ", ".join(f"{m} {a:.3f}" for m, a in sorted(norms.items())) + ")")
     if cues:
