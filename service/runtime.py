@@ -23,6 +23,10 @@ log = logging.getLogger("dede.runtime")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# cuDNN's exhaustive search (ONNX Runtime's default) times candidate kernels at load, so two
+# processes serving one bundle can pick different kernels and give different low bits for the same
+# image; the heuristic picks by shape alone, the same in every process.
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
 
 
 class RuntimeLoadError(Exception):
@@ -111,8 +115,10 @@ class Detector:
         providers: list[str],
         intra_op_threads: int = 0,
         nice_increment: int = 0,
+        cuda_options: dict[str, str] | None = None,
     ) -> None:
-        """nice_increment > 0: every thread that computes scores (ONNX Runtime's pool and each
+        """cuda_options: the CUDA provider's options (default CUDA_OPTIONS).
+        nice_increment > 0: every thread that computes scores (ONNX Runtime's pool and each
         caller of `score`) runs that many nice levels below the process, so that on a saturated CPU
         the event loop, which parses requests and answers refusals, is not starved by the model."""
         self._nice_increment = nice_increment
@@ -124,10 +130,12 @@ class Detector:
         # Spinning threads between runs take CPU from the HTTP side; measured to matter on 2 cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        options_by_provider = {CUDA: CUDA_OPTIONS if cuda_options is None else cuda_options}
+        with_options = [(p, options_by_provider[p]) if p in options_by_provider else p for p in providers]
         try:
             self._session = _in_lowered_thread(
                 nice_increment,
-                lambda: ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers),
+                lambda: ort.InferenceSession(str(onnx_path), sess_options=options, providers=with_options),
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise RuntimeLoadError(f"{onnx_path}: ONNX Runtime cannot load the graph: {exc}") from exc

@@ -41,8 +41,3 @@ class RawSession:
             "best_batch_size": best,
             "ceiling_images_per_s": by_batch[best],
         }
-
-
-def reference_scores(bundle: Bundle, images: np.ndarray) -> np.ndarray:
-    detector = Detector(bundle.onnx_path, bundle.manifest.input, ["CPUExecutionProvider"])
-    return detector.score(images)

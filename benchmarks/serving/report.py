@@ -79,7 +79,8 @@ def write_report(results: dict, out_dir: Path) -> None:
         "below is read from `results.json` beside this file.",
         "",
         *([f"> **Note:** {results['note']}", ""] if results.get("note") else []),
-        f"- Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, Python {machine['python']}, "
+        f"- Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, "
+        f"{'GPU ' + machine['gpu'] + ', ' if machine.get('gpu') else ''}Python {machine['python']}, "
         f"load average at start {machine['load_average_at_start']}.",
         f"- Bundle: {results['bundle']['model_name']} {results['bundle']['model_version']} "
         f"({results['bundle']['encoder']}, input {results['bundle']['input']}), provider {raw['provider']}.",
@@ -108,7 +109,8 @@ def write_report(results: dict, out_dir: Path) -> None:
         if key == "raw_best_over_raw_batch1":
             lines.append(
                 f"- Headroom batching has on this model and machine: the raw session at its best batch is "
-                f"{value:g}x the raw session at batch 1 (an upper bound for the batched/batch-1 ratio)."
+                f"{value:g}x the raw session at batch 1 (what batching buys the model alone; the servers' ratio "
+                f"also carries their per-request costs)."
             )
         if key.startswith("p99_over_p50_at_half_load_x"):
             ipr = key.rsplit("x", 1)[1]
@@ -126,7 +128,8 @@ def write_report(results: dict, out_dir: Path) -> None:
     ]
     for name, server in results["servers"].items():
         settings = ", ".join(f"{k}={v}" for k, v in server["settings"].items())
-        lines += ["", f"## Server: {name}", "", f"Settings: {settings}. Scores equal the raw session's: "
+        lines += ["", f"## Server: {name}", "", f"Settings: {settings}. Provider in use (/v1/models): "
+                  f"{server.get('provider', 'not recorded')}. Scores equal the raw session's: "
                   f"{server['scores_match_raw_session']}.", ""]  # fmt: skip
         lines += _table(server["points"])
         if server.get("half_load"):

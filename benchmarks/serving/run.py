@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.serving.loadgen import CONTENT_TYPE, closed_loop, multipart_body, open_loop
-from benchmarks.serving.raw import RawSession, reference_scores
+from benchmarks.serving.raw import RawSession
 from benchmarks.serving.report import write_report
 from benchmarks.serving.server import REPO_ROOT, BenchServer, open_benchmark_bundle
 from models.bundle import Bundle, prepare_array
@@ -128,6 +128,7 @@ def measure_servers(
             server.wait_ready()
             results[name] = {
                 "settings": configs[name],
+                "provider": httpx.get(server.url + "/v1/models", timeout=10).json()["models"][0]["provider"],
                 "scores_match_raw_session": check_scores(server, encoded, expected),
                 "points": [],
             }
@@ -241,11 +242,26 @@ def machine() -> dict:
     return {
         "cpu": cpu,
         "logical_cores": os.cpu_count(),
+        "gpu": gpu_name(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "packages": versions,
         "load_average_at_start": [round(x, 2) for x in load],
     }
+
+
+def gpu_name() -> str | None:
+    """The GPU's name and driver from nvidia-smi; None where there is none."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def commit() -> str:
@@ -284,6 +300,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=ints, default=[1, 8, 32, 128])
     parser.add_argument("--images-per-request", type=ints, default=[1, 8])
     parser.add_argument(
+        "--batch-sizes",
+        type=ints,
+        default=[1, 2, 4, 8, 16, 32, 64, 128],
+        help="the raw session's sweep; its best is the batched server's max batch size (auto)",
+    )
+    parser.add_argument(
         "--max-batch-size",
         default="auto",
         help="the batched server's DEDE_MAX_BATCH_SIZE (auto: the raw session's best batch size)",
@@ -305,14 +327,15 @@ def main(argv: list[str] | None = None) -> None:
         bundle, bundle_path, out_dir = open_benchmark_bundle(
             args.bundle, args.synthetic, scratch_dir, args.out, HERE, "serving-dry-run"
         )
-        encoded, arrays = load_test_images(bundle, 512)
-        expected = reference_scores(bundle, arrays[:8])
+        encoded, arrays = load_test_images(bundle, max(512, max(args.batch_sizes)))
         print(
             f"bundle {bundle.manifest.model_name} {bundle.manifest.model_version}; raw session ceiling ...",
             flush=True,
         )
         raw_session = RawSession(bundle, arrays)
-        raw = raw_session.sweep([1, 2, 4, 8, 16, 32, 64, 128], min(2.0, args.seconds / 3))
+        # The servers run the same provider as the raw session: their scores must equal its scores.
+        expected = raw_session.detector.score(arrays[:8])
+        raw = raw_session.sweep(args.batch_sizes, min(2.0, args.seconds / 3))
         print(
             f"  raw: {raw['images_per_s_by_batch']} -> ceiling {raw['ceiling_images_per_s']} img/s",
             flush=True,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
@@ -85,3 +87,29 @@ def test_a_tiny_synthetic_run_end_to_end(tmp_path: Path) -> None:
         cwd=REPO_ROOT, env=env, check=True, timeout=300,
     )  # fmt: skip
     assert (tmp_path / "results.json").exists() and (tmp_path / "REPORT.md").exists()
+
+
+def test_the_cuda_check_fails_where_cuda_is_not_used(
+    synthetic_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run where ONNX Runtime has no usable CUDA, the check writes what it saw and exits 1: a CPU
+    run cannot stand in for the GPU figures. Its CPU section still compares real scores."""
+    from benchmarks.serving import cuda_check
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, size=(512, 32, 32, 3), dtype=np.uint8)
+    np.savez(data / "cifar10_test.npz", x=pixels, y=np.zeros(512, dtype=np.int64))
+    monkeypatch.setenv("DEDE_DATA_DIR", str(data))
+    monkeypatch.setattr(cuda_check, "resolve_providers", lambda requested: ["CPUExecutionProvider"])
+    out = tmp_path / "out"
+    assert (
+        cuda_check.main(["--bundle", str(synthetic_bundle), "--out", str(out), "--max-batch-size", "8"]) == 1
+    )
+    result = json.loads((out / "cuda_check.json").read_text())
+    assert result["provider_in_use"] == "CPUExecutionProvider" and result["io_binding"] is False
+    assert "cudnn_conv_algo_search" not in result
+    cpu = result["cpu_batch_invariance"]
+    assert all(v["identical"] for v in cpu["vs_batch_1"].values())
+    assert cpu["other_images_shuffled_at_32"]["identical"]
+    assert result["cuda_vs_cpu"]["score_range"][0] < result["cuda_vs_cpu"]["score_range"][1]

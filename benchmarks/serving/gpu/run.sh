@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The figures in this folder: the CUDA check, then the serving benchmark, on a machine with an
+# NVIDIA GPU, onnxruntime-gpu and the service's packages importable, DEDE_DATA_DIR set.
+#
+#     bash benchmarks/serving/gpu/run.sh bundles/demo benchmarks/serving/gpu
+set -uo pipefail
+bundle=${1:-bundles/demo}
+out=${2:-benchmarks/serving/gpu}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+"$python" -m benchmarks.serving.cuda_check --bundle "$bundle" --out "$out" --max-batch-size 512 \
+  >"$out/cuda_check.log" 2>&1
+echo "cuda_check exit $?"
+tail -n 40 "$out/cuda_check.log"
+"$python" -m benchmarks.serving.run --bundle "$bundle" --out "$out" --seconds 5 --warmup 1 \
+  --batch-sizes 1,2,4,8,16,32,64,128,256,512 \
+  --note "GPU machine; the load generator and the server share its CPU cores."
+echo "benchmark exit $?"
