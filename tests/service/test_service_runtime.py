@@ -73,6 +73,31 @@ def test_cuda_asked_for_but_unusable_falls_back_to_cpu_and_says_so(
     assert any("CUDA was requested" in r.getMessage() for r in caplog.records)
 
 
+def test_the_cuda_provider_gets_the_kernel_search_options(
+    synthetic_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ONNX Runtime is asked for: CUDA with the service's cuDNN options, CPU as it is."""
+    import onnxruntime as ort
+
+    asked: list = []
+    real_session = ort.InferenceSession
+
+    def recording_session(path: str, sess_options: object, providers: list) -> object:
+        asked.append(providers)
+        return real_session(path, sess_options=sess_options, providers=[CPU])
+
+    monkeypatch.setattr(ort, "InferenceSession", recording_session)
+    bundle = load_bundle(synthetic_bundle)
+    Detector(bundle.onnx_path, bundle.manifest.input, [CUDA, CPU])
+    Detector(bundle.onnx_path, bundle.manifest.input, [CUDA, CPU], cuda_options={"device_id": "0"})
+    Detector(bundle.onnx_path, bundle.manifest.input, [CPU])
+    assert asked == [
+        [(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), CPU],
+        [(CUDA, {"device_id": "0"}), CPU],
+        [CPU],
+    ]
+
+
 def test_a_graph_that_does_not_match_the_manifest_is_refused(tmp_path: Path) -> None:
     root = make_synthetic_bundle(tmp_path / "b", height=32, width=32)
     bundle = load_bundle(root)
