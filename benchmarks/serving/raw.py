@@ -41,3 +41,9 @@ class RawSession:
             "best_batch_size": best,
             "ceiling_images_per_s": by_batch[best],
         }
+
+
+def reference_scores(bundle: Bundle, images: np.ndarray) -> np.ndarray:
+    """The CPU session's scores: what every server's answer is compared with."""
+    detector = Detector(bundle.onnx_path, bundle.manifest.input, ["CPUExecutionProvider"])
+    return detector.score(images)

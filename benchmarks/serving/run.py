@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
             "protocol": {
                 "seconds_per_point": args.seconds,
                 "warmup_s": args.warmup,
-                "images": "CIFAR-10 test, first 512, PNG-encoded",
+                "images": f"CIFAR-10 test, first {len(encoded)}, PNG-encoded",
                 "load_generator": "asyncio, a lean HTTP/1.1 keep-alive connection per client (loadgen.Connection), "
                 "same machine",
             },
