@@ -77,8 +77,8 @@ class Settings(BaseSettings):
         "event loop (0: same priority); on a saturated CPU the event loop then still answers refusals quickly",
     )
     # 65,536 pixels (64 CIFAR images, or one 256x256) decode in a few milliseconds; on 2 cores handing
-    # them to a thread cost more saturated throughput than it saved (benchmarks/serving, 1130 -> 1318
-    # images/s when this went from 4,096 to 65,536).
+    # them to a thread cost more saturated throughput than it saved (benchmarks/serving/results.json
+    # as committed in 37ad065 and 81a5bdb: 1130 -> 1318 images/s when this went from 4,096 to 65,536).
     inline_decode_max_pixels: int = Field(
         65_536,
         ge=0,
