@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.serving.run import commit, gpu_name, load_test_images
-from models.bundle import Bundle, load_bundle
+from models.bundle import Bundle, BundleError, load_bundle
 from service.runtime import CPU, CUDA, CUDA_OPTIONS, Detector, batch_buckets, resolve_providers
 
 BATCH_SIZES = (1, 3, 8, 32, 128)
@@ -94,10 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving.cuda_check", description=__doc__)
     parser.add_argument("--bundle", type=Path, default=Path("bundles/demo"))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "gpu")
-    parser.add_argument("--max-batch-size", type=int, default=128, help="the service's largest bucket")
+    parser.add_argument(
+        "--max-batch-size", type=_batch_size, default=128, help="the service's largest bucket (1..4096)"
+    )
     args = parser.parse_args(argv)
 
-    bundle = load_bundle(args.bundle)
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as exc:
+        raise SystemExit(f"cuda_check: {exc}") from None
     _, images = load_test_images(bundle, 512)
     providers = resolve_providers(["auto"])
     started = time.perf_counter()
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "provider_in_use": cuda.provider,
         "io_binding": cuda.provider == CUDA,
         "warm_up_s_by_bucket": {str(k): round(v, 4) for k, v in warm_up_s.items()},
-        "images": "CIFAR-10 test, first 512",
+        "images": f"CIFAR-10 test, first {len(images)}",
         "cuda_vs_cpu": {
             **spread(cpu_scores, cuda_scores),
             "flags_disagree": int(((cpu_scores > threshold) != (cuda_scores > threshold)).sum()),
@@ -146,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "cuda_check.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0 if cuda.provider == CUDA else 1
+
+
+def _batch_size(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"{value} is not in 1..4096")
+    return value
 
 
 def _installed(package: str) -> bool:

@@ -10,9 +10,12 @@ python=${PYTHON:-python3}
 mkdir -p "$out"
 "$python" -m benchmarks.serving.cuda_check --bundle "$bundle" --out "$out" --max-batch-size 512 \
   >"$out/cuda_check.log" 2>&1
-echo "cuda_check exit $?"
+check=$?
+echo "cuda_check exit $check"
 tail -n 40 "$out/cuda_check.log"
 "$python" -m benchmarks.serving.run --bundle "$bundle" --out "$out" --seconds 5 --warmup 1 \
   --batch-sizes 1,2,4,8,16,32,64,128,256,512 \
   --note "GPU machine; the load generator and the server share its CPU cores."
-echo "benchmark exit $?"
+bench=$?
+echo "benchmark exit $bench"
+exit $((check || bench))
