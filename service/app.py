@@ -20,7 +20,7 @@ from service.batcher import Batcher
 from service.errors import ServiceError
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
-from service.runtime import Detector, batch_buckets, lower_this_thread_priority, resolve_providers
+from service.runtime import Detector, lower_this_thread_priority, resolve_providers
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -144,9 +144,8 @@ def load_detector(bundle: Bundle, settings: Settings) -> Detector:
 
 async def _warm_up(state: ServiceState) -> None:
     assert state.detector is not None
-    buckets = batch_buckets(state.settings.max_batch_size)
     try:
-        await asyncio.to_thread(state.detector.warm_up, buckets)
+        await asyncio.to_thread(state.detector.warm_up, state.settings.max_batch_size)
     except Exception as exc:
         log.exception("warm-up failed; the service stays not ready")
         state.set_ready(False, f"warm-up failed: {exc}")

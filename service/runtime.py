@@ -147,9 +147,8 @@ class Detector:
             log.warning("CUDA was requested but ONNX Runtime could not use it; running on %s", self.provider)
         # On a GPU, bind the input once per run and let ORT copy only the scores back to the host.
         self._use_io_binding = self.provider == CUDA
-        # cuDNN picks kernels per input shape, so on a GPU batches are padded up to a warmed-up
-        # bucket; on a CPU padding would only waste compute.
-        self._pad_buckets: list[int] = []
+        # The batch size every batch is padded up to (CUDA only, set by warm_up).
+        self._pad_to: int | None = None
         log.info("ONNX Runtime session on %s (providers %s)", self.provider, self.providers)
 
     def _check_signature(self) -> None:
@@ -179,9 +178,8 @@ class Detector:
             lower_this_thread_priority(self._nice_increment)
             self._lowered_threads.add(thread_id)
         count = images.shape[0]
-        bucket = next((b for b in self._pad_buckets if b >= count), count)
-        if bucket > count:
-            padding = np.zeros((bucket - count, *images.shape[1:]), dtype=images.dtype)
+        if self._pad_to is not None and count < self._pad_to:
+            padding = np.zeros((self._pad_to - count, *images.shape[1:]), dtype=images.dtype)
             images = np.concatenate([images, padding])
         if self._use_io_binding:
             binding = self._session.io_binding()
@@ -196,16 +194,22 @@ class Detector:
             raise RuntimeError(f"graph returned {scores.shape[0]} scores for {images.shape[0]} images")
         return scores[:count]
 
-    def warm_up(self, batch_sizes: list[int]) -> dict[int, float]:
-        """Run every batch-size bucket once (allocations, kernel choice); seconds per bucket."""
+    def warm_up(self, max_batch_size: int) -> dict[int, float]:
+        """Run each batch shape this session will serve once (allocations, kernel choice); seconds
+        per batch size. On CUDA that is one shape: every later batch is padded to `max_batch_size`."""
+        # On an H200 each change of input shape between runs cost cuDNN about 34 ms (a batch of 4
+        # takes 1.4 ms, one of 512 takes 3.7 ms), and scores moved with the shape by up to 1.6e-3
+        # relative; with one shape they are identical at any batch size (benchmarks/serving/gpu/
+        # README.md). On a CPU scores do not depend on the shape and padding only wastes compute.
+        sizes = [max_batch_size] if self.provider == CUDA else batch_buckets(max_batch_size)
         timings = {}
         rng = np.random.default_rng(0)
-        for size in batch_sizes:
+        for size in sizes:
             batch = rng.integers(0, 256, size=(size, 3, self.spec.height, self.spec.width), dtype=np.uint8)
             start = time.perf_counter()
             self.score(batch)
             timings[size] = time.perf_counter() - start
         if self.provider == CUDA:
-            self._pad_buckets = [max(batch_sizes)] if os.environ.get("X_ONE_SHAPE") else sorted(batch_sizes)
-        log.info("warm-up done for batch sizes %s in %.0f ms", batch_sizes, 1000 * sum(timings.values()))
+            self._pad_to = max_batch_size
+        log.info("warm-up done for batch sizes %s in %.0f ms", sizes, 1000 * sum(timings.values()))
         return timings

@@ -35,7 +35,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
 
-    max_batch_size: int = Field(32, ge=1, le=4096, description="most images run through the model at once")
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="most images run through the model at once; on CUDA every batch is padded to this size",
+    )
     max_batch_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="longest wait for a batch to fill while more work is arriving"
     )

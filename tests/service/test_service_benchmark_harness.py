@@ -108,8 +108,30 @@ def test_the_cuda_check_fails_where_cuda_is_not_used(
     )
     result = json.loads((out / "cuda_check.json").read_text())
     assert result["provider_in_use"] == "CPUExecutionProvider" and result["io_binding"] is False
-    assert "cudnn_conv_algo_search" not in result
+    assert not {"cudnn_conv_algo_search", "cuda_batch_invariance", "shape_switch"} & set(result)
     cpu = result["cpu_batch_invariance"]
     assert all(v["identical"] for v in cpu["vs_batch_1"].values())
     assert cpu["other_images_shuffled_at_32"]["identical"]
     assert result["cuda_vs_cpu"]["score_range"][0] < result["cuda_vs_cpu"]["score_range"][1]
+
+
+def test_the_cuda_checks_bucket_padding_and_timings_run(synthetic_bundle: Path) -> None:
+    """The check's GPU-only pieces, on a CPU session: padding to power-of-two buckets changes no
+    score, and the shape-switch timings cover the sizes they claim."""
+    from benchmarks.serving import cuda_check
+    from models.bundle import load_bundle
+    from service.runtime import CPU, Detector
+
+    bundle = load_bundle(synthetic_bundle)
+    plain = Detector(bundle.onnx_path, bundle.manifest.input, [CPU])
+    served = Detector(bundle.onnx_path, bundle.manifest.input, [CPU])
+    served.warm_up(8)
+    bucketed = cuda_check.padded_to_buckets(
+        Detector(bundle.onnx_path, bundle.manifest.input, [CPU]), [1, 2, 4, 8]
+    )
+    images = np.random.default_rng(1).integers(0, 256, size=(40, 3, 32, 32), dtype=np.uint8)
+    np.testing.assert_array_equal(cuda_check.score_in_batches(bucketed, images, 5), plain.score(images))
+    assert all(v["identical"] for v in cuda_check.invariance(bucketed, images)["vs_batch_1"].values())
+    costs = cuda_check.shape_switch_costs(served, bucketed, images)
+    assert costs["changing_sizes"] == list(cuda_check.CHANGING_SIZES)
+    assert all(0 < costs[k]["median_ms"] <= costs[k]["max_ms"] for k in costs if k != "changing_sizes")

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from synthetic_bundle import expected_score, make_synthetic_bundle
 
-from models.bundle import load_bundle
+from models.bundle import ONNX_INPUT, load_bundle
 from service.runtime import CPU, CUDA, Detector, RuntimeLoadError, batch_buckets, resolve_providers
 
 
@@ -33,11 +33,11 @@ def test_scores_follow_the_graph(detector: Detector) -> None:
 
 
 def test_the_gpu_paths_give_the_same_scores(detector: Detector, monkeypatch: pytest.MonkeyPatch) -> None:
-    # IO binding and bucket padding run on CUDA only; both work on the CPU provider too, so check them here.
+    # IO binding and padding run on CUDA only; both work on the CPU provider too, so check them here.
     batch = images(5)
     plain = detector.score(batch)
     monkeypatch.setattr(detector, "_use_io_binding", True)
-    monkeypatch.setattr(detector, "_pad_buckets", [1, 2, 4, 8])
+    monkeypatch.setattr(detector, "_pad_to", 8)
     np.testing.assert_array_equal(detector.score(batch), plain)  # padded to 8, cut back to 5
 
 
@@ -47,8 +47,45 @@ def test_batch_buckets() -> None:
     assert batch_buckets(24) == [1, 2, 4, 8, 16, 24]
 
 
-def test_warm_up_runs_every_bucket(detector: Detector) -> None:
-    assert sorted(detector.warm_up([1, 2, 4])) == [1, 2, 4]
+def test_warm_up_on_a_cpu_runs_every_bucket_and_pads_nothing(synthetic_bundle: Path) -> None:
+    bundle = load_bundle(synthetic_bundle)
+    detector = Detector(bundle.onnx_path, bundle.manifest.input, [CPU])
+    assert sorted(detector.warm_up(4)) == [1, 2, 4]
+    shapes = record_batch_shapes(detector)
+    detector.score(images(3))
+    assert shapes == [3]
+
+
+def test_warm_up_on_cuda_fixes_one_shape_for_every_batch(synthetic_bundle: Path) -> None:
+    # On CUDA each change of input shape costs cuDNN tens of milliseconds and can change the scores
+    # (benchmarks/serving/gpu/README.md), so every batch runs at the warmed-up maximum.
+    bundle = load_bundle(synthetic_bundle)
+    detector = Detector(bundle.onnx_path, bundle.manifest.input, [CPU])
+    detector.provider = CUDA  # what the CUDA provider's session reports; the arithmetic stays on CPU here
+    assert list(detector.warm_up(8)) == [8]
+    shapes = record_batch_shapes(detector)
+    batch = images(8)
+    scores = [detector.score(batch[:count]) for count in (1, 3, 8)]
+    assert shapes == [8, 8, 8]
+    for count, got in zip((1, 3, 8), scores, strict=True):
+        np.testing.assert_array_equal(got, scores[-1][:count])
+
+
+def record_batch_shapes(detector: Detector) -> list[int]:
+    """The batch size of every graph run from now on."""
+    shapes: list[int] = []
+    session = detector._session
+
+    class Recording:
+        def run(self, names, feeds):  # noqa: ANN001, ANN202
+            shapes.append(feeds[ONNX_INPUT].shape[0])
+            return session.run(names, feeds)
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(session, name)
+
+    detector._session = Recording()
+    return shapes
 
 
 def test_auto_is_cpu_without_a_visible_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
