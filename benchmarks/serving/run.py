@@ -36,6 +36,7 @@ from benchmarks.serving.raw import RawSession
 from benchmarks.serving.report import write_report
 from benchmarks.serving.server import REPO_ROOT, BenchServer, open_benchmark_bundle
 from models.bundle import Bundle, prepare_array
+from service.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 GOALS = {"saturation_vs_ceiling": 0.9, "batched_vs_batch1_at_32": 5.0, "p99_over_p50_at_half_load": 3.0}
@@ -285,6 +286,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",")]
 
+    def setting(text: str) -> tuple[str, str]:
+        name, sep, value = text.partition("=")
+        if not sep or name.lower() not in Settings.model_fields:
+            raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE with NAME a service setting")
+        if name.lower() in ("max_batch_size", "max_batch_delay_ms", "bundle", "host", "port"):
+            raise argparse.ArgumentTypeError(f"{name} is set by the benchmark itself (see its own flags)")
+        return name.lower(), value
+
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.serving.run", description=__doc__.split("\n")[0]
     )
@@ -311,6 +320,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the batched server's DEDE_MAX_BATCH_SIZE (auto: the raw session's best batch size)",
     )
     parser.add_argument("--max-batch-delay-ms", type=float, default=2.0)
+    parser.add_argument(
+        "--server-setting",
+        dest="server_settings",
+        type=setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a service setting for both servers, as its DEDE_ variable without the prefix "
+        "(e.g. inline_decode_max_pixels=0); repeatable",
+    )
     parser.add_argument(
         "--note", default="", help="a remark printed at the top of REPORT.md (e.g. conditions)"
     )
@@ -345,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
             "log_level": "warning",
             "max_queue": 4096,
             "max_images_per_request": 64,
+            **dict(args.server_settings),
         }
         servers = {
             "batched": {

@@ -135,3 +135,15 @@ def test_the_cuda_checks_bucket_padding_and_timings_run(synthetic_bundle: Path) 
     costs = cuda_check.shape_switch_costs(served, bucketed, images)
     assert costs["changing_sizes"] == list(cuda_check.CHANGING_SIZES)
     assert all(0 < costs[k]["median_ms"] <= costs[k]["max_ms"] for k in costs if k != "changing_sizes")
+
+
+def test_the_benchmark_takes_service_settings_for_both_servers() -> None:
+    from benchmarks.serving.run import parse_args
+
+    args = parse_args(
+        ["--server-setting", "INLINE_DECODE_MAX_PIXELS=0", "--server-setting", "decode_threads=4"]
+    )
+    assert args.server_settings == [("inline_decode_max_pixels", "0"), ("decode_threads", "4")]
+    for wrong in ("no_such_setting=1", "decode_threads", "max_batch_size=8"):
+        with pytest.raises(SystemExit):
+            parse_args(["--server-setting", wrong])
