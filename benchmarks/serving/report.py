@@ -55,12 +55,17 @@ def _table(points: list[dict]) -> list[str]:
     for p in points:
         rows.append(
             f"| {p['concurrency']} | {p['images_per_request']} | {p['images_per_s']:.0f} | {p['requests_per_s']:.0f} "
-            f"| {p['p50_ms']:.1f} | {p['p95_ms']:.1f} | {p['p99_ms']:.1f} | {p.get('mean_batch_size', 0):.1f} "
-            f"| {p.get('server_cpu_cores', 0):.2f} | {p['generator_cpu_cores']:.2f} "
-            f"| {p.get('machine_load_1m', float('nan')):.1f} | {p.get('raw_ceiling_now', float('nan')):.0f} "
+            f"| {p['p50_ms']:.1f} | {p['p95_ms']:.1f} | {p['p99_ms']:.1f} | {_measured(p, 'mean_batch_size', '.1f')} "
+            f"| {_measured(p, 'server_cpu_cores', '.2f')} | {p['generator_cpu_cores']:.2f} "
+            f"| {_measured(p, 'machine_load_1m', '.1f')} | {_measured(p, 'raw_ceiling_now', '.0f')} "
             f"| {p['errors']} |"
         )
     return rows
+
+
+def _measured(point: dict, key: str, spec: str) -> str:
+    """A figure the open-loop points do not collect shows as a dash, not as a zero."""
+    return format(point[key], spec) if key in point else "-"
 
 
 def _verdict(value: float, target: float, at_most: bool = False) -> str:

@@ -70,9 +70,14 @@ def test_goal_arithmetic() -> None:
 
 def test_report_and_plot_are_written(tmp_path: Path) -> None:
     results = fake_results()
+    half_load = results["servers"]["batched"]["half_load"][0]
+    for key in ("server_cpu_cores", "mean_batch_size", "machine_load_1m"):  # not collected in open loop
+        del half_load[key]
     results["goals"] = goals(results)
     write_report(results, tmp_path)
     report = (tmp_path / "REPORT.md").read_text()
+    open_loop_row = next(line for line in report.splitlines() if line.startswith("| 64 | 1 | 280 |"))
+    assert open_loop_row.count("| - ") == 4  # batch, server CPU, load, ceiling: dashes, not zeros
     assert "misses >= 0.9" in report or "meets >= 0.9" in report
     assert "p99/p50 at half of saturation" in report and "(meets <= 3)" in report
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
