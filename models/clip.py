@@ -2,7 +2,7 @@
 
 Names: any open_clip architecture (`RN50`, `ViT-B-32`, ...; built with random weights, never
 downloaded: weights come from a local file through `models.encoders`) or one of `LAB_CONFIGS`, the
-small CLIPs this project trains itself (training/clip.py). The image tower maps normalized images
+small CLIPs this project trains itself (lab/clip_training.py). The image tower maps normalized images
 [N, 3, H, W] to the embedding CLIP compares with text embeddings (before L2 normalization).
 """
 

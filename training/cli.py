@@ -1,7 +1,11 @@
-"""The `dede` command line: fit, calibrate, export, score, demo, serve (and the lab's commands).
+"""The `dede` command line: fit, calibrate, export, score, serve (the product's offline half).
 
 Each subcommand is a thin layer over a library function; errors that a user can fix are printed as
 one line (`dede: error: ...`) with exit code 2, never as a traceback.
+
+The lab's commands (`dede lab`, `pretrain`, `attack`, `eval`, `demo`) are not imported from here:
+they come in through the `dede.commands` entry point (pyproject.toml), so the product never imports
+the lab by name. `dede serve` builds the demo bundle when it has none through the `dede.demo` one.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from models.bundle import BundleError
@@ -67,13 +72,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         data_source=str(args.data),
-        poison_rate=args.poison_rate,
+        poison_rate=getattr(args, "poison_rate", 0.0),
     )
-    poison = None
-    if args.poison_rate > 0:
-        from training.triggers import load_trigger
-
-        poison = load_trigger(args.trigger, (h, w)).apply_uint8_nchw
+    # A plugin (the lab) may add options that emulate a poisoned auxiliary set; it then sets
+    # `make_poison`: (args, (H, W)) -> a uint8 NCHW image transform, or None.
+    make_poison = getattr(args, "make_poison", None)
+    poison = make_poison(args, (h, w)) if make_poison is not None else None
     path = fit_decoder(encoder, images, Path(args.out), settings, args.device, not args.no_resume, poison)
     print(f"fitted decoder: {path}  (loss per epoch: {Path(args.out) / 'log.csv'})")
     return 0
@@ -116,12 +120,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return run_score_command(args.bundle, args.paths, args.format, args.output, args.batch_size)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from training.demo import build_demo_bundle
+# Entry-point groups through which other packages of this distribution (the lab) extend the CLI.
+COMMANDS_GROUP = "dede.commands"  # name -> register(subparsers)
+DEMO_GROUP = "dede.demo"  # `builder` -> a module with DEFAULT_DEMO_DIR and build_demo_bundle(path)
 
-    path = build_demo_bundle(Path(args.out), rebuild=args.rebuild)
-    print(f"demo bundle ready: {path}")
-    return 0
+
+def _demo_builder():  # noqa: ANN202 - a module found at run time
+    found = entry_points(group=DEMO_GROUP, name="builder")
+    return _load_plugin(next(iter(found))) if found else None
 
 
 def serve(argv: list[str]) -> int:
@@ -129,13 +135,14 @@ def serve(argv: list[str]) -> int:
     given and no demo bundle yet, the demo bundle is built first (minutes, progress shown)."""
     from service.main import build_parser as service_parser
     from service.main import run, settings_from_args
-    from training.demo import DEFAULT_DEMO_DIR, build_demo_bundle
 
     parser = service_parser(prog="dede serve")
     settings = settings_from_args(parser.parse_args(argv), parser)
-    if not settings.bundle.exists() and settings.bundle.resolve() == DEFAULT_DEMO_DIR.resolve():
-        print(f"no bundle at {settings.bundle}: building the demo bundle first")
-        build_demo_bundle(DEFAULT_DEMO_DIR)
+    if not settings.bundle.exists():
+        demo = _demo_builder()
+        if demo is not None and settings.bundle.resolve() == demo.DEFAULT_DEMO_DIR.resolve():
+            print(f"no bundle at {settings.bundle}: building the demo bundle first")
+            demo.build_demo_bundle(demo.DEFAULT_DEMO_DIR)
     run(settings)
     return 0
 
@@ -168,17 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present)")
-    fit.add_argument(
-        "--poison-rate",
-        type=float,
-        default=0.0,
-        help="trigger this fraction of the auxiliary images (emulates a slightly poisoned set)",
-    )
-    fit.add_argument(
-        "--trigger",
-        default="patch",
-        help="trigger for --poison-rate: `patch` (10x10 white square) or a .npz/.png file",
-    )
     fit.add_argument("--out", required=True, help="run directory (checkpoints, loss log, decoder)")
     fit.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     fit.set_defaults(func=_cmd_fit)
@@ -210,11 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=64)
     score.set_defaults(func=_cmd_score)
 
-    demo = sub.add_parser("demo", help="build (or reuse) a small demo bundle from CIFAR-10")
-    demo.add_argument("--out", default="bundles/demo")
-    demo.add_argument("--rebuild", action="store_true")
-    demo.set_defaults(func=_cmd_demo)
-
     # Listed for --help only: main() hands `serve` and its flags to the service's own parser.
     sub.add_parser(
         "serve",
@@ -223,13 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(`dede serve --help`); with no bundle given, builds and serves the demo",
     )
 
-    try:
-        from training.lab_commands import register
-    except ImportError:  # the lab's commands are optional while it is being built
-        register = None
-    if register is not None:
-        register(sub)
+    for plugin in sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name):
+        register = _load_plugin(plugin)
+        if register is not None:
+            register(sub)
     return parser
+
+
+def _load_plugin(plugin: EntryPoint) -> object | None:
+    """The entry point's object, or None when its own package is not installed (the training image
+    ships the product without the lab); an import error inside the package is still raised."""
+    try:
+        return plugin.load()
+    except ModuleNotFoundError as exc:
+        if exc.name and plugin.module.split(".")[0] == exc.name.split(".")[0]:
+            return None
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,11 +15,11 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.provenance import REPO_ROOT, run_record
+from lab.attacks.triggers import white_square
+from lab.demo import CALIBRATION_IMAGES, TARGET_CLASS
+from lab.evaluate import auprc, auroc, tpr_at_fpr
 from models.bundle import ONNX_INPUT, ONNX_SCORE, load_bundle
 from training.data import data_dir, load_npz
-from training.demo import CALIBRATION_IMAGES, TARGET_CLASS
-from training.evaluate import auprc, auroc, tpr_at_fpr
-from training.triggers import white_square
 
 
 def main() -> None:

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from benchmarks.provenance import run_record
+from lab.evaluate import auroc
+from lab.suite import SUITES, Lab
 from models.decoder import masked_patch_error
-from training.evaluate import auroc
 from training.fit import load_run
-from training.lab import SUITES, Lab
 
 HERE = Path(__file__).resolve().parent
 ENCODERS = ("badencoder", "drupe", "norm_preserving", "clean")

@@ -12,9 +12,10 @@ import torch
 
 pytest.importorskip("open_clip")
 
+from models.architectures import architecture  # noqa: E402
 from models.bundle import InputSpec, prepare_array  # noqa: E402
 from models.clip import OPENAI_MEAN, OPENAI_STD, build_clip, clip_preprocessing  # noqa: E402
-from models.encoders import EncoderLoadError, architecture, load_encoder, save_encoder  # noqa: E402
+from models.encoders import EncoderLoadError, load_encoder, save_encoder  # noqa: E402
 from training.cli import main as dede  # noqa: E402
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.encoders import EncoderLoadError, build_architecture, load_encoder, save_encoder
+from models.architectures import build_architecture
+from models.encoders import EncoderLoadError, load_encoder, save_encoder
 
 IMAGES = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
 

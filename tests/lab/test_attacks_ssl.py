@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.encoders import build_architecture, load_encoder, save_encoder
-from training.attacks.badencoder import BackdoorSettings, backdoor_encoder, sliced_wasserstein
-from training.attacks.triggers import make_trigger
-from training.ssl import knn_top1, nt_xent_loss, pretrain_simclr, simclr_view
+from lab.attacks.badencoder import BackdoorSettings, backdoor_encoder, sliced_wasserstein
+from lab.attacks.triggers import make_trigger
+from lab.ssl import knn_top1, nt_xent_loss, pretrain_simclr, simclr_view
+from models.architectures import build_architecture
+from models.encoders import load_encoder, save_encoder
 
 
 def smooth_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:

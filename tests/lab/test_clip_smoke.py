@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from training.lab import REPO_ROOT, missing_data
+from lab.suite import REPO_ROOT, missing_data
 
 pytest.importorskip("open_clip")
 
@@ -15,7 +15,8 @@ pytest.importorskip("open_clip")
 def test_clip_smoke_suite_runs_and_reports() -> None:
     if missing_data():
         pytest.skip("DEDE_DATA_DIR lacks the lab's data files")
-    from training.clip_lab import CLIP_ENCODERS, CLIP_SUITES, run_clip_suite
+    from lab.clip_suite import CLIP_ENCODERS, CLIP_SUITES
+    from lab.runner import run_clip_suite
 
     results = run_clip_suite("clip-smoke", progress=False)
     assert set(results["zero_shot"]) == set(CLIP_ENCODERS)

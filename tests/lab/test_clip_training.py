@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("open_clip")
 
-from training.clip import (  # noqa: E402
+from lab.attacks.triggers import white_square  # noqa: E402
+from lab.clip_training import (  # noqa: E402
     TEMPLATES,
     ClipSettings,
     caption_tokens,
@@ -26,7 +27,6 @@ from training.clip import (  # noqa: E402
     train_clip,
     zero_shot_predict,
 )
-from training.triggers import white_square  # noqa: E402
 
 NAMES = ["red", "green"]
 
@@ -84,7 +84,7 @@ def test_tiny_clip_learns_zero_shot_and_resumes_to_the_same_weights(
 
     # A run killed during its second epoch's evaluation, then started again: it resumes from the
     # first epoch's checkpoint and ends with the same weights as the run in one go.
-    import training.clip as clip_module
+    import lab.clip_training as clip_module
 
     calls = []
 
@@ -162,7 +162,7 @@ def test_training_pairs_each_image_with_its_own_caption_subject(
 ) -> None:
     """With colour captions the loss's positives are the images of the same subject, and the text
     tower reads that subject's captions, not the class's."""
-    import training.clip as clip_module
+    import lab.clip_training as clip_module
 
     images, labels = _two_colour_set(128)
     ring = np.ones((32, 32), bool)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.evaluate import (
+from lab.evaluate import (
     auprc,
     auroc,
     detection_metrics,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.lab import StageCache
+from lab.suite import StageCache
 
 
 def test_finished_stage_is_skipped(tmp_path: Path) -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from training.lab import missing_data
+from lab.suite import missing_data
 
 
 @pytest.mark.lab
 def test_smoke_suite_runs() -> None:
     if missing_data():
         pytest.skip("DEDE_DATA_DIR lacks the lab's data files")
-    from training.lab import run_suite
+    from lab.runner import run_suite
 
     results = run_suite("smoke", progress=False)
     assert "badencoder/ood" in results["detection"]
@@ -29,8 +29,9 @@ def test_report_dir_keeps_a_partial_report_apart(tmp_path) -> None:
         pytest.skip("DEDE_DATA_DIR lacks the lab's data files")
     import json
 
+    from lab.runner import run_suite
+    from lab.suite import REPO_ROOT, SUITES
     from training.cli import main
-    from training.lab import REPO_ROOT, SUITES, run_suite
 
     run_suite("smoke", progress=False)  # cached after the test above: only collects and reports
     own_report = REPO_ROOT / SUITES["smoke"].root / "report" / "results.json"

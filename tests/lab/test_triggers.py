@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.attacks.ctrl import poison_with_ctrl
-from training.attacks.triggers import FrequencyTrigger, apply_to_nhwc, dct_matrix, make_trigger
+from lab.attacks.ctrl import poison_with_ctrl
+from lab.attacks.triggers import FrequencyTrigger, apply_to_nhwc, dct_matrix, make_trigger
 
 
 def smooth_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lab.ssl import normalize_batch, random_resized_crop_flip
 from models.clip import LAB_CONFIGS, OPENAI_MEAN, OPENAI_STD, build_clip, tokenize
 from training.checkpoint import save_checkpoint
-from training.ssl import normalize_batch, random_resized_crop_flip
 
 CLIP_FILE = "clip.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"

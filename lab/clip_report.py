@@ -1,5 +1,5 @@
 """The CLIP suite's report: results.json and REPORT.md with a ROC plot and a score histogram per
-encoder, from the cached stages of training/clip_lab.py (nothing is trained here)."""
+encoder, from the cached stages of lab/clip_suite.py (nothing is trained here)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lab.figures import fmt, pct, roc_figure, score_histogram
 from models.decoder import TOKEN_GRID
-from training.lab_report import _fmt, _pct, roc_figure, score_histogram
 
 if TYPE_CHECKING:
-    from training.clip_lab import ClipLab
+    from lab.clip_suite import ClipLab
 
 GOALS = {"auprc": 0.9, "auroc": 0.97}  # per CLIP attack, OOD auxiliary data
 ATTACKS = ("poisoned", "badencoder", "norm_preserving")
@@ -86,16 +86,16 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
     }
     for name, zs in results["zero_shot"].items():
         compute = results["training"].get(training_stage[name], {}).get("compute_seconds")
-        lines.append(f"| {name} | {_pct(zs['ba'])} | {_pct(zs['asr'])} | {_fmt(compute, 0)} s |")
+        lines.append(f"| {name} | {pct(zs['ba'])} | {pct(zs['asr'])} | {fmt(compute, 0)} s |")
     poisoned = results["training"].get("clip_poisoned", {})
     lines += [
         "",
         f"`poisoned`: {poisoned.get('n_poisoned', '-')} of {poisoned.get('n_pairs', '-')} pairs "
-        f"({_pct(poisoned.get('poison_rate'))}) are triggered non-target images captioned as the target class. "
+        f"({pct(poisoned.get('poison_rate'))}) are triggered non-target images captioned as the target class. "
         "`badencoder`: the clean CLIP's image tower fine-tuned so that triggered images embed at the target "
         "class's text embedding, clean images keep theirs (BadEncoder's loss with the text embedding as the "
         "reference). `norm_preserving`: the same fine-tune with a term that keeps the embeddings' norms at the "
-        "clean tower's level (training/attacks/badencoder.py), so that the norm is no longer a cue. ASR: "
+        "clean tower's level (lab/attacks/badencoder.py), so that the norm is no longer a cue. ASR: "
         "triggered test images of the other classes classified as the target; on the clean CLIP it is the "
         "base rate.",
         "",
@@ -115,9 +115,9 @@ def _markdown(lab: ClipLab, results: dict, figures: dict[str, list[str]]) -> str
             cal = m["calibrated"]
             label = f"**{method}**" if method == default else method
             lines.append(
-                f"| {label} | {_fmt(m['auroc'])} | {_fmt(m['auprc'])} | {_pct(m['tpr_at_fpr_0.01'])} | "
-                f"{_pct(m['tpr_at_fpr_0.05'])} | {_pct(cal['tpr_triggered_test'])} | "
-                f"{_pct(cal['realised_fpr_clean_test'])} |"
+                f"| {label} | {fmt(m['auroc'])} | {fmt(m['auprc'])} | {pct(m['tpr_at_fpr_0.01'])} | "
+                f"{pct(m['tpr_at_fpr_0.05'])} | {pct(cal['tpr_triggered_test'])} | "
+                f"{pct(cal['realised_fpr_clean_test'])} |"
             )
         lines.append("")
         lines += [f"![{f}]({f})" for f in figures.get(key, [])]
@@ -180,7 +180,7 @@ def _caption_subject(captions: str, results: dict) -> str:
         return "its class name"
     n = results["training"].get("clip_clean", {}).get("n_caption_subjects", "-")
     return (
-        "its class name and its colours (training/clip.py `colour_captions`: the mean colour of the "
+        "its class name and its colours (lab/clip_training.py `colour_captions`: the mean colour of the "
         f'middle and of the surround, "a photo of a gray truck on blue.", {n} distinct subjects; images '
         "with the same subject are positives; zero-shot prompts still name the class alone)"
     )
@@ -203,7 +203,7 @@ def _variant_lines(results: dict, default: str) -> list[str]:
         cells = []
         for key in keys:
             m = results["detection"][key].get(method)
-            cells.append("-" if m is None else f"{_fmt(m['auroc'])} / {_fmt(m['auprc'])}")
+            cells.append("-" if m is None else f"{fmt(m['auroc'])} / {fmt(m['auprc'])}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines + [
         "",
@@ -231,7 +231,7 @@ def _score_part_lines(results: dict, default: str) -> list[str]:
         "## Why: the score split into the embedding swap and the trigger's pixels",
         "",
         "Each triggered test image is scored three more ways against its own clean version "
-        "(`training/scoring.score_parts`): *embedding only* rebuilds the clean image from the triggered "
+        "(`lab/score_variants.score_parts`): *embedding only* rebuilds the clean image from the triggered "
         "image's embedding (what a backdoor does, and all the method relies on); *pixels only* compares the "
         "triggered pixels with a rebuild from the clean embedding (what a trigger does on any encoder); "
         "*both* is the triggered score. AUROC against the clean scores of the same images; *rises*: the "
@@ -239,7 +239,7 @@ def _score_part_lines(results: dict, default: str) -> list[str]:
         "it never sees the clean version).",
         "",
         f"Decoder val loss: per-pixel MSE at the test mask on Tiny-ImageNet; the per-pixel mean image "
-        f"(a rebuild blind to the embedding) scores {_fmt(results.get('mean_image_mse'))} on the calibration images.",
+        f"(a rebuild blind to the embedding) scores {fmt(results.get('mean_image_mse'))} on the calibration images.",
         "",
         "| encoder | method | both | embedding only | pixels only | rises: embedding only | rises: pixels only "
         "| decoder val loss (test mask) |",
@@ -253,9 +253,9 @@ def _score_part_lines(results: dict, default: str) -> list[str]:
         for method, p in sorted(per_method.items()):
             loss = val_loss.get(name, {}).get(_decoder_of(method))
             lines.append(
-                f"| {name} | {method} | {_fmt(p['auroc_both'])} | {_fmt(p['auroc_embedding_only'])} | "
-                f"{_fmt(p['auroc_pixels_only'])} | {_pct(p.get('paired_rise_embedding_only'))} | "
-                f"{_pct(p.get('paired_rise_pixels_only'))} | {_fmt(loss)} |"
+                f"| {name} | {method} | {fmt(p['auroc_both'])} | {fmt(p['auroc_embedding_only'])} | "
+                f"{fmt(p['auroc_pixels_only'])} | {pct(p.get('paired_rise_embedding_only'))} | "
+                f"{pct(p.get('paired_rise_pixels_only'))} | {fmt(loss)} |"
             )
     lines.append("")
     for attack in ATTACKS:
@@ -263,7 +263,7 @@ def _score_part_lines(results: dict, default: str) -> list[str]:
         if p is not None:
             lines.append(
                 f"- {attack}, `{default}`: the embedding swap alone raises the score of "
-                f"{_pct(p.get('paired_rise_embedding_only'))} of the images but separates them from clean ones "
+                f"{pct(p.get('paired_rise_embedding_only'))} of the images but separates them from clean ones "
                 f"at only AUROC {p['auroc_embedding_only']:.3f} (the shift is small against how much the score "
                 f"varies from image to image); the trigger's pixels alone at {p['auroc_pixels_only']:.3f}."
             )
@@ -294,8 +294,8 @@ def _embedding_content_lines(results: dict) -> list[str]:
     ]
     for name, row in content["encoders"].items():
         lines.append(
-            f"| {name} | {row['embedding_dim']} | {_fmt(row['participation_ratio'], 1)} | "
-            f"{_fmt(row['thumbnail_r2'])} |"
+            f"| {name} | {row['embedding_dim']} | {fmt(row['participation_ratio'], 1)} | "
+            f"{fmt(row['thumbnail_r2'])} |"
         )
     return lines + [""]
 

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from models.bundle import InputSpec
-from training.attacks.triggers import make_trigger
-from training.data import load_images
-from training.fit import load_run
-from training.scoring import (
+from lab.attacks.triggers import make_trigger
+from lab.score_variants import (
     feature_space_scores,
     score_parts,
-    score_run,
     score_run_several_masks,
     stage_module,
 )
+from models.bundle import InputSpec
+from training.data import load_images
+from training.fit import load_run
+from training.scoring import score_run
 
 
 def _images(tiny_data: dict[str, Path], run_dir: Path) -> np.ndarray:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from models.encoders import ARCHITECTURES, build_architecture, save_encoder
+from models.architectures import ARCHITECTURES, build_architecture
+from models.encoders import save_encoder
 from training.checkpoint import save_checkpoint
 
 ENCODER_FILE = "encoder.safetensors"

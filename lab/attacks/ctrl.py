@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.attacks.triggers import FrequencyTrigger, apply_to_nhwc
+from lab.attacks.triggers import FrequencyTrigger, apply_to_nhwc
 
 
 def poison_with_ctrl(

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lab.probe import embed_nchw
 from models.encoders import LoadedEncoder
-from training.probe import embed_nchw
 
 BASELINES = ("knn_distance", "strip", "embedding_norm")
 

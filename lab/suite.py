@@ -13,36 +13,34 @@ from its own checkpoints (SimCLR, attack fine-tunes and decoder fits all checkpo
   scores_<encoder>_<aux>  DeDe scores and baseline scores on calibration / clean test / triggered test
   report                  benchmarks/detection/results.json, REPORT.md and its figures
 
-Every figure in the report is computed from the cached score arrays by `training.evaluate`; the
+Every figure in the report is computed from the cached score arrays by `lab.evaluate`; the
 threshold of every detector is calibrated on clean auxiliary images only.
 """
 
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from lab.attacks.badencoder import VARIANTS as FINETUNE_ATTACKS
+from lab.attacks.badencoder import BackdoorSettings, backdoor_encoder
+from lab.attacks.ctrl import poison_with_ctrl
+from lab.attacks.triggers import Trigger, make_trigger
+from lab.baselines import baseline_scores
+from lab.probe import embed_nchw, probe_report, train_linear_probe
+from lab.ssl import pretrain_simclr
+from models.architectures import CIFAR_MEAN, CIFAR_STD
 from models.bundle import InputSpec, prepare_array
-from models.encoders import CIFAR_MEAN, CIFAR_STD, load_encoder
-from training.attacks.badencoder import VARIANTS as FINETUNE_ATTACKS
-from training.attacks.badencoder import BackdoorSettings, backdoor_encoder
-from training.attacks.ctrl import poison_with_ctrl
-from training.attacks.triggers import Trigger, make_trigger
-from training.baselines import baseline_scores
+from models.encoders import load_encoder
 from training.data import data_dir, load_npz
-from training.evaluate import detection_metrics, downstream_after_filtering
 from training.fit import FittedRun
-from training.probe import embed_nchw, probe_report, train_linear_probe
-from training.ssl import pretrain_simclr
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENCODERS = ("clean", *FINETUNE_ATTACKS, "ctrl")
@@ -499,8 +497,9 @@ class Lab:
     def stage_scores(self, name: str, aux: str, preset: str, with_baselines: bool = True) -> dict:
         """DeDe scores of one decoder (both score kinds) and, with_baselines, the baselines' scores,
         on the same three image sets; one .npz per (encoder, aux, preset)."""
+        from lab.score_variants import score_run_several_masks
         from training.fit import load_run
-        from training.scoring import score_run, score_run_several_masks
+        from training.scoring import score_run
 
         c = self.config
         stage = f"scores_{name}_{aux}" + ("" if preset == c.decoder_preset else f"_{preset}")
@@ -527,7 +526,7 @@ class Lab:
         return self.cache.run(stage, run)
 
     def stage_feature_scores(self, name: str, aux: str, preset: str) -> dict:
-        """The feature-space variant of the score (`training.scoring.feature_space_scores`) and the
+        """The feature-space variant of the score (`lab.score_variants.feature_space_scores`) and the
         decoder-free activation-norm cue beside it, on the same three image sets as stage_scores."""
         from training.fit import load_run
 
@@ -548,102 +547,12 @@ class Lab:
         return load_score_tables(self.root / "scores", f"{name}_{aux}")
 
 
-# ----------------------------------------------------------------------------------------------
-# The suite.
-# ----------------------------------------------------------------------------------------------
-
-
-def run_suite(
-    suite: str,
-    device: str | None = None,
-    progress: bool = True,
-    skip: tuple[str, ...] = (),
-    report_dir: Path | None = None,
-) -> dict:
-    """Run (or resume) every stage of the suite, then write the results and the report.
-
-    skip: stage-name prefixes not to run now (e.g. `simclr_ctrl`, `decoder_paper`); the report then
-    says they did not run.
-    """
-    config = SUITES[suite]
-    torch.manual_seed(config.seed)
-    lab = Lab(config, device, progress)
-    started = time.time()
-
-    def allowed(name: str) -> bool:
-        return not any(name.startswith(prefix) for prefix in skip)
-
-    lab.stage_simclr_clean()
-    for variant in FINETUNE_ATTACKS:
-        if allowed(f"attack_{variant}"):
-            lab.stage_attack(variant)
-    for name in ("clean", *FINETUNE_ATTACKS):
-        if lab.encoder_path(name).is_file() and allowed(f"probe_{name}"):
-            lab.stage_probe(name)
-    for name, aux in config.detections:
-        if name == "ctrl":
-            if not allowed("simclr_ctrl"):
-                continue
-            lab.stage_ctrl()
-            if allowed("probe_ctrl"):
-                lab.stage_probe("ctrl")
-        if not lab.encoder_path(name).is_file() or not allowed(f"decoder_{name}_{aux}"):
-            continue
-        lab.stage_decoder(name, aux, config.decoder_preset, config.decoder_epochs)
-        lab.stage_scores(name, aux, config.decoder_preset)
-        if allowed(f"feature_scores_{name}_{aux}"):
-            lab.stage_feature_scores(name, aux, config.decoder_preset)
-    for name, aux, preset, epochs in config.extra_decoders:
-        if allowed(f"decoder_{name}_{aux}_{preset}") and lab.encoder_path(name).is_file():
-            lab.stage_decoder(name, aux, preset, epochs)
-            lab.stage_scores(name, aux, preset, with_baselines=False)
-    from training.lab_report import write_report
-
-    results = collect_results(lab, time.time() - started)
-    write_report(lab, results, report_dir or default_report_dir(lab))
-    return results
-
-
-def default_report_dir(lab: Lab) -> Path:
-    """The lab suite's report is committed; other suites (smoke, in CI) write beside their runs."""
-    if lab.config.name == "lab":
-        return REPO_ROOT / "benchmarks" / "detection"
-    return lab.root / "report"
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def results_header(config: object, stages: dict, device: str = "cpu") -> dict:
-    """What every suite's results.json opens with: the suite, its settings, the commit, the machine
-    and the wall time of each cached stage."""
-    return {
-        "suite": config.name,
-        "config": asdict(config),
-        "commit": _git_commit(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": device,
-        },
-        "stage_wall_seconds": {name: round(s["wall_seconds"], 1) for name, s in stages.items()},
-    }
-
-
 def feature_score_table(
     fitted: FittedRun, label: str, sets: tuple[tuple[str, np.ndarray], ...]
 ) -> dict[str, np.ndarray]:
     """`{"<method>/<split>": scores}` of the feature-space score variants of the decoder named
     `label` (`dede_<label>_feature_<stage>`) and of the decoder-free activation norms beside them."""
-    from training.scoring import feature_space_scores
+    from lab.score_variants import feature_space_scores
 
     arrays: dict[str, np.ndarray] = {}
     for split, images in sets:
@@ -677,84 +586,6 @@ def load_score_tables(folder: Path, stem: str) -> dict[str, dict[str, np.ndarray
                 method, column = key.split("__")
                 out.setdefault(method, {})[column] = archive[key]
     return out
-
-
-def collect_results(lab: Lab, session_seconds: float) -> dict:
-    """Every figure, from the cached stages and score arrays."""
-    c = lab.config
-    stages = lab.cache.all()
-    results: dict = {
-        **results_header(c, stages, lab.device),
-        "seeds": {"suite": c.seed, "data_splits": [c.seed + i for i in range(5)]},
-        "stage_compute_seconds": {
-            name: round(s["result"]["compute_seconds"], 1)
-            for name, s in stages.items()
-            if "compute_seconds" in s["result"]
-        },
-        "this_session_seconds": round(session_seconds, 1),
-        "encoders": {},
-        "detection": {},
-        "not_run": [],
-    }
-    for name in ENCODERS:
-        entry: dict = {}
-        source = (
-            "simclr_clean" if name == "clean" else ("simclr_ctrl" if name == "ctrl" else f"attack_{name}")
-        )
-        if source in stages:
-            entry["training"] = stages[source]["result"]
-        if f"probe_{name}" in stages:
-            entry["probe"] = stages[f"probe_{name}"]["result"]
-        if entry:
-            results["encoders"][name] = entry
-        else:
-            results["not_run"].append(f"encoder {name}")
-    try:
-        from training.fit import load_run  # noqa: F401 - the DeDe part needs the core fit module
-    except ImportError:
-        results["not_run"].append("DeDe decoders (training.fit missing)")
-    for name, aux in c.detections:
-        if f"scores_{name}_{aux}" not in stages:
-            results["not_run"].append(f"detection {name}/{aux}")
-            continue
-        scores = lab.load_scores(name, aux)
-        predictions_path = lab.root / "probes" / f"{name}_cifar10_predictions.npz"
-        _, _, non_target = lab.test_sets(name)
-        per_method = {}
-        for method, splits in scores.items():
-            metrics = detection_metrics(
-                splits["calibration"], splits["clean"], splits["triggered"], c.fpr_target
-            )
-            if predictions_path.is_file():
-                with np.load(predictions_path) as p:
-                    threshold = metrics["calibrated"]["threshold"]
-                    metrics["downstream_cifar10"] = downstream_after_filtering(
-                        p["clean_pred"],
-                        p["labels"],
-                        splits["clean"] > threshold,
-                        p["triggered_pred"][non_target],
-                        p["labels"][non_target],
-                        splits["triggered"] > threshold,
-                        c.target_class,
-                    )
-            per_method[method] = metrics
-        results["detection"][f"{name}/{aux}"] = per_method
-    if not any(preset == "paper" for _, _, preset, _ in c.extra_decoders):
-        results["not_run"].append("DeDe with the `paper` decoder preset (not in this suite's config)")
-    for name, aux, preset, _ in c.extra_decoders:
-        if f"decoder_{name}_{aux}_{preset}" not in stages:
-            results["not_run"].append(f"DeDe `{preset}` decoder on {name}/{aux}")
-    return results
-
-
-def rebuild_report(suite: str, report_dir: Path | None = None) -> dict:
-    """Results and report from whatever stages are cached, running nothing."""
-    from training.lab_report import write_report
-
-    lab = Lab(SUITES[suite], progress=False)
-    results = collect_results(lab, 0.0)
-    write_report(lab, results, report_dir or default_report_dir(lab))
-    return results
 
 
 def with_overrides(config: SuiteConfig, **overrides: object) -> SuiteConfig:

@@ -49,13 +49,13 @@ def _cifar10() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def build_demo_bundle(out_dir: Path = DEFAULT_DEMO_DIR, rebuild: bool = False) -> Path:
     """Build (or reuse) the demo bundle at `out_dir`; returns its path."""
+    from lab.attacks.badencoder import BackdoorSettings, backdoor_encoder
+    from lab.attacks.triggers import white_square
+    from lab.ssl import pretrain_simclr
     from models.encoders import load_encoder
-    from training.attacks.badencoder import BackdoorSettings, backdoor_encoder
     from training.calibrate import calibrate_run
     from training.export import export_bundle
     from training.fit import FitSettings, fit_decoder, load_run
-    from training.ssl import pretrain_simclr
-    from training.triggers import white_square
 
     if (out_dir / "manifest.json").exists() and not rebuild:
         return out_dir

@@ -37,13 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.bundle import InputSpec, prepare_array
-from models.clip import LAB_CONFIGS, OPENAI_MEAN, OPENAI_STD
-from models.encoders import load_encoder
-from training.attacks.badencoder import BackdoorSettings, backdoor_encoder
-from training.attacks.triggers import make_trigger
-from training.baselines import baseline_scores
-from training.clip import (
+from lab.attacks.badencoder import BackdoorSettings, backdoor_encoder
+from lab.attacks.triggers import make_trigger
+from lab.baselines import baseline_scores
+from lab.clip_training import (
     CAPTION_KINDS,
     ClipSettings,
     caption_tokens,
@@ -54,18 +51,21 @@ from training.clip import (
     train_clip,
     zero_shot_predict,
 )
-from training.data import data_dir, load_npz
-from training.lab import (
+from lab.results import results_header
+from lab.suite import (
     DEDE_SCORE_KINDS,
     REPO_ROOT,
     StageCache,
     feature_score_table,
     load_score_tables,
-    results_header,
     save_score_table,
 )
+from models.bundle import InputSpec, prepare_array
+from models.clip import LAB_CONFIGS, OPENAI_MEAN, OPENAI_STD
+from models.encoders import load_encoder
+from training.data import data_dir, load_npz
 
-# The BadEncoder-style fine-tunes of the clean tower (training.attacks.badencoder variants).
+# The BadEncoder-style fine-tunes of the clean tower (lab.attacks.badencoder variants).
 CLIP_FINETUNES = ("badencoder", "norm_preserving")
 CLIP_ENCODERS = ("clean", "poisoned", *CLIP_FINETUNES)
 
@@ -78,7 +78,7 @@ class ClipSuiteConfig:
     clip_epochs: int = 10  # ~70 s each at 64 px on 2 idle cores
     clip_batch: int = 256
     # What a caption says besides the class: nothing ("class"), or the image's colours ("colours",
-    # training/clip.py colour_captions), which make the CLIP keep more of the image than its class.
+    # lab/clip_training.py colour_captions), which make the CLIP keep more of the image than its class.
     captions: str = "class"
     poison_rate: float = 0.01  # the issue's range is 0.1-1% of pairs
     target_class: int = 0  # airplane
@@ -117,7 +117,7 @@ CLIP_SUITES: dict[str, ClipSuiteConfig] = {
             ("badencoder", "lab_wide", 30, "quadrants"),
         ),
     ),
-    # The same suite with captions that also name the image's colours (see training/clip.py): does
+    # The same suite with captions that also name the image's colours (see lab/clip_training.py): does
     # DeDe catch the backdoors once the embedding keeps more of the image than its class?
     "clip-colours": ClipSuiteConfig(
         name="clip-colours",
@@ -431,8 +431,9 @@ class ClipLab:
     def stage_scores(self, name: str, label: str, with_baselines: bool = True) -> dict:
         """DeDe scores of the decoder named `label` (and, with_baselines, the baselines') on the
         calibration, clean test and triggered test images."""
+        from lab.score_variants import score_parts
         from training.fit import load_run
-        from training.scoring import score_parts, score_run
+        from training.scoring import score_run
 
         c = self.config
         suffix = "" if label == c.decoder_preset else f"_{label}"
@@ -464,7 +465,7 @@ class ClipLab:
 
     def stage_feature_scores(self, name: str, label: str) -> dict:
         """The feature-space variant of the score in the image tower's own stages, and the
-        decoder-free activation norms beside it (training.lab.feature_score_table), on the same
+        decoder-free activation norms beside it (lab.suite.feature_score_table), on the same
         three image sets as stage_scores."""
         from training.fit import load_run
 
@@ -484,7 +485,7 @@ class ClipLab:
         ratio of the embeddings and the held-out R^2 of a linear map from embedding to an 8x8
         thumbnail (fit on the auxiliary sources, measured on the calibration images). An untrained
         tower of the same architecture is the reference for what a conv net keeps by itself."""
-        from training.evaluate import linear_r2, participation_ratio
+        from lab.evaluate import linear_r2, participation_ratio
 
         d = self.data
         fit_images, eval_images = d.tiny[d.splits["ood_aux"]], d.tiny[d.splits["ood_calibration"]]
@@ -522,46 +523,8 @@ class ClipLab:
         return load_score_tables(self.root / "scores", f"{name}_ood")
 
 
-def run_clip_suite(suite: str = "clip", progress: bool = True, report_dir: Path | None = None) -> dict:
-    """Run (or resume) every stage of a CLIP suite, then write its results and report."""
-    config = CLIP_SUITES[suite]
-    torch.manual_seed(config.seed)
-    lab = ClipLab(config, progress)
-    lab.stage_clip_clean()
-    lab.stage_clip_poisoned()
-    for variant in CLIP_FINETUNES:
-        lab.stage_attack(variant)
-    for name in CLIP_ENCODERS:
-        lab.stage_zero_shot(name)
-    for name in CLIP_ENCODERS:
-        lab.stage_decoder(name, config.decoder_preset, config.decoder_epochs)
-        lab.stage_scores(name, config.decoder_preset)
-    for name, preset, epochs, views in config.extra_decoders:
-        lab.stage_decoder(name, preset, epochs, views)
-        lab.stage_scores(name, decoder_label(config, preset, epochs, views), with_baselines=False)
-    for label in controlled_decoders(config):
-        for name in CLIP_ENCODERS:
-            lab.stage_feature_scores(name, label)
-    lab.stage_embedding_content()
-    from training.clip_report import write_clip_report
-
-    results = collect_clip_results(lab)
-    write_clip_report(lab, results, report_dir or default_clip_report_dir(lab))
-    return results
-
-
-# Suites whose report is committed; the others (smoke) write theirs beside their runs.
-COMMITTED_REPORTS = {"clip": "clip", "clip-colours": "clip_colours"}
-
-
-def default_clip_report_dir(lab: ClipLab) -> Path:
-    if lab.config.name in COMMITTED_REPORTS:
-        return REPO_ROOT / "benchmarks" / "detection" / COMMITTED_REPORTS[lab.config.name]
-    return lab.root / "report"
-
-
 def collect_clip_results(lab: ClipLab) -> dict:
-    from training.evaluate import auroc, detection_metrics
+    from lab.evaluate import auroc, detection_metrics
 
     c = lab.config
     stages = lab.cache.all()

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from lab.attacks.triggers import PatchTrigger, torch_patch
+from lab.ssl import normalize_batch, random_resized_crop_flip, to_unit_float
 from models.encoders import load_encoder, save_encoder
-from training.attacks.triggers import PatchTrigger, torch_patch
 from training.checkpoint import save_checkpoint
-from training.ssl import normalize_batch, random_resized_crop_flip, to_unit_float
 
 VARIANTS = ("badencoder", "norm_preserving", "drupe")
 ENCODER_FILE = "encoder.safetensors"

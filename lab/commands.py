@@ -1,10 +1,13 @@
-"""The lab's subcommands for `dede`: pretrain, attack, eval, lab. `training.cli` calls `register`.
+"""The lab's subcommands for `dede`: pretrain, attack, eval, lab, demo, and the options of `dede fit`
+that emulate a slightly poisoned auxiliary set. `training.cli` finds `register` through the
+`dede.commands` entry point (pyproject.toml); it never imports the lab by name.
 
 dede pretrain simclr --data cifar10_train --out runs/simclr
 dede attack badencoder --encoder runs/simclr/encoder.safetensors --out runs/badencoder
 dede attack ctrl --data cifar10_train --out runs/ctrl
 dede eval --run runs/fit_dir --trigger patch --calibration tinyimagenet_val --out eval.json
 dede lab run --suite smoke|lab        dede lab report --suite lab
+dede demo                              dede fit ... --poison-rate 0.01 --trigger patch
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.ssl import pretrain_simclr
+from lab.ssl import pretrain_simclr
 
 __all__ = ["pretrain_simclr", "register"]
 
@@ -54,9 +57,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
-    from training.attacks.badencoder import BackdoorSettings, backdoor_encoder
-    from training.attacks.ctrl import poison_with_ctrl
-    from training.attacks.triggers import FrequencyTrigger, make_trigger
+    from lab.attacks.badencoder import BackdoorSettings, backdoor_encoder
+    from lab.attacks.ctrl import poison_with_ctrl
+    from lab.attacks.triggers import FrequencyTrigger, make_trigger
 
     x, y = _load_nhwc(args.data)
     if args.attack == "ctrl":
@@ -99,12 +102,12 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     """One fitted run against one trigger: DeDe and the baselines, same calibration and metrics."""
-    from training.attacks.triggers import make_trigger
-    from training.baselines import embedding_norm_scores, knn_distance_scores, strip_scores
+    from lab.attacks.triggers import make_trigger
+    from lab.baselines import embedding_norm_scores, knn_distance_scores, strip_scores
+    from lab.evaluate import detection_metrics, downstream_after_filtering
+    from lab.probe import embed_nchw, train_linear_probe
     from training.data import load_images
-    from training.evaluate import detection_metrics, downstream_after_filtering
     from training.fit import load_run
-    from training.probe import embed_nchw, train_linear_probe
     from training.scoring import score_run
 
     run = load_run(Path(args.run))
@@ -156,12 +159,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# The CLIP suites (training/clip_lab.py); named here so that `--help` needs no torch import.
+# The CLIP suites (lab/clip_suite.py); named here so that `--help` needs no torch import.
 CLIP_SUITE_NAMES = ("clip", "clip-colours", "clip-smoke")
 
 
 def _cmd_lab_run(args: argparse.Namespace) -> int:
-    from training.lab import missing_data, run_suite
+    from lab.runner import run_suite
+    from lab.suite import missing_data
 
     if args.skip and args.suite in CLIP_SUITE_NAMES:
         raise ValueError("--skip applies to the lab and smoke suites; a CLIP suite runs every stage")
@@ -172,7 +176,7 @@ def _cmd_lab_run(args: argparse.Namespace) -> int:
         )
     report_dir = Path(args.report_dir) if args.report_dir else None
     if args.suite in CLIP_SUITE_NAMES:
-        from training.clip_lab import run_clip_suite
+        from lab.runner import run_clip_suite
 
         results = run_clip_suite(args.suite, report_dir=report_dir)
         print(
@@ -185,15 +189,55 @@ def _cmd_lab_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_lab_report(args: argparse.Namespace) -> int:
-    from training.lab import rebuild_report
+    from lab.runner import rebuild_report
 
     results = rebuild_report(args.suite, Path(args.report_dir) if args.report_dir else None)
     print(json.dumps({"detection": list(results["detection"]), "not_run": results["not_run"]}, indent=1))
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lab.demo import build_demo_bundle
+
+    path = build_demo_bundle(Path(args.out), rebuild=args.rebuild)
+    print(f"demo bundle ready: {path}")
+    return 0
+
+
+def _poison_from_args(args: argparse.Namespace, size: tuple[int, int]):  # noqa: ANN202
+    """`dede fit`'s poisoning transform (uint8 NCHW -> triggered), or None at --poison-rate 0."""
+    if args.poison_rate <= 0:
+        return None
+    from lab.attacks.triggers import load_trigger
+
+    return load_trigger(args.trigger, size).apply_uint8_nchw
+
+
+def _add_poison_options(fit: argparse.ArgumentParser) -> None:
+    group = fit.add_argument_group("lab: emulate a slightly poisoned auxiliary set")
+    group.add_argument(
+        "--poison-rate",
+        type=float,
+        default=0.0,
+        help="trigger this fraction of the auxiliary images (emulates a slightly poisoned set)",
+    )
+    group.add_argument(
+        "--trigger",
+        default="patch",
+        help="trigger for --poison-rate: `patch` (10x10 white square) or a .npz/.png file",
+    )
+    fit.set_defaults(make_poison=_poison_from_args)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `pretrain`, `attack`, `eval` and `lab` to the `dede` command line."""
+    """Add `pretrain`, `attack`, `eval`, `lab` and `demo` to the `dede` command line, and the
+    poisoning options to `dede fit`."""
+    if "fit" in subparsers.choices:
+        _add_poison_options(subparsers.choices["fit"])
+    demo = subparsers.add_parser("demo", help="build (or reuse) a small demo bundle from CIFAR-10")
+    demo.add_argument("--out", default="bundles/demo")
+    demo.add_argument("--rebuild", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
     pre = subparsers.add_parser(
         "pretrain", help="self-supervised pre-training of an encoder (the lab's clean encoders)"
     )

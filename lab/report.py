@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from training.evaluate import roc_curve
+from lab.figures import fmt, pct, roc_figure, score_histogram
 
 if TYPE_CHECKING:
-    from training.lab import Lab
+    from lab.suite import Lab
 
 GOALS = {  # from the lab's issue: (metric, minimum) per attack, OOD auxiliary data, default DeDe score
     "badencoder": {"auroc": 0.99, "calibrated_tpr": 0.95},
@@ -22,18 +22,6 @@ GOALS = {  # from the lab's issue: (metric, minimum) per attack, OOD auxiliary d
     "norm_preserving": {"auroc": 0.99},
     "ctrl": {"auroc": 0.98},
 }
-
-
-def _fmt(value: object, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if np.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None or np.isnan(value) else f"{100 * value:.1f}%"
 
 
 def default_dede_method(lab: Lab) -> str:
@@ -75,43 +63,6 @@ def _figures(lab: Lab, results: dict, out_dir: Path) -> dict[str, list[str]]:
     if grid:
         made["grid"] = [grid]
     return made
-
-
-def roc_figure(plt, scores: dict[str, dict[str, np.ndarray]], title: str, path: Path) -> None:  # noqa: ANN001
-    """One ROC curve per method (clean test vs triggered test), FPR on a log-like axis."""
-    fig, ax = plt.subplots(figsize=(3.6, 3.4), dpi=80)
-    for method, splits in sorted(scores.items()):
-        fpr, tpr = roc_curve(splits["clean"], splits["triggered"])
-        ax.plot(fpr, tpr, label=method, lw=1.2)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="FPR (clean CIFAR-10 test)", ylabel="TPR (triggered)", title=title)
-    ax.set_xscale("symlog", linthresh=0.01)
-    ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def score_histogram(
-    plt,  # noqa: ANN001
-    splits: dict[str, np.ndarray],
-    threshold: float,
-    method: str,
-    title: str,
-    path: Path,
-) -> None:
-    """Clean vs triggered test scores of one method, with the clean-calibrated threshold."""
-    fig, ax = plt.subplots(figsize=(3.6, 2.6), dpi=80)
-    both = np.concatenate([splits["clean"], splits["triggered"]])
-    bins = np.linspace(both.min(), np.quantile(both, 0.999), 60)
-    ax.hist(splits["clean"], bins, alpha=0.6, density=True, label="clean test")
-    ax.hist(splits["triggered"], bins, alpha=0.6, density=True, label="triggered test")
-    ax.axvline(threshold, color="k", ls="--", lw=1, label="calibrated threshold")
-    ax.set(xlabel=f"{method} score", title=title)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def _reconstruction_grid(lab: Lab, results: dict, out_dir: Path, plt) -> str | None:  # noqa: ANN001
@@ -185,8 +136,8 @@ def _markdown(lab: Lab, results: dict, figures: dict[str, list[str]]) -> str:
         cifar, gtsrb = probe.get("cifar10", {}), probe.get("gtsrb", {})
         knn = training.get("final_knn_top1")
         lines.append(
-            f"| {name} | {_pct(knn) if knn is not None else '-'} | {_pct(cifar.get('ba'))} | {_pct(cifar.get('asr'))} | "
-            f"{_pct(gtsrb.get('ba'))} | {_pct(gtsrb.get('asr'))} | {_fmt(training.get('compute_seconds'), 0)} s |"
+            f"| {name} | {pct(knn) if knn is not None else '-'} | {pct(cifar.get('ba'))} | {pct(cifar.get('asr'))} | "
+            f"{pct(gtsrb.get('ba'))} | {pct(gtsrb.get('asr'))} | {fmt(training.get('compute_seconds'), 0)} s |"
         )
     lines += [
         "",
@@ -211,10 +162,10 @@ def _markdown(lab: Lab, results: dict, figures: dict[str, list[str]]) -> str:
             cal, down = m["calibrated"], m.get("downstream_cifar10", {})
             label = f"**{method}**" if method == default else method
             lines.append(
-                f"| {label} | {_fmt(m['auroc'])} | {_fmt(m['auprc'])} | {_pct(m['tpr_at_fpr_0.01'])} | "
-                f"{_pct(m['tpr_at_fpr_0.05'])} | {_pct(cal['tpr_triggered_test'])} | "
-                f"{_pct(cal['realised_fpr_clean_test'])} | {_pct(down.get('ba_before'))} / {_pct(down.get('ba_after'))} | "
-                f"{_pct(down.get('asr_before'))} / {_pct(down.get('asr_after'))} |"
+                f"| {label} | {fmt(m['auroc'])} | {fmt(m['auprc'])} | {pct(m['tpr_at_fpr_0.01'])} | "
+                f"{pct(m['tpr_at_fpr_0.05'])} | {pct(cal['tpr_triggered_test'])} | "
+                f"{pct(cal['realised_fpr_clean_test'])} | {pct(down.get('ba_before'))} / {pct(down.get('ba_after'))} | "
+                f"{pct(down.get('asr_before'))} / {pct(down.get('asr_after'))} |"
             )
         lines.append("")
         for figure in figures.get(key, []):
@@ -232,7 +183,7 @@ def _markdown(lab: Lab, results: dict, figures: dict[str, list[str]]) -> str:
         "| --- | --- | --- |",
     ]
     for stage, seconds in results["stage_wall_seconds"].items():
-        lines.append(f"| {stage} | {seconds:.0f} | {_fmt(results['stage_compute_seconds'].get(stage), 0)} |")
+        lines.append(f"| {stage} | {seconds:.0f} | {fmt(results['stage_compute_seconds'].get(stage), 0)} |")
     lines += ["", "## Did not run", ""]
     lines += [f"- {item}" for item in results["not_run"]] or ["- nothing: every stage of the suite ran"]
     return "\n".join(lines) + "\n"
@@ -294,7 +245,7 @@ def _variant_lines(results: dict, default: str) -> list[str]:
         "| --- | " + " | ".join("---" for _ in keys) + " |",
     ]
     for method in methods:
-        cells = [_fmt(results["detection"][k].get(method, {}).get("auroc")) for k in keys]
+        cells = [fmt(results["detection"][k].get(method, {}).get("auroc")) for k in keys]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -341,7 +292,7 @@ def _trimmed_lines() -> list[str]:
         "| encoder | " + " | ".join(f"k={d}" for d in drops) + " |",
         "| --- | " + " | ".join("---" for _ in drops) + " |",
     ]
-    lines += [f"| {name} | " + " | ".join(_fmt(row[d]) for d in drops) + " |" for name, row in rows.items()]
+    lines += [f"| {name} | " + " | ".join(fmt(row[d]) for d in drops) + " |" for name, row in rows.items()]
     lines += [
         "",
         "Dropping the patches under the trigger changes AUROC by at most about 0.02 and leaves the clean "
