@@ -85,9 +85,11 @@ class DecoderSpec(_Strict):
 
     preset: str
     config: dict[str, float | int | str | bool]
-    score: str  # how the discrepancy is computed, e.g. "sse_masked_normalized"
+    score: str  # how the discrepancy is computed, e.g. "sse_masked_normalized", "feature_robust_z_mean"
     visible_patches: list[int]  # the fixed test-time mask: indices of the patches the decoder sees
     num_patches: int = Field(gt=0)
+    # The feature score's stages and clean statistics (models/detector.py), when it is the score.
+    feature: dict[str, list[float] | list[str] | str | int] | None = None
 
     @model_validator(mode="after")
     def _indices_in_range(self) -> DecoderSpec:
@@ -103,6 +105,11 @@ class Threshold(_Strict):
     fpr_target: float = Field(gt=0, lt=1)
     n_calibration: int = Field(gt=0)
     calibration_source: str
+    # "clean": images known to be clean (out-of-distribution auxiliary or the user's own);
+    # "unlabelled_robust": a sample of the user's traffic that may hold a few triggered images,
+    # thresholded by a robust quantile (training/calibrate.py).
+    calibration_kind: Literal["clean", "unlabelled_robust"] = "clean"
+    n_trimmed: int | None = None  # unlabelled_robust: images set aside as outliers before the quantile
     score_quantiles: dict[str, float]  # "q0.5" -> score, on the calibration split
     realised_fpr: float | None = None  # on a second clean split
     realised_fpr_ci95: tuple[float, float] | None = None

@@ -28,6 +28,10 @@ class DecoderConfig:
     mask_ratio_train: float = 0.9
     mask_ratio_test: float = 0.99
     mask_seed: int = 0  # fixes the test-time visible patches, so scores are deterministic
+    # Share of training batches shown the test-time mask (at 32 px with patch 4: no patch at all),
+    # so the decoder is trained on the task it is scored on; the rest get the random training mask.
+    test_mask_share: float = 0.5
+    family: str = "mae"
 
     @property
     def num_patches(self) -> int:

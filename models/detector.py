@@ -2,6 +2,19 @@
 
 This is the module that is exported as ONE ONNX graph, so the service runs exactly what was
 calibrated. The test-time visible patches are a fixed buffer (deterministic scores).
+
+Two decoder families rebuild the image (both in the encoder's normalized pixel space): the MAE one
+(`models/decoder.py`, from the embedding plus the fixed visible patches, none at the default test
+mask) and the convolutional one (`models/conv_decoder.py`, from the embedding alone).
+
+Scores, all of them DeDe's reconstruction discrepancy between the input and its rebuild:
+  sse        squared error summed over the (masked) pixels, in normalized pixel space (the method's);
+  max_patch  the worst patch's squared error (a local trigger changes few patches, which a sum over
+             the whole image can dilute);
+  feature    the discrepancy in the encoder's own feature maps: per stage, the mean squared
+             difference between the stage's maps of the input and of the rebuild; its fourth root
+             standardised by the median and MAD of the same figure on clean auxiliary images; the
+             mean over the stages (`models/feature_taps.py` says which stages, by a fixed rule).
 """
 
 from __future__ import annotations
@@ -9,11 +22,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.decoder import DeDeDecoder, masked_patch_error, unpatchify
+from models.conv_decoder import ConvDecoder
+from models.decoder import TOKEN_GRID, DeDeDecoder, patchify, unpatchify
+from models.feature_taps import TappedEncoder, stage_discrepancy
 
-# How per-patch errors become one score: the sum is the method's; the max looks at the worst patch
-# (a local trigger changes few patches, which a sum over the whole image can dilute).
-SCORE_KINDS = ("sse", "max_patch")
+PIXEL_SCORES = ("sse", "max_patch")
+SCORE_KINDS = (*PIXEL_SCORES, "feature")
 
 
 class Normalize(nn.Module):
@@ -28,38 +42,62 @@ class Normalize(nn.Module):
         return (images.to(self.mean.dtype) / 255.0 - self.mean) / self.std
 
 
+def error_patch_size(decoder: nn.Module) -> int:
+    """The cell of the per-patch error map: the MAE's patch, or an 8 x 8 grid for the conv decoder."""
+    if isinstance(decoder, DeDeDecoder):
+        return decoder.config.patch_size
+    return max(1, decoder.config.image_size // TOKEN_GRID)
+
+
 class DetectorHead(nn.Module):
-    """(uint8 images, embeddings) -> (score, reconstruction). Used alone when the encoder is an
+    """(uint8 images, embeddings) -> (pixel score, reconstruction). Used alone when the encoder is an
     ONNX black box: the export then composes the encoder's graph in front of this one."""
 
     def __init__(
         self,
-        decoder: DeDeDecoder,
+        decoder: DeDeDecoder | ConvDecoder,
         visible: list[int],
         mean: tuple[float, ...],
         std: tuple[float, ...],
         score_kind: str = "sse",
     ) -> None:
         super().__init__()
-        if score_kind not in SCORE_KINDS:
-            raise ValueError(f"score kind {score_kind!r} is not one of {SCORE_KINDS}")
+        if score_kind not in PIXEL_SCORES:
+            raise ValueError(f"pixel score kind {score_kind!r} is not one of {PIXEL_SCORES}")
+        if isinstance(decoder, ConvDecoder) and visible:
+            raise ValueError("the conv decoder sees no patch of the input: visible must be empty")
         self.normalize = Normalize(mean, std)
         self.decoder = decoder
         self.score_kind = score_kind
+        self.patch_size = error_patch_size(decoder)
         self.register_buffer("visible", torch.tensor(visible, dtype=torch.long).view(1, -1))
+
+    def rebuild(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """Normalized images and their embeddings -> the rebuild (N, 3, H, W), normalized."""
+        if isinstance(self.decoder, ConvDecoder):
+            return self.decoder(embedding)
+        visible = self.visible.expand(x.shape[0], -1)
+        pred = self.decoder(x, embedding.to(x.dtype), visible)
+        p = self.decoder.config.patch_size
+        return unpatchify(pred, p, x.shape[2], x.shape[3])
+
+    def patch_errors(self, x: torch.Tensor, rebuild: torch.Tensor) -> torch.Tensor:
+        """Squared error per image and patch (N, L), zeroed on the visible patches."""
+        error = patchify((rebuild - x).pow(2), self.patch_size).sum(dim=-1)
+        if self.visible.shape[1] > 0:
+            error = error.scatter(1, self.visible.expand(x.shape[0], -1), 0.0)
+        return error
 
     def forward(self, images: torch.Tensor, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.normalize(images)
-        visible = self.visible.expand(x.shape[0], -1)
-        pred = self.decoder(x, embedding.to(x.dtype), visible)
-        error = masked_patch_error(pred, x, visible, self.decoder.config.patch_size)  # (N, L)
+        rebuild = self.rebuild(x, embedding)
+        error = self.patch_errors(x, rebuild)
         score = error.sum(dim=1) if self.score_kind == "sse" else error.amax(dim=1)
-        p = self.decoder.config.patch_size
-        return score, unpatchify(pred, p, x.shape[2], x.shape[3])
+        return score, rebuild
 
 
 class Detector(nn.Module):
-    """uint8 images (N, 3, H, W) -> (score (N,), reconstruction (N, 3, H, W) normalized)."""
+    """uint8 images (N, 3, H, W) -> (pixel score (N,), reconstruction (N, 3, H, W) normalized)."""
 
     def __init__(self, encoder: nn.Module, head: DetectorHead) -> None:
         super().__init__()
@@ -69,3 +107,51 @@ class Detector(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding = self.encoder(self.head.normalize(images))
         return self.head(images, embedding)
+
+
+class FeatureStandardiser(nn.Module):
+    """Per-stage discrepancies (N, S) -> the feature score (N,): mean over stages of
+    (d ** 0.25 - centre) / scale, with centre and scale fixed on clean auxiliary images.
+
+    The fourth root tames the discrepancies' long right tail as a logarithm would, but it is two
+    correctly rounded square roots: ONNX Runtime's vectorised logarithm rounds differently for a
+    batch of one image than for more, which would break "same bytes, same score, any batch"."""
+
+    def __init__(self, centre: list[float], scale: list[float]) -> None:
+        super().__init__()
+        if not len(centre) == len(scale) > 0:
+            raise ValueError("feature statistics need one centre and one scale per stage")
+        self.register_buffer("centre", torch.tensor(centre, dtype=torch.float32).view(1, -1))
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, -1))
+
+    def standardised(self, discrepancies: torch.Tensor) -> torch.Tensor:
+        return (torch.sqrt(torch.sqrt(discrepancies)) - self.centre) / self.scale
+
+    def forward(self, discrepancies: torch.Tensor) -> torch.Tensor:
+        return self.standardised(discrepancies).mean(dim=1)
+
+
+class FeatureDetector(nn.Module):
+    """uint8 images -> (feature score (N,), reconstruction (N, 3, H, W) normalized).
+
+    The encoder runs twice: on the input (its embedding and stage maps) and on the rebuild (its
+    stage maps); the rebuild is already in the encoder's normalized input space."""
+
+    def __init__(self, tapped: TappedEncoder, head: DetectorHead, standardiser: FeatureStandardiser) -> None:
+        super().__init__()
+        self.tapped = tapped
+        self.head = head
+        self.standardiser = standardiser
+
+    def stage_discrepancies(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images -> (per-stage discrepancies (N, S), rebuild)."""
+        x = self.head.normalize(images)
+        embedding, of_input = self.tapped(x)
+        rebuild = self.head.rebuild(x, embedding)
+        _, of_rebuild = self.tapped(rebuild)
+        d = torch.stack([stage_discrepancy(a, b) for a, b in zip(of_input, of_rebuild, strict=True)], dim=1)
+        return d, rebuild
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d, rebuild = self.stage_discrepancies(images)
+        return self.standardiser(d), rebuild

@@ -116,13 +116,18 @@ class LoadedEncoder:
     """A frozen encoder, its preprocessing and its identity.
 
     `module` maps normalized float images to embeddings; for an ONNX black box it is None and
-    `onnx_path` is set (embeddings then come from ONNX Runtime).
+    `onnx_path` is set (embeddings then come from ONNX Runtime). An ONNX encoder takes either
+    normalized float32 images or raw uint8 pixels (its own preprocessing inside), NCHW or NHWC;
+    `feature_tensors` names intermediate tensors of its graph for the feature score.
     """
 
     module: nn.Module | None
     identity: EncoderIdentity
     onnx_path: Path | None = None
     onnx_input_name: str | None = None
+    onnx_input_dtype: str = "float32"  # or "uint8": raw pixels, no normalization applied by dede
+    onnx_layout: str = "NCHW"  # or "NHWC"
+    feature_tensors: tuple[str, ...] = ()
     load_args: dict | None = None  # the `load_encoder` arguments that rebuild this encoder
 
     @property
@@ -138,26 +143,90 @@ class LoadedEncoder:
         std = torch.tensor(self.std, dtype=torch.float32, device=images_uint8.device).view(1, 3, 1, 1)
         return (images_uint8.float() / 255.0 - mean) / std
 
+    def denormalize_to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized float images -> the uint8 pixels they stand for (rounded, clamped)."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        return torch.round((x.float() * std + mean) * 255.0).clamp(0, 255).to(torch.uint8)
+
     @torch.no_grad()
     def embed(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, H, W] -> float32 embeddings [N, D] on the input's device."""
-        x = self.normalize(images_uint8)
         if self.module is not None:
-            return self.module(x)
-        session = _onnx_session(str(self.onnx_path))
-        z = session.run(None, {self.onnx_input_name: x.cpu().numpy()})[0]
-        return torch.from_numpy(np.asarray(z, dtype=np.float32)).to(images_uint8.device)
+            return self.module(self.normalize(images_uint8))
+        return self._run_onnx(self._onnx_feed(images_uint8, None), ())[0].to(images_uint8.device)
+
+    @torch.no_grad()
+    def embed_with_features(
+        self, images_uint8: torch.Tensor, tensors: list[str]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """ONNX encoder: (embeddings, the named intermediate tensors) of uint8 images."""
+        out = self._run_onnx(self._onnx_feed(images_uint8, None), tuple(tensors))
+        return out[0].to(images_uint8.device), [o.to(images_uint8.device) for o in out[1:]]
+
+    @torch.no_grad()
+    def features_of_normalized(self, x: torch.Tensor, tensors: list[str]) -> list[torch.Tensor]:
+        """ONNX encoder: the named intermediate tensors for normalized float images (a rebuild)."""
+        out = self._run_onnx(self._onnx_feed(None, x), tuple(tensors))
+        return [o.to(x.device) for o in out[1:]]
+
+    def _onnx_feed(self, images_uint8: torch.Tensor | None, normalized: torch.Tensor | None) -> np.ndarray:
+        if self.onnx_input_dtype == "uint8":
+            pixels = images_uint8 if images_uint8 is not None else self.denormalize_to_uint8(normalized)
+            feed = pixels.cpu().numpy().astype(np.uint8)
+        else:
+            x = normalized if normalized is not None else self.normalize(images_uint8)
+            feed = x.cpu().numpy().astype(np.float32)
+        if self.onnx_layout == "NHWC":
+            feed = feed.transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(feed)
+
+    def _run_onnx(self, feed: np.ndarray, tensors: tuple[str, ...]) -> list[torch.Tensor]:
+        session = _onnx_session(str(self.onnx_path), tensors)
+        outputs = session.run(None, {self.onnx_input_name: feed})
+        return [torch.from_numpy(np.asarray(o, dtype=np.float32)) for o in outputs]
 
 
-_SESSIONS: dict[str, object] = {}
+_SESSIONS: dict[tuple[str, tuple[str, ...]], object] = {}
 
 
-def _onnx_session(path: str):  # noqa: ANN202 - onnxruntime is imported lazily
-    if path not in _SESSIONS:
+def _onnx_session(path: str, extra_outputs: tuple[str, ...] = ()):  # noqa: ANN202 - lazy onnxruntime
+    """A CPU session for the ONNX encoder; with `extra_outputs`, the graph is given those intermediate
+    tensors as further outputs (after its embedding)."""
+    key = (path, extra_outputs)
+    if key not in _SESSIONS:
         import onnxruntime as ort
 
-        _SESSIONS[path] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return _SESSIONS[path]
+        if extra_outputs:
+            model = onnx_with_outputs(path, extra_outputs)
+            _SESSIONS[key] = ort.InferenceSession(
+                model.SerializeToString(), providers=["CPUExecutionProvider"]
+            )
+        else:
+            _SESSIONS[key] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return _SESSIONS[key]
+
+
+def onnx_with_outputs(path: str | Path, tensors: tuple[str, ...]):  # noqa: ANN201 - an onnx.ModelProto
+    """The ONNX model at `path` with the named intermediate tensors added as graph outputs."""
+    import onnx
+
+    model = onnx.load(str(path))
+    produced = {o for node in model.graph.node for o in node.output}
+    missing = [name for name in tensors if name not in produced]
+    if missing:
+        examples = [o for node in model.graph.node for o in node.output][-8:]
+        raise EncoderLoadError(
+            f"{path}: no tensor named {', '.join(missing)} in the graph; some of its tensors: {', '.join(examples)}"
+        )
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    existing = {o.name for o in model.graph.output}
+    for name in tensors:
+        if name not in existing:
+            elem = types.get(name, onnx.TensorProto.FLOAT)
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return model
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -182,12 +251,14 @@ def load_encoder(
     input_size: tuple[int, int] | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
+    feature_tensors: tuple[str, ...] | list[str] | None = None,
 ) -> LoadedEncoder:
     """Load the encoder named by `spec` (a file, `random:ARCH`, or `package.module:factory`).
 
     For state-dict files the architecture comes from `arch`, else from the file's metadata
     (dede writes it into .safetensors), else cifar_resnet18. Mean/std/input size default to the
-    architecture's; override them for encoders trained with other statistics.
+    architecture's; override them for encoders trained with other statistics. `feature_tensors`
+    names intermediate tensors of an ONNX encoder's graph for the feature score.
     """
     encoder = _load_encoder(spec, arch, width, input_size, mean, std)
     encoder.load_args = {
@@ -198,6 +269,14 @@ def load_encoder(
         "mean": list(mean) if mean else None,
         "std": list(std) if std else None,
     }
+    if feature_tensors:
+        if encoder.onnx_path is None:
+            raise EncoderLoadError(
+                "feature tensors name tensors of an ONNX encoder; a torch encoder names stages"
+            )
+        encoder.feature_tensors = tuple(feature_tensors)
+        onnx_with_outputs(encoder.onnx_path, encoder.feature_tensors)  # a missing name fails here, clearly
+        encoder.load_args["feature_tensors"] = list(feature_tensors)
     return encoder
 
 
@@ -357,6 +436,9 @@ def _finish(
     return LoadedEncoder(module=module, identity=identity)
 
 
+_ONNX_FEEDABLE = {1: "float32", 2: "uint8"}  # onnx.TensorProto element types dede can feed
+
+
 def _load_onnx(
     path: Path,
     input_size: tuple[int, int] | None,
@@ -365,15 +447,29 @@ def _load_onnx(
 ) -> LoadedEncoder:
     import onnx
 
-    model = onnx.load(str(path))
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - onnx raises several kinds for a bad file
+        raise EncoderLoadError(f"{path} is not a loadable ONNX file: {exc}") from exc
     graph_inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     if len(graph_inputs) != 1 or len(model.graph.output) != 1:
         raise EncoderLoadError(f"{path}: an ONNX encoder must have one image input and one embedding output")
-    dims = [d.dim_value for d in graph_inputs[0].type.tensor_type.shape.dim]
+    tensor_type = graph_inputs[0].type.tensor_type
+    dims = [d.dim_value or d.dim_param or "?" for d in tensor_type.shape.dim]
+    elem = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "undefined"
+    layout = (
+        "NCHW" if len(dims) == 4 and dims[1] == 3 else "NHWC" if len(dims) == 4 and dims[3] == 3 else None
+    )
+    if tensor_type.elem_type not in _ONNX_FEEDABLE or layout is None:
+        raise EncoderLoadError(
+            f"{path}: cannot feed input {graph_inputs[0].name!r} of type {elem} and shape {dims}: dede feeds "
+            "float32 (normalized) or uint8 (raw pixels) images shaped [N, 3, H, W] or [N, H, W, 3]"
+        )
+    spatial = dims[2:4] if layout == "NCHW" else dims[1:3]
     if input_size is None:
-        if len(dims) != 4 or not dims[2] or not dims[3]:
+        if not all(isinstance(d, int) for d in spatial):
             raise EncoderLoadError(f"{path}: input shape {dims} has no fixed H, W; pass --input-size")
-        input_size = (dims[2], dims[3])
+        input_size = (spatial[0], spatial[1])
     encoder = LoadedEncoder(
         module=None,
         identity=EncoderIdentity(
@@ -388,9 +484,21 @@ def _load_onnx(
         ),
         onnx_path=path,
         onnx_input_name=graph_inputs[0].name,
+        onnx_input_dtype=_ONNX_FEEDABLE[tensor_type.elem_type],
+        onnx_layout=layout,
     )
-    dim = encoder.embed(torch.zeros(2, 3, *input_size, dtype=torch.uint8)).shape[1]
-    encoder.identity = encoder.identity.model_copy(update={"embedding_dim": int(dim)})
+    try:
+        out = encoder.embed(torch.zeros(2, 3, *input_size, dtype=torch.uint8))
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors name the node, not the cause
+        raise EncoderLoadError(
+            f"{path}: ONNX Runtime cannot run the encoder on {encoder.onnx_input_dtype} "
+            f"{encoder.onnx_layout} images of {input_size[0]}x{input_size[1]}: {str(exc).splitlines()[0]}"
+        ) from exc
+    if out.ndim != 2:
+        raise EncoderLoadError(
+            f"{path}: the encoder returns shape {tuple(out.shape)}; expected [N, D] embeddings"
+        )
+    encoder.identity = encoder.identity.model_copy(update={"embedding_dim": int(out.shape[1])})
     return encoder
 
 

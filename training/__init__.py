@@ -2,3 +2,7 @@
 (`fit`, `checkpoint`), threshold calibration (`calibrate`), export of the one-graph bundle
 (`export`), scoring with a torch detector or a bundle (`scoring`, `offline_score`) and the `dede`
 command line (`cli`). Imports `models` and the service's torch-free parts; never the lab."""
+
+# The shipped default decoder family and size (benchmarks/detection/README.md says why); here, not
+# in training/fit.py, so that the command line can name it without importing torch.
+DEFAULT_PRESET = "conv"

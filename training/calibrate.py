@@ -1,8 +1,16 @@
-"""Threshold calibration on clean images only, for a chosen false-positive rate.
+"""Threshold calibration for a chosen false-positive rate, with no triggered image known as such.
 
-The threshold is the smallest score t such that at most `fpr` of the calibration scores exceed t;
-the realised FPR is then measured on a second, disjoint clean split, with a Wilson 95% interval.
-Triggered images are never used here.
+Two kinds:
+  clean              images known to be clean (out-of-distribution auxiliary images, the paper's
+                     setting, or a few hundred of the user's own): the threshold is the smallest
+                     score t such that at most `fpr` of the calibration scores exceed t;
+  unlabelled_robust  a sample of the user's own traffic that may hold a few percent of triggered
+                     images: scores far above the bulk (more than OUTLIER_MADS robust deviations
+                     above the median) are set aside first, then the same quantile is taken of the
+                     rest. Triggered images that the score separates sit far above the bulk and
+                     would otherwise drag the quantile up; those it does not separate sit inside
+                     the bulk and barely move it.
+Either way the realised FPR is measured on a second, disjoint split, with a Wilson 95% interval.
 """
 
 from __future__ import annotations
@@ -14,6 +22,10 @@ from pathlib import Path
 import numpy as np
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
+CALIBRATION_KINDS = ("clean", "unlabelled_robust")
+# How far above the median (in 1.4826 x MAD) a score must be to be set aside as an outlier: for a
+# normal bulk, 4.5 deviations leave out 3 in a million clean images.
+OUTLIER_MADS = 4.5
 
 
 def threshold_for_fpr(scores: np.ndarray, fpr: float) -> float:
@@ -32,6 +44,20 @@ def threshold_for_fpr(scores: np.ndarray, fpr: float) -> float:
     return float((ordered[k] + ordered[k + 1]) / 2)
 
 
+def robust_inliers(scores: np.ndarray, outlier_mads: float = OUTLIER_MADS) -> np.ndarray:
+    """Boolean mask of the scores that are not far above the bulk. Scores are compared on a log
+    scale when all are positive (pixel sums are right-skewed), as they are otherwise."""
+    values = np.asarray(scores, dtype=np.float64)
+    if len(values) == 0:
+        return np.zeros(0, bool)
+    t = np.log(values) if (values > 0).all() else values
+    centre = np.median(t)
+    spread = 1.4826 * np.median(np.abs(t - centre))
+    if spread == 0:
+        return np.ones(len(values), bool)
+    return t <= centre + outlier_mads * spread
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval for a binomial proportion."""
     if n == 0:
@@ -43,17 +69,34 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 
 
 def calibrate(
-    calibration_scores: np.ndarray, holdout_scores: np.ndarray, fpr: float, source: str = ""
+    calibration_scores: np.ndarray,
+    holdout_scores: np.ndarray,
+    fpr: float,
+    source: str = "",
+    kind: str = "clean",
 ) -> dict:
-    """Threshold from one clean split, realised FPR (with its CI) on another: the manifest's fields."""
+    """Threshold from one split, realised FPR (with its CI) on another: the manifest's fields. For
+    `unlabelled_robust` the outliers of each split are set aside first (the realised FPR is then
+    that of the inliers: an estimate of the clean images' false alarms)."""
+    if kind not in CALIBRATION_KINDS:
+        raise ValueError(f"calibration kind {kind!r} is not one of {CALIBRATION_KINDS}")
+    calibration_scores = np.asarray(calibration_scores, dtype=np.float64)
+    holdout_scores = np.asarray(holdout_scores, dtype=np.float64)
+    n_trimmed = None
+    if kind == "unlabelled_robust":
+        keep, keep_holdout = robust_inliers(calibration_scores), robust_inliers(holdout_scores)
+        n_trimmed = int((~keep).sum() + (~keep_holdout).sum())
+        calibration_scores, holdout_scores = calibration_scores[keep], holdout_scores[keep_holdout]
     threshold = threshold_for_fpr(calibration_scores, fpr)
-    false_alarms = int((np.asarray(holdout_scores) > threshold).sum())
+    false_alarms = int((holdout_scores > threshold).sum())
     low, high = wilson_interval(false_alarms, len(holdout_scores))
     return {
         "value": threshold,
         "fpr_target": fpr,
         "n_calibration": int(len(calibration_scores)),
         "calibration_source": source,
+        "calibration_kind": kind,
+        "n_trimmed": n_trimmed,
         "score_quantiles": {f"q{q}": float(np.quantile(calibration_scores, q)) for q in QUANTILES},
         "realised_fpr": false_alarms / len(holdout_scores) if len(holdout_scores) else None,
         "realised_fpr_ci95": (low, high) if len(holdout_scores) else None,
@@ -66,23 +109,26 @@ def calibrate_run(
     images: np.ndarray,
     fpr: float,
     source: str,
-    score_kind: str = "sse",
+    score_kind: str | None = None,
     seed: int = 0,
+    kind: str = "clean",
 ) -> dict:
-    """Score clean images with a fitted run, split them in two (threshold / realised FPR), and
-    record the result (and a parity sample for the export check) in the run directory."""
+    """Score images with a fitted run, split them in two (threshold / realised FPR), and record the
+    result (and a parity sample for the export check) in the run directory. `score_kind` None is
+    the run's default score (the feature score where the fit measured its statistics)."""
     from training.export import CALIBRATION_FILE, PARITY_IMAGES
     from training.fit import load_run
     from training.scoring import score_run
 
     if len(images) < 4:
-        raise ValueError(f"calibration needs at least 4 clean images, got {len(images)}")
+        raise ValueError(f"calibration needs at least 4 images, got {len(images)}")
     run = load_run(run_dir)
+    score_kind = score_kind or run.default_score
     scores = score_run(run, images, score_kind)
     order = np.random.default_rng(seed).permutation(len(images))
     half = len(order) // 2
     calibration_idx, holdout_idx = order[:half], order[half:]
-    threshold = calibrate(scores[calibration_idx], scores[holdout_idx], fpr, source)
+    threshold = calibrate(scores[calibration_idx], scores[holdout_idx], fpr, source, kind)
     result = {"score_kind": score_kind, "seed": seed, "threshold": threshold}
     (run_dir / CALIBRATION_FILE).write_text(json.dumps(result, indent=2) + "\n")
     # Parity images come from the held-out half first: none of them defines the threshold.

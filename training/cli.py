@@ -17,6 +17,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from models.bundle import BundleError
+from training import DEFAULT_PRESET
 
 USER_ERRORS: tuple[type[Exception], ...] = (BundleError, FileNotFoundError, ValueError)
 
@@ -54,6 +55,12 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--input-size", type=_size, help="encoder input size, e.g. 32 or 224x224")
     group.add_argument("--mean", type=_floats3, help="normalization mean, e.g. 0.4914,0.4822,0.4465")
     group.add_argument("--std", type=_floats3, help="normalization std")
+    group.add_argument(
+        "--feature-tensors",
+        type=lambda text: tuple(s for s in text.split(",") if s),
+        help="ONNX encoders: comma-separated names of intermediate tensors of its graph where the "
+        "feature score compares the input with its rebuild (torch encoders: see --feature-stages)",
+    )
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -61,13 +68,20 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from training.data import load_images
     from training.fit import FitSettings, fit_decoder
 
-    encoder = load_encoder(args.encoder, args.arch, args.width, args.input_size, args.mean, args.std)
+    encoder = load_encoder(
+        args.encoder, args.arch, args.width, args.input_size, args.mean, args.std, args.feature_tensors
+    )
     h, w = encoder.identity.input_size
     spec = encoder.identity.input_spec()
     images, _ = load_images(args.data, spec, args.limit)
     settings = FitSettings(
         preset=args.preset,
         epochs=args.epochs,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes if args.max_minutes > 0 else None,
+        patience=args.patience,
+        views=args.views,
+        feature_stages=args.feature_stages,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
@@ -79,7 +93,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     make_poison = getattr(args, "make_poison", None)
     poison = make_poison(args, (h, w)) if make_poison is not None else None
     path = fit_decoder(encoder, images, Path(args.out), settings, args.device, not args.no_resume, poison)
-    print(f"fitted decoder: {path}  (loss per epoch: {Path(args.out) / 'log.csv'})")
+    print(f"fitted decoder: {path}  (validation losses: {Path(args.out) / 'log.csv'})")
     return 0
 
 
@@ -93,11 +107,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     images, _ = load_images(args.data, spec, args.limit)
     if args.data == run.info["fit"].get("data_source") and args.limit is None:
         print("warning: calibrating on the fitting data underestimates clean scores; use held-out images")
-    result = calibrate_run(Path(args.run), images, args.fpr, str(args.data), args.score, args.seed)
+    kind = "unlabelled_robust" if args.unlabelled else "clean"
+    result = calibrate_run(Path(args.run), images, args.fpr, str(args.data), args.score, args.seed, kind)
     t = result["threshold"]
     low, high = t["realised_fpr_ci95"]
     print(
-        f"threshold {t['value']:.4f} for FPR {args.fpr} on {t['n_calibration']} clean images; "
+        f"{result['score_kind']} threshold {t['value']:.4f} for FPR {args.fpr} on {t['n_calibration']} "
+        f"{'clean' if kind == 'clean' else 'inlier'} images"
+        + (f" ({t['n_trimmed']} set aside as outliers)" if t["n_trimmed"] else "")
+        + "; "
         f"realised FPR on {t['n_holdout']} held-out clean images: {t['realised_fpr']:.4f} "
         f"(95% CI {low:.4f}-{high:.4f})"
     )
@@ -166,11 +184,36 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--limit", type=int, help="use only the first N images")
     fit.add_argument(
         "--preset",
-        default="lab",
-        choices=["lab", "paper", "tiny"],
-        help="decoder size (default: lab, sized for CPU; paper for GPUs)",
+        default=DEFAULT_PRESET,
+        choices=["conv", "conv_paper", "lab", "lab_wide", "paper", "tiny", "conv_tiny"],
+        help=f"decoder family and size (default: {DEFAULT_PRESET}, the convolutional decoder sized for "
+        "CPU; conv_paper for GPUs; lab/paper: the method's MAE decoder)",
     )
-    fit.add_argument("--epochs", type=int, help="default: the preset's (lab 12, paper 200)")
+    fit.add_argument(
+        "--max-steps", type=int, help="optimizer-step budget (default: the preset's, 4000 for conv)"
+    )
+    fit.add_argument(
+        "--max-minutes",
+        type=float,
+        default=12.0,
+        help="wall-clock budget of the training loop in minutes (default 12; 0: none)",
+    )
+    fit.add_argument(
+        "--patience",
+        type=int,
+        default=6,
+        help="validations (every 100 steps) without a 0.5%% gain before the fit stops at a plateau",
+    )
+    fit.add_argument(
+        "--views", type=int, help="augmented views (crop + flip) per image (default: 8 up to 64 px, else 2)"
+    )
+    fit.add_argument(
+        "--feature-stages",
+        default="auto",
+        help="encoder stages of the feature score: auto (relative depths 1/2, 3/4, 1: layer2-4 of a "
+        "ResNet), none, or comma-separated module names",
+    )
+    fit.add_argument("--epochs", type=int, help="a step budget in passes over the images instead")
     fit.add_argument("--batch-size", type=int, default=256)
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--seed", type=int, default=0)
@@ -181,11 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="set the threshold on clean held-out images for a target FPR")
     cal.add_argument("--run", required=True, help="a fitted run directory")
-    cal.add_argument("--data", required=True, help="CLEAN held-out images (never triggered ones)")
+    cal.add_argument(
+        "--data", required=True, help="CLEAN held-out images (or, with --unlabelled, a sample of traffic)"
+    )
     cal.add_argument("--limit", type=int)
     cal.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
     cal.add_argument(
-        "--score", default="sse", choices=["sse", "max_patch"], help="how per-patch errors become a score"
+        "--score",
+        choices=["feature", "sse", "max_patch"],
+        help="the score to ship (default: feature where the fit measured its statistics, else sse)",
+    )
+    cal.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="--data is an unlabelled sample of your traffic that may hold a few percent of triggered "
+        "images: outliers are set aside before the quantile (robust calibration)",
     )
     cal.add_argument("--seed", type=int, default=0, help="seed of the calibration / held-out split")
     cal.set_defaults(func=_cmd_calibrate)

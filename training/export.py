@@ -29,7 +29,8 @@ from models.bundle import (
     load_bundle,
     write_manifest,
 )
-from models.decoder import fixed_visible_patches
+from models.encoders import onnx_with_outputs
+from models.feature_taps import stage_discrepancy
 from training.fit import FittedRun
 from training.scoring import score_run
 
@@ -37,6 +38,19 @@ OPSET = 18
 PARITY_RTOL = 1e-4
 CALIBRATION_FILE = "calibration.json"
 PARITY_IMAGES = "parity_images.npy"
+
+
+# The manifest's name for each score (models/detector.py defines them).
+SCORE_NAMES = {
+    "sse": "sse_masked_normalized",
+    "max_patch": "max_patch_masked_normalized",
+    "feature": "feature_robust_z_mean",
+}
+
+
+def _feature_spec(run: FittedRun) -> dict:
+    s = run.feature_stats
+    return {k: s[k] for k in ("stages", "centre", "scale", "n_images", "source", "rule")}
 
 
 class ExportError(Exception):
@@ -80,66 +94,216 @@ def _export_torchscript_encoder(module: torch.jit.ScriptModule, size: tuple[int,
         )
 
 
-def _compose_onnx_encoder(
-    run: FittedRun, encoder_path: Path, head_path: Path, out_path: Path, size: tuple[int, int]
-) -> None:
-    """ONNX encoder (normalized images -> embedding) + exported head ((images, embedding) -> score)
-    -> one graph taking only uint8 images. Normalization is a small exported prologue."""
-    encoder_model = onnx.load(str(encoder_path))
-    head_model = onnx.load(str(head_path))
-    prologue_path = head_path.with_name("prologue.onnx")
+class _Prologue(torch.nn.Module):
+    """uint8 images -> (normalized images, the images as float): the front of a composed graph."""
 
-    class Prologue(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.normalize = run.head().normalize
+    def __init__(self, normalize: torch.nn.Module) -> None:
+        super().__init__()
+        self.normalize = normalize
 
-        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # images pass through (as float) so the head can read them after composition
-            return self.normalize(images), images.float()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # images pass through (as float) so the head can read them after composition
+        return self.normalize(images), images.float()
 
-    example = (torch.zeros(2, 3, *size, dtype=torch.uint8),)
-    program = torch.onnx.export(
-        Prologue().eval(),
-        example,
-        input_names=[ONNX_INPUT],
-        output_names=["normalized", "images_passthrough"],
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
-        opset_version=OPSET,
-        dynamo=True,
-        verbose=False,
-    )
-    program.save(str(prologue_path))
-    prologue = onnx.load(str(prologue_path))
 
-    # All three graphs must share one opset and IR version to be composed.
-    models = [onnx.version_converter.convert_version(m, OPSET) for m in (prologue, encoder_model, head_model)]
-    ir = max(m.ir_version for m in models)
-    for m in models:
+class _RebuildHead(torch.nn.Module):
+    """(images, embedding) -> (rebuild, the rebuild as the ONNX encoder's input): the middle of a
+    composed feature-score graph. A uint8-input encoder gets the rebuild's pixels, rounded."""
+
+    def __init__(self, run: FittedRun) -> None:
+        super().__init__()
+        self.head = run.head("sse")
+        self.raw_uint8 = run.encoder.onnx_input_dtype == "uint8"
+        self.nhwc = run.encoder.onnx_layout == "NHWC"
+
+    def forward(self, images: torch.Tensor, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rebuild = self.head.rebuild(self.head.normalize(images), embedding)
+        if self.raw_uint8:
+            std, mean = self.head.normalize.std, self.head.normalize.mean
+            encoder_input = torch.round((rebuild * std + mean) * 255.0).clamp(0, 255).to(torch.uint8)
+        else:
+            encoder_input = rebuild
+        if self.nhwc:
+            encoder_input = encoder_input.permute(0, 2, 3, 1)
+        return rebuild, encoder_input
+
+
+class _FeatureTail(torch.nn.Module):
+    """(input's stage tensors..., rebuild's stage tensors...) -> feature score: the graph's end."""
+
+    def __init__(self, run: FittedRun, stages: int) -> None:
+        super().__init__()
+        self.standardiser = run.standardiser()
+        self.stages = stages
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        a, b = tensors[: self.stages], tensors[self.stages :]
+        d = torch.stack([stage_discrepancy(x, y) for x, y in zip(a, b, strict=True)], dim=1)
+        return self.standardiser(d)
+
+
+def _encoder_input_node(model: onnx.ModelProto, run: FittedRun) -> None:
+    """Add to the prologue graph the tensor `encoder_input`: what the ONNX encoder takes (the
+    normalized images, or the raw uint8 ones; transposed to NHWC where it wants that)."""
+    source = ONNX_INPUT if run.encoder.onnx_input_dtype == "uint8" else "normalized"
+    if run.encoder.onnx_layout == "NHWC":
+        node = onnx.helper.make_node("Transpose", [source], ["encoder_input"], perm=[0, 2, 3, 1])
+    else:
+        node = onnx.helper.make_node("Identity", [source], ["encoder_input"])
+    model.graph.node.append(node)
+    elem = onnx.TensorProto.UINT8 if source == ONNX_INPUT else onnx.TensorProto.FLOAT
+    model.graph.output.append(onnx.helper.make_tensor_value_info("encoder_input", elem, None))
+
+
+def _aligned(*models: onnx.ModelProto) -> list[onnx.ModelProto]:
+    """All graphs on one opset and IR version, as composition needs."""
+    converted = [onnx.version_converter.convert_version(m, OPSET) for m in models]
+    ir = max(m.ir_version for m in converted)
+    for m in converted:
         m.ir_version = ir
-    prologue, encoder_model, head_model = models
-    encoder_model = onnx.compose.add_prefix(encoder_model, "encoder/")
-    head_model = onnx.compose.add_prefix(head_model, "head/")
-    enc_in = [
-        i.name
-        for i in encoder_model.graph.input
-        if i.name not in {t.name for t in encoder_model.graph.initializer}
-    ][0]
+    return converted
+
+
+def _rename_outputs(model: onnx.ModelProto, names: dict[str, str]) -> None:
+    for output in model.graph.output:
+        if output.name in names:
+            old, new = output.name, names[output.name]
+            for node in model.graph.node:
+                node.output[:] = [new if o == old else o for o in node.output]
+                node.input[:] = [new if i == old else i for i in node.input]
+            output.name = new
+
+
+def _export_part(
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+) -> onnx.ModelProto:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            example,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=tuple({0: batch} for _ in example),
+            opset_version=OPSET,
+            dynamo=True,
+            verbose=False,
+        ).save(str(path))
+    return onnx.load(str(path))
+
+
+def _compose_onnx_encoder(
+    run: FittedRun, encoder_path: Path, tmp: Path, out_path: Path, size: tuple[int, int], score_kind: str
+) -> None:
+    """ONNX encoder + exported torch parts -> one graph taking only uint8 images.
+
+    Pixel scores: prologue -> encoder -> head. The feature score runs the encoder twice:
+    prologue -> encoder (embedding + named tensors) -> rebuild head -> the encoder again on the
+    rebuild (its named tensors) -> the standardising tail."""
+    example = torch.zeros(2, 3, *size, dtype=torch.uint8)
+    prologue = _export_part(
+        _Prologue(run.head().normalize),
+        (example,),
+        tmp / "prologue.onnx",
+        [ONNX_INPUT],
+        ["normalized", "images_passthrough"],
+    )
+    _encoder_input_node(prologue, run)
+
+    feature = score_kind == "feature"
+    stages = list(run.feature_stats["stages"]) if feature else []
+    encoder_model = (
+        onnx_with_outputs(encoder_path, tuple(stages)) if feature else onnx.load(str(encoder_path))
+    )
+    initializers = {t.name for t in encoder_model.graph.initializer}
+    enc_in = [i.name for i in encoder_model.graph.input if i.name not in initializers][0]
     enc_out = encoder_model.graph.output[0].name
-    first = onnx.compose.merge_models(
-        prologue, encoder_model, io_map=[("normalized", enc_in)], outputs=[enc_out, "images_passthrough"]
-    )
-    merged = onnx.compose.merge_models(
-        first,
-        head_model,
-        io_map=[(enc_out, "head/embedding"), ("images_passthrough", "head/images")],
-        outputs=[f"head/{ONNX_SCORE}", f"head/{ONNX_RECONSTRUCTION}"],
-    )
-    for output, name in zip(merged.graph.output, (ONNX_SCORE, ONNX_RECONSTRUCTION), strict=True):
-        old = output.name
-        for node in merged.graph.node:
-            node.output[:] = [name if o == old else o for o in node.output]
-        output.name = name
+    embedding = torch.zeros(2, run.encoder.identity.embedding_dim)
+
+    if not feature:
+        # After composition the images reach the head as float (passed through the prologue).
+        head_model = _export_part(
+            run.head(score_kind),
+            (example.float(), embedding),
+            tmp / "head.onnx",
+            ["images", "embedding"],
+            [ONNX_SCORE, ONNX_RECONSTRUCTION],
+        )
+        prologue, encoder_model, head_model = _aligned(prologue, encoder_model, head_model)
+        encoder_model = onnx.compose.add_prefix(encoder_model, "encoder/")
+        head_model = onnx.compose.add_prefix(head_model, "head/")
+        first = onnx.compose.merge_models(
+            prologue,
+            encoder_model,
+            io_map=[("encoder_input", f"encoder/{enc_in}")],
+            outputs=[f"encoder/{enc_out}", "images_passthrough"],
+        )
+        merged = onnx.compose.merge_models(
+            first,
+            head_model,
+            io_map=[(f"encoder/{enc_out}", "head/embedding"), ("images_passthrough", "head/images")],
+            outputs=[f"head/{ONNX_SCORE}", f"head/{ONNX_RECONSTRUCTION}"],
+        )
+        _rename_outputs(
+            merged, {f"head/{ONNX_SCORE}": ONNX_SCORE, f"head/{ONNX_RECONSTRUCTION}": ONNX_RECONSTRUCTION}
+        )
+    else:
+        rebuild_model = _export_part(
+            _RebuildHead(run),
+            (example.float(), embedding),
+            tmp / "rebuild.onnx",
+            ["images", "embedding"],
+            [ONNX_RECONSTRUCTION, "encoder_input"],
+        )
+        _, features = run.encoder.embed_with_features(example, stages)
+        names = [f"a{i}" for i in range(len(stages))] + [f"b{i}" for i in range(len(stages))]
+        tail = _export_part(
+            _FeatureTail(run, len(stages)), tuple(features) * 2, tmp / "tail.onnx", names, [ONNX_SCORE]
+        )
+        prologue, enc_a, rebuild_model, enc_b, tail = _aligned(
+            prologue, encoder_model, rebuild_model, encoder_model, tail
+        )
+        enc_a, enc_b = onnx.compose.add_prefix(enc_a, "enc_a/"), onnx.compose.add_prefix(enc_b, "enc_b/")
+        rebuild_model = onnx.compose.add_prefix(rebuild_model, "rebuild/")
+        tail = onnx.compose.add_prefix(tail, "tail/")
+        feats_a, feats_b = [f"enc_a/{s}" for s in stages], [f"enc_b/{s}" for s in stages]
+        merged = onnx.compose.merge_models(
+            prologue,
+            enc_a,
+            io_map=[("encoder_input", f"enc_a/{enc_in}")],
+            outputs=[f"enc_a/{enc_out}", "images_passthrough", *feats_a],
+        )
+        merged = onnx.compose.merge_models(
+            merged,
+            rebuild_model,
+            io_map=[(f"enc_a/{enc_out}", "rebuild/embedding"), ("images_passthrough", "rebuild/images")],
+            outputs=[*feats_a, f"rebuild/{ONNX_RECONSTRUCTION}", "rebuild/encoder_input"],
+        )
+        merged = onnx.compose.merge_models(
+            merged,
+            enc_b,
+            io_map=[("rebuild/encoder_input", f"enc_b/{enc_in}")],
+            outputs=[*feats_a, f"rebuild/{ONNX_RECONSTRUCTION}", *feats_b],
+        )
+        merged = onnx.compose.merge_models(
+            merged,
+            tail,
+            io_map=[(f, f"tail/a{i}") for i, f in enumerate(feats_a)]
+            + [(f, f"tail/b{i}") for i, f in enumerate(feats_b)],
+            outputs=[f"tail/{ONNX_SCORE}", f"rebuild/{ONNX_RECONSTRUCTION}"],
+        )
+        _rename_outputs(
+            merged, {f"tail/{ONNX_SCORE}": ONNX_SCORE, f"rebuild/{ONNX_RECONSTRUCTION}": ONNX_RECONSTRUCTION}
+        )
+    # The score first, as the bundle's contract says.
+    outputs = sorted(merged.graph.output, key=lambda o: o.name != ONNX_SCORE)
+    del merged.graph.output[:]
+    merged.graph.output.extend(outputs)
     onnx.checker.check_model(merged)
     onnx.save(merged, str(out_path))
 
@@ -151,16 +315,17 @@ def export_onnx(run: FittedRun, path: Path, score_kind: str) -> None:
     if module is not None and not isinstance(module, torch.jit.ScriptModule):
         _export_torch(run.detector(score_kind), (example,), path, [ONNX_INPUT])
         return
+    if module is not None and score_kind == "feature":
+        raise ExportError(
+            "the feature score cannot tap a TorchScript encoder's stages: give the encoder as a state "
+            "dict with --arch, or as ONNX with --feature-tensors, or calibrate with a pixel score"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         encoder_path = run.encoder.onnx_path
         if encoder_path is None:
             encoder_path = Path(tmp) / "encoder.onnx"
             _export_torchscript_encoder(module, size, encoder_path)
-        head_path = Path(tmp) / "head.onnx"
-        embedding = torch.zeros(2, run.encoder.identity.embedding_dim)
-        # After composition the images reach the head as float (passed through the prologue).
-        _export_torch(run.head(score_kind), (example.float(), embedding), head_path, ["images", "embedding"])
-        _compose_onnx_encoder(run, encoder_path, head_path, path, size)
+        _compose_onnx_encoder(run, encoder_path, Path(tmp), path, size, score_kind)
 
 
 def _ort_scores(path: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -179,8 +344,11 @@ def verify_parity(path: Path, run: FittedRun, images: np.ndarray, threshold: flo
     reference = score_run(run, images, score_kind).astype(np.float64)
     batched = _ort_scores(path, images, 64).astype(np.float64)
     single = _ort_scores(path, images[:32], 1).astype(np.float64)
-    relative = np.abs(batched - reference) / np.maximum(np.abs(reference), 1e-12)
-    batch_relative = np.abs(single - batched[:32]) / np.maximum(np.abs(batched[:32]), 1e-12)
+    # The feature score is in standard deviations and crosses zero: its differences are taken
+    # relative to the score or to one standard deviation, whichever is larger.
+    floor = 1.0 if score_kind == "feature" else 1e-12
+    relative = np.abs(batched - reference) / np.maximum(np.abs(reference), floor)
+    batch_relative = np.abs(single - batched[:32]) / np.maximum(np.abs(batched[:32]), floor)
     flag_mismatches = int(((batched > threshold) != (reference > threshold)).sum())
     figures = {
         "n_images": float(len(images)),
@@ -245,9 +413,10 @@ def export_bundle(
             "decoder": {
                 "preset": run.info["preset"],
                 "config": run.config.to_dict(),
-                "score": f"{score_kind}_masked_normalized",
-                "visible_patches": fixed_visible_patches(run.config),
-                "num_patches": run.config.num_patches,
+                "score": SCORE_NAMES[score_kind],
+                "visible_patches": run.visible,
+                "num_patches": run.num_cells,
+                "feature": _feature_spec(run) if score_kind == "feature" else None,
             },
             "threshold": threshold,
             "onnx_outputs": [ONNX_SCORE, ONNX_RECONSTRUCTION],

@@ -3,9 +3,10 @@
 A run directory holds everything a later step needs:
   run.json               how to rebuild the encoder, the decoder config, the fit settings
   embeddings.npy         the frozen encoder's embeddings of the training images (computed once)
-  checkpoint.pt          decoder + optimizer + schedule after the last finished epoch (resume)
-  log.csv                loss per epoch (train, at the training mask; val, at the test-time mask)
-  decoder.safetensors    the fitted decoder
+  checkpoint.pt          decoder + optimizer + schedule + best weights at the last validation (resume)
+  log.csv                loss per validation (train, at the training mask; val, at the test-time mask)
+  decoder.safetensors    the fitted decoder (the weights of the best validation loss)
+  feature_stats.json     clean statistics of the feature score, from the held-out auxiliary images
 """
 
 from __future__ import annotations
@@ -23,9 +24,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from models.decoder import DecoderConfig, DeDeDecoder, fixed_visible_patches, preset_config, training_loss
-from models.detector import Detector, DetectorHead, Normalize
+from models.conv_decoder import CONV_PRESETS, ConvDecoder, ConvDecoderConfig, conv_preset_config
+from models.conv_decoder import FAMILY as CONV_FAMILY
+from models.decoder import DecoderConfig, DeDeDecoder, fixed_visible_patches, preset_config
+from models.decoder import training_loss as masked_training_loss
+from models.detector import (
+    Detector,
+    DetectorHead,
+    FeatureDetector,
+    FeatureStandardiser,
+    Normalize,
+    error_patch_size,
+)
 from models.encoders import LoadedEncoder, encoder_from_args
+from models.feature_taps import TappedEncoder, default_stages, stage_discrepancy
+from training import DEFAULT_PRESET
 from training.checkpoint import save_checkpoint
 
 RUN_FILE = "run.json"
@@ -65,26 +78,112 @@ def embed_images(
 
 @dataclass
 class FitSettings:
-    preset: str = "lab"
-    epochs: int | None = None  # None: the preset's default
+    """How a decoder is fitted. The budget is in optimizer steps and wall minutes, whichever ends
+    first, and the fit stops earlier at a validation plateau; `epochs`, when given, sets the step
+    budget to that many passes over the training split instead."""
+
+    preset: str = DEFAULT_PRESET
+    max_steps: int | None = None  # None: the preset's (DEFAULT_MAX_STEPS)
+    max_minutes: float | None = 12.0  # wall-clock budget of the training loop; None: no limit
+    epochs: int | None = None  # an alternative step budget: passes over the training split
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-6
-    warmup_epochs: int = 1
-    val_fraction: float = 0.05
+    warmup_steps: int = 100
+    eval_every: int = 100  # steps between validation losses (and checkpoints)
+    patience: int = 6  # evaluations without a 0.5% gain in validation loss: a plateau, stop
+    views: int | None = None  # augmented views per training image (crop + flip); None: by input size
+    val_fraction: float = 0.1
     seed: int = 0
     data_source: str = ""
     poison_rate: float = 0.0
+    feature_stages: str = "auto"  # "auto" (the fixed rule), "none", or comma-separated stage names
     config_overrides: dict | None = None
 
 
-DEFAULT_EPOCHS = {"paper": 200, "lab": 12, "tiny": 2}
+DEFAULT_MAX_STEPS = {"conv": 4000, "conv_paper": 20000, "paper": 60000, "lab": 4000, "lab_wide": 4000}
+PLATEAU_GAIN = 0.005  # relative gain in validation loss that counts as progress
+FEATURE_STATS_FILE = "feature_stats.json"
 
 
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     tmp.replace(path)  # atomic: a crash never leaves half a file
+
+
+def default_views(image_size: int) -> int:
+    """Augmented views per training image: 8 at CIFAR/Tiny-ImageNet sizes; 2 above 64 px, where
+    every view's pixels are held in memory (2,000 images x 8 views at 224 px would be 2.4 GB)."""
+    return 8 if image_size <= 64 else 2
+
+
+def augmented_views(images: np.ndarray, views: int, seed: int) -> np.ndarray:
+    """uint8 [N, 3, H, W] -> [N * views, 3, H, W]: view 0 is each image as it is; the others are a
+    random crop of the image padded by reflection (an eighth of its side) and a random horizontal
+    flip. Seeded, so a resumed fit sees the same views."""
+    n, _, h, w = images.shape
+    pad = max(1, h // 8)
+    rng = np.random.default_rng(seed)
+    padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
+    out = np.empty((n * views, *images.shape[1:]), np.uint8)
+    out[:n] = images
+    for v in range(1, views):
+        dy, dx = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
+        flip = rng.random(n) < 0.5
+        for i in range(n):
+            crop = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+            out[v * n + i] = crop[:, :, ::-1] if flip[i] else crop
+    return out
+
+
+def build_decoder(config: DecoderConfig | ConvDecoderConfig, embedding_dim: int) -> DeDeDecoder | ConvDecoder:
+    return (
+        ConvDecoder(config, embedding_dim)
+        if isinstance(config, ConvDecoderConfig)
+        else DeDeDecoder(config, embedding_dim)
+    )
+
+
+def decoder_config(
+    preset: str, image_size: int, overrides: dict | None = None
+) -> DecoderConfig | ConvDecoderConfig:
+    if preset in CONV_PRESETS:
+        return conv_preset_config(preset, image_size, **(overrides or {}))
+    return preset_config(preset, image_size, **(overrides or {}))
+
+
+def config_from_dict(recorded: dict) -> DecoderConfig | ConvDecoderConfig:
+    """The decoder config a run recorded (runs made before the conv family have no `family`)."""
+    if recorded.get("family") == CONV_FAMILY:
+        return ConvDecoderConfig(**recorded)
+    return DecoderConfig(**recorded)
+
+
+def training_loss(
+    decoder: DeDeDecoder | ConvDecoder,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    visible: torch.Tensor | None,
+) -> torch.Tensor:
+    """Mean squared error per pixel, in normalized pixel space, over what the score compares: every
+    pixel for the conv decoder, the masked patches for the MAE one."""
+    if isinstance(decoder, ConvDecoder):
+        return (decoder(z).float() - x).pow(2).mean()
+    pred = decoder(x, z, visible)
+    return masked_training_loss(pred.float(), x, visible, decoder.config.patch_size)
+
+
+def _training_visible(
+    decoder: DeDeDecoder | ConvDecoder, n: int, test_visible: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor | None:
+    """The MAE's mask for one batch: the test-time mask for `test_mask_share` of the batches (the
+    decoder is trained on the task it is scored on), the random training mask otherwise."""
+    if isinstance(decoder, ConvDecoder):
+        return None
+    if float(torch.rand(1, generator=generator)) < decoder.config.test_mask_share:
+        return test_visible.expand(n, -1)
+    return decoder.random_visible(n, generator)
 
 
 def fit_decoder(
@@ -100,7 +199,9 @@ def fit_decoder(
 
     `images` are the auxiliary images, uint8 [N, 3, H, W] at the encoder's input size. With
     `poison` and `settings.poison_rate`, that fraction of them is triggered first (emulating a
-    slightly poisoned auxiliary set). Checkpoints every epoch; `resume` continues a killed run.
+    slightly poisoned auxiliary set). A held-out share of the images gives the validation loss
+    (at the test-time mask: what the detector scores) and, once fitted, the clean statistics of
+    the feature score. Checkpoints at every validation; `resume` continues a killed run.
     """
     settings = settings or FitSettings()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,15 +210,38 @@ def fit_decoder(
     height, width = encoder.identity.input_size
     if height != width:
         raise RunError(f"the decoder needs square inputs; the encoder takes {height}x{width}")
-    config = preset_config(settings.preset, height, **(settings.config_overrides or {}))
-    epochs = settings.epochs or DEFAULT_EPOCHS.get(settings.preset, 30)
+    if len(images) < 2:
+        raise RunError(f"fitting needs auxiliary images; got {len(images)}")
+    config = decoder_config(settings.preset, height, settings.config_overrides)
+    views = settings.views or default_views(height)
+
+    rng = np.random.default_rng(settings.seed)
+    if poison is not None and settings.poison_rate > 0:
+        chosen = rng.choice(len(images), int(round(settings.poison_rate * len(images))), replace=False)
+        images = images.copy()
+        images[chosen] = poison(images[chosen])
+    order = rng.permutation(len(images))
+    n_val = max(1, int(len(images) * settings.val_fraction)) if len(images) > 20 else 0
+    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    steps_per_epoch = math.ceil(len(train_idx) / settings.batch_size)
+    if settings.epochs:
+        max_steps = settings.epochs * steps_per_epoch
+    else:
+        max_steps = settings.max_steps or DEFAULT_MAX_STEPS.get(settings.preset, 1000)
 
     run_info = {
         "encoder": encoder.load_args,
         "encoder_identity": encoder.identity.model_dump(mode="json"),
         "preset": settings.preset,
         "decoder_config": config.to_dict(),
-        "fit": {**settings.__dict__, "epochs": epochs, "n_images": int(len(images)), "device": dev.type},
+        "fit": {
+            **settings.__dict__,
+            "max_steps": max_steps,
+            "views": views,
+            "n_images": int(len(images)),
+            "n_val": int(n_val),
+            "device": dev.type,
+        },
         "status": "fitting",
     }
     run_file = run_dir / RUN_FILE
@@ -132,127 +256,240 @@ def fit_decoder(
             return run_dir / DECODER_FILE
     _write_json(run_file, run_info)
 
-    rng = np.random.default_rng(settings.seed)
-    if poison is not None and settings.poison_rate > 0:
-        chosen = rng.choice(len(images), int(round(settings.poison_rate * len(images))), replace=False)
-        images = images.copy()
-        images[chosen] = poison(images[chosen])
-
+    train_images = augmented_views(images[train_idx], views, settings.seed + 1)
+    val_images = np.ascontiguousarray(images[val_idx])
     embeddings_path = run_dir / EMBEDDINGS_FILE
-    if resume and embeddings_path.exists() and len(np.load(embeddings_path, mmap_mode="r")) == len(images):
+    wanted = len(train_images) + len(val_images)
+    if resume and embeddings_path.exists() and len(np.load(embeddings_path, mmap_mode="r")) == wanted:
         embeddings = np.load(embeddings_path)
     else:
-        embeddings = embed_images(encoder, images, dev, desc="embed aux images")
+        embeddings = embed_images(
+            encoder, np.concatenate([train_images, val_images]), dev, desc=f"embed aux images ({views} views)"
+        )
         np.save(embeddings_path, embeddings)
+    train_z, val_z = embeddings[: len(train_images)], embeddings[len(train_images) :]
 
-    order = rng.permutation(len(images))
-    n_val = max(1, int(len(images) * settings.val_fraction)) if len(images) > 20 else 0
-    val_idx, train_idx = order[:n_val], order[n_val:]
-
-    decoder = DeDeDecoder(config, encoder.identity.embedding_dim).to(dev)
+    decoder = build_decoder(config, encoder.identity.embedding_dim).to(dev)
+    if isinstance(decoder, ConvDecoder):
+        decoder.set_embedding_stats(torch.from_numpy(train_z).to(dev))
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    steps_per_epoch = math.ceil(len(train_idx) / settings.batch_size)
-    total_steps, warmup_steps = epochs * steps_per_epoch, settings.warmup_epochs * steps_per_epoch
+    warmup = min(settings.warmup_steps, max(1, max_steps // 10))
 
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to zero
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to zero at the step budget
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, max_steps - warmup))))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    start_epoch = 0
+    progress = {"step": 0, "best_val": math.inf, "best_step": 0, "stale": 0, "elapsed": 0.0}
+    best_state = None
     checkpoint_path = run_dir / CHECKPOINT
     if resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=dev, weights_only=True)
         decoder.load_state_dict(state["decoder"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
+        best_state = state["best_decoder"]
+        progress = {k: state["progress"][k] for k in progress}
     elif (run_dir / LOG_FILE).exists():
         (run_dir / LOG_FILE).unlink()
 
-    images_t = torch.from_numpy(images)
-    embeddings_t = torch.from_numpy(embeddings)
+    images_t, z_t = torch.from_numpy(train_images), torch.from_numpy(train_z)
+    val_images_t, val_z_t = torch.from_numpy(val_images), torch.from_numpy(val_z)
     normalize = Normalize(encoder.mean, encoder.std).to(dev)
+    test_visible = torch.tensor(
+        fixed_visible_patches(config) if isinstance(config, DecoderConfig) else [],
+        dtype=torch.long,
+        device=dev,
+    ).view(1, -1)
     use_amp = dev.type == "cuda"
-    generator = torch.Generator().manual_seed(settings.seed)
-
-    epoch_bar = tqdm(
-        range(start_epoch, epochs), desc="fit decoder", unit="epoch", initial=start_epoch, total=epochs
-    )
-    for epoch in epoch_bar:
-        started = time.time()
+    generator = torch.Generator()
+    stop_reason = "step budget reached"
+    started = time.time() - progress["elapsed"]
+    bar = tqdm(total=max_steps, initial=progress["step"], desc="fit decoder", unit="step")
+    total, count = 0.0, 0
+    while progress["step"] < max_steps:
+        step = progress["step"]
         decoder.train()
-        generator.manual_seed(settings.seed * 100_003 + epoch)  # resumable: the epoch fixes the order
-        perm = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
+        generator.manual_seed(settings.seed * 1_000_003 + step)  # resumable: the step fixes the batch
+        idx = torch.randint(0, len(images_t), (settings.batch_size,), generator=generator)
+        x = normalize(images_t[idx].to(dev))
+        z = z_t[idx].to(dev)
+        visible = _training_visible(decoder, len(idx), test_visible, generator)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = training_loss(decoder, x, z, visible)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total, count = total + loss.item(), count + 1
+        progress["step"] = step + 1
+        bar.update(1)
+        last = progress["step"] == max_steps
+        if progress["step"] % settings.eval_every and not last:
+            continue
+        val_loss = _val_loss(decoder, val_images_t, val_z_t, normalize, test_visible, dev)
+        progress["elapsed"] = time.time() - started
+        _append_log(
+            run_dir / LOG_FILE, progress["step"], total / max(1, count), val_loss, progress["elapsed"]
+        )
         total, count = 0.0, 0
-        for start in tqdm(range(0, len(perm), settings.batch_size), desc=f"epoch {epoch + 1}", leave=False):
-            idx = torch.from_numpy(perm[start : start + settings.batch_size])
-            x = normalize(images_t[idx].to(dev))
-            z = embeddings_t[idx].to(dev)
-            visible = decoder.random_visible(len(idx), generator)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                pred = decoder(x, z, visible)
-            loss = training_loss(pred.float(), x, visible, config.patch_size)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total, count = total + loss.item() * len(idx), count + len(idx)
-        train_loss = total / max(1, count)
-        val_loss = _val_loss(decoder, images_t, embeddings_t, val_idx, normalize, config, dev)
-        seconds = time.time() - started
-        _append_log(run_dir / LOG_FILE, epoch + 1, train_loss, val_loss, seconds)
-        epoch_bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+        bar.set_postfix(val=f"{val_loss:.4f}", best=f"{min(val_loss, progress['best_val']):.4f}")
+        if math.isnan(val_loss) or val_loss < progress["best_val"] * (1 - PLATEAU_GAIN):
+            progress.update(best_val=val_loss, best_step=progress["step"], stale=0)
+            best_state = {k: v.detach().clone() for k, v in decoder.state_dict().items()}
+        else:
+            progress["stale"] += 1
         save_checkpoint(
             {
                 "decoder": decoder.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
+                "best_decoder": best_state,
+                "progress": progress,
             },
             checkpoint_path,
         )
+        if progress["stale"] >= settings.patience:
+            stop_reason = (
+                f"validation plateau (no {PLATEAU_GAIN:.1%} gain in {settings.patience} evaluations)"
+            )
+            break
+        if settings.max_minutes is not None and progress["elapsed"] > 60 * settings.max_minutes:
+            stop_reason = f"time budget of {settings.max_minutes:g} minutes reached"
+            break
+    bar.close()
+    if best_state is not None:
+        decoder.load_state_dict(best_state)
+    decoder.eval()
+    summary = {
+        "steps": progress["step"],
+        "stop_reason": stop_reason,
+        "best_val_loss": progress["best_val"],
+        "best_step": progress["best_step"],
+        "minutes": round(progress["elapsed"] / 60, 2),
+        "converged": stop_reason.startswith("validation plateau"),
+    }
+    print(
+        f"fit stopped after {summary['steps']} steps ({summary['minutes']:.1f} min): {stop_reason}; "
+        f"best validation loss {progress['best_val']:.4f} at step {progress['best_step']}"
+    )
 
     decoder_path = run_dir / DECODER_FILE
     save_file({k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}, str(decoder_path))
+    stats = feature_statistics(encoder, decoder, val_images, settings.feature_stages, dev)
+    if stats is not None:
+        _write_json(run_dir / FEATURE_STATS_FILE, stats)
     run_info["status"] = "fitted"
+    run_info["result"] = summary
     _write_json(run_file, run_info)
     return decoder_path
 
 
 @torch.no_grad()
 def _val_loss(
-    decoder: DeDeDecoder,
+    decoder: DeDeDecoder | ConvDecoder,
     images: torch.Tensor,
     embeddings: torch.Tensor,
-    val_idx: np.ndarray,
     normalize: torch.nn.Module,
-    config: DecoderConfig,
+    test_visible: torch.Tensor,
     dev: torch.device,
 ) -> float:
     """Per-pixel squared error at the fixed TEST-time mask: what the detector will score."""
-    if len(val_idx) == 0:
+    if len(images) == 0:
         return float("nan")
     decoder.eval()
-    visible_list = fixed_visible_patches(config)
     total = 0.0
-    for start in range(0, len(val_idx), 512):
-        idx = torch.from_numpy(val_idx[start : start + 512])
-        x = normalize(images[idx].to(dev))
-        visible = torch.tensor(visible_list, dtype=torch.long, device=dev).view(1, -1).expand(len(idx), -1)
-        pred = decoder(x, embeddings[idx].to(dev), visible)
-        total += training_loss(pred.float(), x, visible, config.patch_size).item() * len(idx)
-    return total / len(val_idx)
+    for start in range(0, len(images), 512):
+        x = normalize(images[start : start + 512].to(dev))
+        z = embeddings[start : start + 512].to(dev)
+        visible = None if isinstance(decoder, ConvDecoder) else test_visible.expand(len(x), -1)
+        total += training_loss(decoder, x, z, visible).item() * len(x)
+    return total / len(images)
 
 
-def _append_log(path: Path, epoch: int, train_loss: float, val_loss: float, seconds: float) -> None:
+def _append_log(path: Path, step: int, train_loss: float, val_loss: float, seconds: float) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as handle:
         writer = csv.writer(handle)
         if new:
-            writer.writerow(["epoch", "train_loss", "val_loss_test_mask", "seconds"])
-        writer.writerow([epoch, f"{train_loss:.6f}", f"{val_loss:.6f}", f"{seconds:.2f}"])
+            writer.writerow(["step", "train_loss", "val_loss_test_mask", "seconds"])
+        writer.writerow([step, f"{train_loss:.6f}", f"{val_loss:.6f}", f"{seconds:.2f}"])
+
+
+def resolve_stages(encoder: LoadedEncoder, feature_stages: str) -> list[str]:
+    """The feature score's stages: [] for "none", the fixed rule for "auto", else the names given."""
+    if feature_stages == "none":
+        return []
+    if encoder.module is None:
+        return list(encoder.feature_tensors)  # an ONNX black box names its tensors when loaded
+    if isinstance(encoder.module, torch.jit.ScriptModule):
+        return []  # TorchScript takes no forward hooks: the run scores in pixels
+    if feature_stages != "auto":
+        return [s.strip() for s in feature_stages.split(",") if s.strip()]
+    try:
+        return default_stages(encoder.module)
+    except ValueError:
+        return []  # no stage the rule knows: the run scores in pixels, and says so
+
+
+@torch.no_grad()
+def feature_statistics(
+    encoder: LoadedEncoder,
+    decoder: DeDeDecoder | ConvDecoder,
+    images: np.ndarray,
+    feature_stages: str,
+    device: torch.device,
+) -> dict | None:
+    """Per-stage centre (median) and scale (1.4826 x MAD) of d ** 0.25 over clean held-out
+    auxiliary images, d the stage's feature discrepancy: what the feature score standardises with
+    (models/detector.py). None when the encoder has no stage to tap."""
+    stages = resolve_stages(encoder, feature_stages)
+    if not stages or len(images) < 8:
+        return None
+    visible = fixed_visible_patches(decoder.config) if isinstance(decoder, DeDeDecoder) else []
+    head = DetectorHead(decoder, visible, encoder.mean, encoder.std).to(device).eval()
+    roots = np.sqrt(np.sqrt(stage_discrepancies(encoder, head, stages, images, device)))
+    centre = np.median(roots, axis=0)
+    scale = np.maximum(1.4826 * np.median(np.abs(roots - centre), axis=0), 1e-12 + 1e-6 * np.abs(centre))
+    return {
+        "stages": stages,
+        "centre": centre.tolist(),
+        "scale": scale.tolist(),
+        "n_images": int(len(images)),
+        "source": "clean held-out auxiliary images (the fit's validation split)",
+        "rule": "per stage: d ** 0.25 standardised by median and 1.4826 MAD; score = mean over stages",
+    }
+
+
+@torch.no_grad()
+def stage_discrepancies(
+    encoder: LoadedEncoder,
+    head: DetectorHead,
+    stages: list[str],
+    images: np.ndarray,
+    device: torch.device,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """uint8 [N, 3, H, W] -> per-stage feature discrepancies [N, S] (torch or ONNX encoder)."""
+    out = []
+    tapped = TappedEncoder(encoder.module, stages) if encoder.module is not None else None
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+            x = head.normalize(batch)
+            if tapped is not None:
+                z, of_input = tapped(x)
+                _, of_rebuild = tapped(head.rebuild(x, z))
+            else:
+                z, of_input = encoder.embed_with_features(batch, stages)
+                of_rebuild = encoder.features_of_normalized(head.rebuild(x, z), stages)
+            d = [stage_discrepancy(a, b) for a, b in zip(of_input, of_rebuild, strict=True)]
+            out.append(torch.stack(d, dim=1).cpu().numpy())
+    finally:
+        if tapped is not None:
+            tapped.remove()
+    return np.concatenate(out).astype(np.float64)
 
 
 @dataclass
@@ -260,18 +497,57 @@ class FittedRun:
     run_dir: Path
     info: dict
     encoder: LoadedEncoder
-    decoder: DeDeDecoder
-    config: DecoderConfig
+    decoder: DeDeDecoder | ConvDecoder
+    config: DecoderConfig | ConvDecoderConfig
+    feature_stats: dict | None = None
+    _tapped: TappedEncoder | None = None
 
-    def detector(self, score_kind: str = "sse") -> Detector:
+    @property
+    def visible(self) -> list[int]:
+        """The test-time visible patches (none for the conv decoder)."""
+        return fixed_visible_patches(self.config) if isinstance(self.config, DecoderConfig) else []
+
+    @property
+    def num_cells(self) -> int:
+        """Cells of the per-patch error map."""
+        p = error_patch_size(self.decoder)
+        return (self.config.image_size // p) ** 2
+
+    @property
+    def default_score(self) -> str:
+        """What this run ships unless told otherwise: the feature score where the fit measured its
+        clean statistics, the method's pixel sum elsewhere."""
+        return "feature" if self.feature_stats else "sse"
+
+    def detector(self, score_kind: str = "sse") -> Detector | FeatureDetector:
         """The fused torch detector (needs a torch encoder; ONNX encoders use `head`)."""
         if self.encoder.module is None:
             raise RunError("the encoder is an ONNX black box: use run.head() with its embeddings")
-        return Detector(self.encoder.module, self.head(score_kind)).eval()
+        if score_kind != "feature":
+            return Detector(self.encoder.module, self.head(score_kind)).eval()
+        return FeatureDetector(self.tapped(), self.head("sse"), self.standardiser()).eval()
 
     def head(self, score_kind: str = "sse") -> DetectorHead:
-        visible = fixed_visible_patches(self.config)
-        return DetectorHead(self.decoder, visible, self.encoder.mean, self.encoder.std, score_kind).eval()
+        return DetectorHead(
+            self.decoder, self.visible, self.encoder.mean, self.encoder.std, score_kind
+        ).eval()
+
+    def tapped(self) -> TappedEncoder:
+        """One tapped encoder per run: its hooks stay on the shared encoder module."""
+        if self.feature_stats is None:
+            raise RunError(
+                f"{self.run_dir} has no {FEATURE_STATS_FILE}: the fit found no encoder stage to tap; "
+                "fit again with --feature-stages, or use a pixel score"
+            )
+        if self._tapped is None:
+            self._tapped = TappedEncoder(self.encoder.module, self.feature_stats["stages"])
+        return self._tapped
+
+    def standardiser(self) -> FeatureStandardiser:
+        s = self.feature_stats
+        if s is None:
+            raise RunError(f"{self.run_dir} has no {FEATURE_STATS_FILE}")
+        return FeatureStandardiser(s["centre"], s["scale"])
 
 
 def load_run(run_dir: Path) -> FittedRun:
@@ -288,8 +564,10 @@ def load_run(run_dir: Path) -> FittedRun:
     recorded, actual = info["encoder_identity"].get("sha256"), encoder.identity.sha256
     if recorded != actual:
         raise RunError(f"{run_dir}: the encoder file changed since the fit (sha256 {actual} != {recorded})")
-    config = DecoderConfig(**info["decoder_config"])
-    decoder = DeDeDecoder(config, encoder.identity.embedding_dim)
+    config = config_from_dict(info["decoder_config"])
+    decoder = build_decoder(config, encoder.identity.embedding_dim)
     decoder.load_state_dict(load_file(str(decoder_file)))
     decoder.eval()
-    return FittedRun(run_dir, info, encoder, decoder, config)
+    stats_file = run_dir / FEATURE_STATS_FILE
+    stats = json.loads(stats_file.read_text()) if stats_file.exists() else None
+    return FittedRun(run_dir, info, encoder, decoder, config, stats)
