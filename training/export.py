@@ -180,8 +180,12 @@ def _export_part(
     path: Path,
     inputs: list[str],
     outputs: list[str],
+    varargs: bool = False,
 ) -> onnx.ModelProto:
+    """One torch part of a composed graph, batch axis dynamic. `varargs`: the module's forward
+    takes `*tensors` (torch.export then sees one input, a tuple)."""
     batch = torch.export.Dim("batch", min=1, max=65536)
+    dynamic = tuple({0: batch} for _ in example)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -189,7 +193,7 @@ def _export_part(
             example,
             input_names=inputs,
             output_names=outputs,
-            dynamic_shapes=tuple({0: batch} for _ in example),
+            dynamic_shapes=(dynamic,) if varargs else dynamic,
             opset_version=OPSET,
             dynamo=True,
             verbose=False,
@@ -263,7 +267,13 @@ def _compose_onnx_encoder(
         _, features = run.encoder.embed_with_features(example, stages)
         names = [f"a{i}" for i in range(len(stages))] + [f"b{i}" for i in range(len(stages))]
         tail = _export_part(
-            _FeatureTail(run, len(stages)), tuple(features) * 2, tmp / "tail.onnx", names, [ONNX_SCORE]
+            _FeatureTail(run, len(stages)),
+            # distinct tensors: an input passed twice would be exported as one graph input
+            tuple(f.clone() for f in features) + tuple(f.clone() for f in features),
+            tmp / "tail.onnx",
+            names,
+            [ONNX_SCORE],
+            varargs=True,
         )
         prologue, enc_a, rebuild_model, enc_b, tail = _aligned(
             prologue, encoder_model, rebuild_model, encoder_model, tail

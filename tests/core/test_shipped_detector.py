@@ -1,0 +1,276 @@
+"""The shipped detector: the conv decoder, the feature-space score in the exported graph (a CIFAR
+ResNet, a CLIP tower, an ONNX encoder with named tensors), uint8-input ONNX encoders, robust
+calibration, and a fit that stops at a validation plateau."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from models.architectures import CIFAR_MEAN, CIFAR_STD, build_architecture
+from models.bundle import InputSpec, load_bundle
+from models.conv_decoder import ConvDecoder, conv_preset_config
+from models.encoders import EncoderLoadError, load_encoder
+from models.feature_taps import TappedEncoder, default_stages
+from training.calibrate import calibrate, calibrate_run, robust_inliers
+from training.data import load_images
+from training.export import export_bundle
+from training.fit import FitSettings, _training_visible, fit_decoder, load_run
+from training.scoring import score_run
+
+
+def _ort_scores(bundle: Path, images: np.ndarray, batch: int) -> np.ndarray:
+    session = ort.InferenceSession(str(bundle / "detector.onnx"), providers=["CPUExecutionProvider"])
+    return np.concatenate(
+        [session.run(["score"], {"images": images[i : i + batch]})[0] for i in range(0, len(images), batch)]
+    )
+
+
+def _clean(tiny_data: dict[str, Path], spec: InputSpec, n: int = 48) -> np.ndarray:
+    images, _ = load_images(str(tiny_data["clean"]), spec)
+    return images[:n]
+
+
+# ------------------------------------------------------------------------------------------------
+# Parts.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_conv_decoder_rebuilds_at_every_size_from_a_standardised_embedding() -> None:
+    for size, grid in ((32, 4), (64, 4), (96, 6), (224, 7)):
+        config = conv_preset_config("conv_tiny", size)
+        assert config.grid == grid and config.grid * 2**config.stages == size
+        decoder = ConvDecoder(config, 16).eval()
+        assert decoder(torch.randn(2, 16)).shape == (2, 3, size, size)
+    decoder = ConvDecoder(conv_preset_config("conv_tiny", 32), 4)
+    z = torch.randn(500, 4) * torch.tensor([1e3, 1.0, 1e-2, 0.0]) + 7
+    decoder.set_embedding_stats(z)
+    standardised = (z - decoder.embedding_mean) / decoder.embedding_std
+    assert torch.allclose(standardised[:, :3].std(0), torch.ones(3), atol=0.02)
+    assert torch.isfinite(standardised).all()  # the constant dimension is not blown up
+    with pytest.raises(ValueError, match="too small"):
+        conv_preset_config("conv", 6)
+
+
+def test_the_stage_rule_picks_depths_one_half_three_quarters_and_the_end() -> None:
+    assert default_stages(build_architecture("cifar_resnet18", 8)) == ["layer2", "layer3", "layer4"]
+
+    class Tower(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer = nn.Module()
+            self.transformer.resblocks = nn.Sequential(*(nn.Linear(4, 4) for _ in range(12)))
+
+    assert default_stages(Tower()) == [
+        "transformer.resblocks.5",
+        "transformer.resblocks.8",
+        "transformer.resblocks.11",
+    ]
+    with pytest.raises(ValueError, match="--feature-stages"):
+        default_stages(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
+
+
+def test_tapped_encoder_returns_the_stage_maps_and_takes_its_hooks_off() -> None:
+    encoder = build_architecture("cifar_resnet18", 8).eval()
+    tapped = TappedEncoder(encoder, ["layer2", "layer4"])
+    x = torch.randn(3, 3, 32, 32)
+    z, (f2, f4) = tapped(x)
+    assert torch.equal(z, encoder(x)) and f2.shape[:2] == (3, 16) and f4.shape[:2] == (3, 64)
+    tapped.remove()
+    assert not encoder.layer2._forward_hooks
+
+
+def test_mae_decoder_trains_on_the_test_mask_for_its_share_of_batches() -> None:
+    from models.decoder import DeDeDecoder, preset_config
+
+    generator = torch.Generator().manual_seed(0)
+    test_visible = torch.zeros(1, 0, dtype=torch.long)
+    shares = {}
+    for share in (0.0, 0.5, 1.0):
+        decoder = DeDeDecoder(preset_config("tiny", 32, test_mask_share=share), 8)
+        masks = [_training_visible(decoder, 4, test_visible, generator) for _ in range(200)]
+        shares[share] = np.mean([m.shape[1] == 0 for m in masks])
+    assert shares[0.0] == 0.0 and shares[1.0] == 1.0 and 0.35 < shares[0.5] < 0.65
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("contamination", [0.0, 0.01, 0.05])
+def test_robust_calibration_holds_its_fpr_with_triggered_images_in_the_sample(contamination: float) -> None:
+    rng = np.random.default_rng(0)
+    n = 4000
+    clean = rng.lognormal(mean=3.0, sigma=0.3, size=n)
+    triggered = rng.lognormal(mean=5.0, sigma=0.3, size=int(contamination * n))  # far above the bulk
+    sample = rng.permutation(np.concatenate([clean, triggered]))
+    half = len(sample) // 2
+    robust = calibrate(sample[:half], sample[half:], 0.01, "traffic", kind="unlabelled_robust")
+    naive = calibrate(sample[:half], sample[half:], 0.01, "traffic", kind="clean")
+    fresh_clean = rng.lognormal(mean=3.0, sigma=0.3, size=200_000)
+    robust_fpr = float((fresh_clean > robust["value"]).mean())
+    assert 0.005 < robust_fpr < 0.02, robust_fpr
+    assert robust["n_trimmed"] >= 0.9 * len(triggered)
+    if contamination >= 0.05:
+        # The plain quantile lands among the triggered images: it would flag almost none of them.
+        assert naive["value"] > robust["value"] * 2
+        assert (triggered > robust["value"]).mean() > 0.99
+
+
+def test_robust_inliers_keep_a_clean_normal_sample_whole() -> None:
+    clean = np.random.default_rng(1).normal(0, 1, 10_000)
+    assert robust_inliers(clean).mean() > 0.9999
+    assert robust_inliers(np.full(10, 3.0)).all()  # no spread: nothing is an outlier
+
+
+# ------------------------------------------------------------------------------------------------
+# The feature score in the exported graph.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "clip_bundle"])
+def test_feature_score_exports_with_parity_and_the_same_score_at_any_batch(
+    bundle_fixture: str, request: pytest.FixtureRequest, tiny_data: dict[str, Path]
+) -> None:
+    """tiny_bundle: a CIFAR ResNet (stages layer2-4); clip_bundle: a CLIP ViT tower (its blocks)."""
+    bundle = request.getfixturevalue(bundle_fixture)
+    manifest = load_bundle(bundle).manifest
+    assert manifest.decoder.score == "feature_robust_z_mean"
+    stages = manifest.decoder.feature["stages"]
+    assert len(stages) == len(set(stages)) >= 2  # the test CLIP tower has 2 blocks: its 1st and 2nd
+    assert manifest.parity["max_relative_diff_ort_vs_torch"] <= 1e-4
+    assert manifest.parity["flag_mismatches"] == 0
+    images = _clean(tiny_data, InputSpec.model_validate(manifest.input.model_dump()), 24)
+    batched = _ort_scores(bundle, images, 24)
+    assert np.array_equal(batched, _ort_scores(bundle, images, 1))  # bit-identical
+    assert np.array_equal(batched, _ort_scores(bundle, images, 5))
+    assert np.ptp(batched) > 0
+
+
+def _onnx_encoder(path: Path, uint8_nhwc: bool) -> tuple[nn.Module, list[str]]:
+    """A CIFAR ResNet exported as a black box; uint8_nhwc: raw uint8 NHWC pixels in, normalization
+    inside the graph (a common export form). Returns the torch encoder and two inner tensor names."""
+    encoder = build_architecture("cifar_resnet18", 8).eval()
+
+    class RawPixels(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+            self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1))
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            x = pixels.permute(0, 3, 1, 2).float() / 255.0
+            return self.encoder((x - self.mean) / self.std)
+
+    module = RawPixels() if uint8_nhwc else encoder
+    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8) if uint8_nhwc else torch.zeros(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            input_names=["pixels"],
+            output_names=["embedding"],
+            dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+            opset_version=18,
+            dynamo=False,
+        )
+    import onnx
+
+    relus = [n.output[0] for n in onnx.load(str(path)).graph.node if n.op_type == "Relu"]
+    return encoder, [relus[len(relus) // 2], relus[-1]]
+
+
+@pytest.mark.parametrize("uint8_nhwc", [False, True], ids=["float-nchw", "uint8-nhwc"])
+def test_onnx_encoder_with_named_tensors_end_to_end(
+    uint8_nhwc: bool, tiny_data: dict[str, Path], tmp_path: Path
+) -> None:
+    path = tmp_path / "encoder.onnx"
+    torch_encoder, tensors = _onnx_encoder(path, uint8_nhwc)
+    encoder = load_encoder(str(path), feature_tensors=tensors)
+    assert encoder.onnx_input_dtype == ("uint8" if uint8_nhwc else "float32")
+    spec = encoder.identity.input_spec()
+    images = _clean(tiny_data, spec, 300)
+    with torch.no_grad():  # raw pixels are not normalised twice: the same embeddings as torch's
+        expected = torch_encoder(encoder.normalize(torch.from_numpy(images[:8])))
+    assert torch.allclose(encoder.embed(torch.from_numpy(images[:8])), expected, atol=1e-4)
+
+    aux, _ = load_images(str(tiny_data["aux"]), spec)
+    run_dir = tmp_path / "run"
+    fit_decoder(
+        encoder, aux, run_dir, FitSettings(preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10)
+    )
+    run = load_run(run_dir)
+    assert run.feature_stats["stages"] == tensors and run.default_score == "feature"
+    calibrate_run(run_dir, images, 0.05, "clean.npz")
+    bundle = tmp_path / "bundle"
+    manifest = export_bundle(load_run(run_dir), bundle)
+    assert manifest.parity["max_relative_diff_ort_vs_torch"] <= 1e-4
+    assert manifest.decoder.feature["stages"] == tensors
+    batched = _ort_scores(bundle, images[:24], 24)
+    assert np.array_equal(batched, _ort_scores(bundle, images[:24], 1))
+    reference = score_run(load_run(run_dir), images[:24])
+    assert np.allclose(batched, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_an_onnx_input_dede_cannot_feed_is_one_clear_line(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["tokens"], ["embedding"], to=TensorProto.FLOAT)],
+        "text",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", 77])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 77])],
+    )
+    path = tmp_path / "text.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(EncoderLoadError) as caught:
+        load_encoder(str(path))
+    message = str(caught.value)
+    assert "'tokens'" in message and "INT64" in message and "['batch', 77]" in message
+    assert "\n" not in message
+
+    from training.cli import main
+
+    assert main(["fit", "--encoder", str(path), "--data", "x.npz", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_a_missing_onnx_tensor_name_is_refused_with_examples(tmp_path: Path) -> None:
+    path = tmp_path / "encoder.onnx"
+    _onnx_encoder(path, uint8_nhwc=False)
+    with pytest.raises(EncoderLoadError, match="no tensor named nope"):
+        load_encoder(str(path), feature_tensors=["nope"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The default fit.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.lab
+def test_the_default_fit_stops_at_a_validation_plateau_on_a_small_real_set(tmp_path: Path) -> None:
+    """Smoke sizes: the test decoder on 600 Tiny-ImageNet images; the default settings otherwise
+    (augmented views, plateau stop), validating every 20 steps."""
+    from lab.suite import missing_data
+
+    if missing_data():
+        pytest.skip("DEDE_DATA_DIR lacks the lab's data files")
+    encoder = load_encoder("random:cifar_resnet18", width=8)
+    images, _ = load_images("tinyimagenet_val", encoder.identity.input_spec(), 600)
+    settings = FitSettings(preset="conv_tiny", batch_size=64, eval_every=20, patience=3, max_steps=3000)
+    fit_decoder(encoder, images, tmp_path / "run", settings)
+    result = json.loads((tmp_path / "run" / "run.json").read_text())["result"]
+    assert result["converged"] and result["stop_reason"].startswith("validation plateau"), result
+    assert result["steps"] < 3000 and result["best_val_loss"] < 1.0
+    assert load_run(tmp_path / "run").feature_stats["n_images"] == 60
