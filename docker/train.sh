@@ -8,8 +8,8 @@
 #   DEDE_TRAIN_ARCH     its architecture when the file is a state dict (e.g. cifar_resnet18)
 #   DEDE_TRAIN_AUX      auxiliary images for fitting (default tinyimagenet_val, found in /data)
 #   DEDE_TRAIN_CLEAN    CLEAN held-out images for calibration (default cifar10_test)
-#   DEDE_TRAIN_PRESET   decoder preset: lab (CPU) or paper (GPU); default lab
-#   DEDE_TRAIN_EPOCHS   epochs (default: the preset's)
+#   DEDE_TRAIN_PRESET   decoder preset: conv (CPU, the default) or conv_paper (GPU); lab/paper: MAE
+#   DEDE_TRAIN_EPOCHS   a step budget in passes over the images (default: the preset's steps, plateau stop)
 #   DEDE_TRAIN_FPR      target false-positive rate (default 0.01)
 #   DEDE_BUNDLE_NAME    bundle folder under /bundles (default demo, or `detector` with an encoder)
 # Outside the image (a test run on a host): DEDE_TRAIN_BUNDLES and DEDE_TRAIN_RUNS replace /bundles, /runs.
@@ -33,7 +33,7 @@ epoch_args=()
 
 echo "trainer: [1/3] fit ($DEDE_TRAIN_ENCODER on ${DEDE_TRAIN_AUX:-tinyimagenet_val}) -> $run"
 dede fit --encoder "$DEDE_TRAIN_ENCODER" "${arch_args[@]}" --data "${DEDE_TRAIN_AUX:-tinyimagenet_val}" \
-  --preset "${DEDE_TRAIN_PRESET:-lab}" "${epoch_args[@]}" --out "$run"
+  --preset "${DEDE_TRAIN_PRESET:-conv}" "${epoch_args[@]}" --out "$run"
 echo "trainer: [2/3] calibrate on ${DEDE_TRAIN_CLEAN:-cifar10_test} for FPR ${DEDE_TRAIN_FPR:-0.01}"
 dede calibrate --run "$run" --data "${DEDE_TRAIN_CLEAN:-cifar10_test}" --fpr "${DEDE_TRAIN_FPR:-0.01}"
 echo "trainer: [3/3] export -> $out"

@@ -4,8 +4,9 @@ Stages (each cached in WORK_DIR, so a killed build resumes where it stopped):
   1. a SimCLR encoder (CIFAR ResNet-18, width 16) pre-trained briefly on CIFAR-10 train;
   2. a BadEncoder backdoor planted in it (10x10 white patch -> a reference image's embedding),
      so the demo has something to catch;
-  3. the DeDe decoder (lab preset) fitted on clean CIFAR-10 train images;
-  4. the threshold calibrated on clean CIFAR-10 test images for 1% FPR;
+  3. the DeDe decoder (the shipped default: conv decoder, feature score) fitted on clean CIFAR-10
+     train images;
+  4. the threshold of the run's default score calibrated on clean CIFAR-10 test images for 1% FPR;
   5. the export: detector.onnx + manifest.json, checked against PyTorch;
   6. two sample PNGs beside the bundle (a clean and a triggered test image) for a first request.
 CIFAR-10 comes from $DEDE_DATA_DIR, else torchvision's downloader.
@@ -25,7 +26,6 @@ from training.data import REPO_ROOT, data_dir, load_npz
 DEFAULT_DEMO_DIR = REPO_ROOT / "bundles" / "demo"
 SIMCLR_EPOCHS = 10
 BACKDOOR_EPOCHS = 10
-DECODER_EPOCHS = 8
 FIT_IMAGES = 8_000
 CALIBRATION_IMAGES = 4_000
 SHADOW_IMAGES = 5_000
@@ -78,15 +78,10 @@ def build_demo_bundle(out_dir: Path = DEFAULT_DEMO_DIR, rebuild: bool = False) -
     )
     timings["backdoor"] = time.time() - started - sum(timings.values())
 
-    print("[3/5] fitting the DeDe decoder (lab preset) on clean CIFAR-10 train images")
+    print("[3/5] fitting the DeDe decoder (the shipped default) on clean CIFAR-10 train images")
     encoder = load_encoder(str(backdoored))
     aux = np.ascontiguousarray(train_x[-FIT_IMAGES:].transpose(0, 3, 1, 2))
-    fit_decoder(
-        encoder,
-        aux,
-        work / "run",
-        FitSettings(preset="lab", epochs=DECODER_EPOCHS, data_source="cifar10_train"),
-    )
+    fit_decoder(encoder, aux, work / "run", FitSettings(data_source="cifar10_train"))
     timings["fit"] = time.time() - started - sum(timings.values())
 
     print("[4/5] calibrating the threshold on clean CIFAR-10 test images (1% FPR)")
