@@ -2,10 +2,14 @@
 defaults, every figure through the exported bundle (ONNX Runtime), beside the decoder-free
 baselines.
 
-For each case `NAME=ENCODER[@TRIGGER]` (TRIGGER: `patch`, the default, or a trigger file):
+For each case `NAME=ENCODER[@TRIGGER][#PRESET]` (TRIGGER: `patch`, the default, or a trigger file;
+PRESET: the decoder preset, `dede fit`'s default unless given, e.g. `#lab` for the MAE decoder under
+the same step and time budget):
   fit        `dede fit` defaults on 2,000 Tiny-ImageNet images (out of distribution for CIFAR-10);
   calibrate  three ways, none with a triggered image known as such:
-               ood        1,000 other clean Tiny-ImageNet images (the paper's setting)
+               ood        1,000 clean Tiny-ImageNet views the fit never saw: native 32 px corner
+                          crops of the 64 px images (the set has 2,000 images, all fitted on
+                          resized to 32 px), the paper's out-of-distribution setting
                id         1,000 clean CIFAR-10 train images (the user's own distribution)
                unlabelled 1,000 CIFAR-10 train images with 0%, 1% or 5% of them triggered, robust
   export     the bundle (calibrated `id`), whose graph scores everything below;
@@ -88,13 +92,15 @@ def _at(threshold: float, clean: np.ndarray, triggered: np.ndarray) -> dict:
     }
 
 
-def run_case(name: str, encoder_path: str, trigger_spec: str, runs: Path, data: dict) -> dict:
+def run_case(
+    name: str, encoder_path: str, trigger_spec: str, runs: Path, data: dict, preset: str | None = None
+) -> dict:
     started = time.time()
     encoder = load_encoder(encoder_path)
     spec = encoder.identity.input_spec()
     trigger = load_trigger(trigger_spec, (spec.height, spec.width))
     fit_images = _nchw(data["tiny"][:N_FIT], spec)
-    ood_cal = _nchw(data["tiny"][N_FIT : N_FIT + N_CAL], spec)
+    ood_cal = _nchw(data["tiny_crops"], spec)
     id_cal = _nchw(data["train"][:N_CAL], spec)
     traffic = _nchw(data["train"][N_CAL : 2 * N_CAL], spec)
     clean_test = _nchw(data["test"], spec)
@@ -102,7 +108,10 @@ def run_case(name: str, encoder_path: str, trigger_spec: str, runs: Path, data: 
 
     run_dir = runs / name
     fit_started = time.time()
-    fit_decoder(encoder, fit_images, run_dir, FitSettings(data_source=f"tinyimagenet_val[:{N_FIT}]"))
+    settings = FitSettings(data_source=f"tinyimagenet_val[:{N_FIT}]")
+    if preset:
+        settings.preset = preset
+    fit_decoder(encoder, fit_images, run_dir, settings)
     fit_wall = time.time() - fit_started
     info = json.loads((run_dir / "run.json").read_text())
     calibrate_run(run_dir, id_cal, FPR, f"cifar10_train[:{N_CAL}]")
@@ -159,6 +168,7 @@ def run_case(name: str, encoder_path: str, trigger_spec: str, runs: Path, data: 
     return {
         "encoder": encoder_path,
         "trigger": trigger_spec,
+        "preset": settings.preset,
         "fit": info.get("result"),
         "fit_wall_seconds": round(fit_wall, 1),
         "feature_stages": run.feature_stats["stages"] if run.feature_stats else None,
@@ -184,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--case", action="append", required=True, help="NAME=ENCODER[@TRIGGER]")
+    parser.add_argument("--case", action="append", required=True, help="NAME=ENCODER[@TRIGGER][#PRESET]")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "detection" / "shipped"))
     parser.add_argument("--runs", default=str(REPO_ROOT / "runs" / "shipped"))
     args = parser.parse_args()
@@ -193,16 +203,21 @@ def main() -> None:
     train, _ = load_npz(data_dir() / "cifar10_train.npz")
     test_x, test_y = load_npz(data_dir() / "cifar10_test.npz")
     test = test_x[np.flatnonzero(test_y != TARGET_CLASS)[:N_TEST]]
-    data = {"tiny": tiny, "train": train, "test": test}
+    # Native 32 px crops (top-left of the first 500 images, bottom-right of the next 500).
+    crops = np.concatenate([tiny[:500, :32, :32], tiny[500:1000, 32:, 32:]])
+    data = {"tiny": tiny, "tiny_crops": crops, "train": train, "test": test}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"cases": {}}
     for case in args.case:
         name, _, rest = case.partition("=")
+        rest, _, preset = rest.partition("#")
         encoder_path, _, trigger = rest.partition("@")
-        print(f"[shipped] {name}: {encoder_path} ({trigger or 'patch'})", flush=True)
-        results["cases"][name] = run_case(name, encoder_path, trigger or "patch", Path(args.runs), data)
+        print(f"[shipped] {name}: {encoder_path} ({trigger or 'patch'}, {preset or 'default'})", flush=True)
+        results["cases"][name] = run_case(
+            name, encoder_path, trigger or "patch", Path(args.runs), data, preset or None
+        )
         results.update(run_record())
         results_path.write_text(json.dumps(results, indent=1, default=float) + "\n")
     (out / "REPORT.md").write_text(report(results))
@@ -226,7 +241,8 @@ def report(results: dict) -> str:
         lines += [
             f"## {name}",
             "",
-            f"Encoder `{case['encoder']}`, trigger `{case['trigger']}`. Fit: {fit.get('steps')} steps in "
+            f"Encoder `{case['encoder']}`, trigger `{case['trigger']}`, decoder `{case.get('preset')}`. "
+            f"Fit: {fit.get('steps')} steps in "
             f"{case['fit_wall_seconds'] / 60:.1f} min, stopped by {fit.get('stop_reason')}, best validation loss "
             f"{fit.get('best_val_loss', float('nan')):.4f}; feature stages {case['feature_stages']}; export parity "
             f"{case['bundle_parity'].get('max_relative_diff_ort_vs_torch', float('nan')):.1e}.",
