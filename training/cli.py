@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "CPU; conv_paper for GPUs; lab/paper: the method's MAE decoder)",
     )
     fit.add_argument(
-        "--max-steps", type=int, help="optimizer-step budget (default: the preset's, 4000 for conv)"
+        "--max-steps", type=int, help="optimizer-step budget (default: the preset's, 3000 for conv)"
     )
     fit.add_argument(
         "--max-minutes",
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ResNet), none, or comma-separated module names",
     )
     fit.add_argument("--epochs", type=int, help="a step budget in passes over the images instead")
-    fit.add_argument("--batch-size", type=int, default=256)
+    fit.add_argument("--batch-size", type=int, default=128)
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present)")

@@ -86,7 +86,7 @@ class FitSettings:
     max_steps: int | None = None  # None: the preset's (DEFAULT_MAX_STEPS)
     max_minutes: float | None = 12.0  # wall-clock budget of the training loop; None: no limit
     epochs: int | None = None  # an alternative step budget: passes over the training split
-    batch_size: int = 256
+    batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-6
     warmup_steps: int = 100
@@ -101,7 +101,7 @@ class FitSettings:
     config_overrides: dict | None = None
 
 
-DEFAULT_MAX_STEPS = {"conv": 4000, "conv_paper": 20000, "paper": 60000, "lab": 4000, "lab_wide": 4000}
+DEFAULT_MAX_STEPS = {"conv": 3000, "conv_paper": 20000, "paper": 60000, "lab": 3000, "lab_wide": 3000}
 PLATEAU_GAIN = 0.005  # relative gain in validation loss that counts as progress
 FEATURE_STATS_FILE = "feature_stats.json"
 

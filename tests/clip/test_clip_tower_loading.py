@@ -135,6 +135,7 @@ def test_cli_fit_prepares_images_with_the_towers_own_rule(tmp_path: Path) -> Non
     cached = np.load(run / "embeddings.npy")
     own = encoder.embed(torch.from_numpy(prepare_array(x, spec))).numpy()
     other = encoder.embed(torch.from_numpy(prepare_array(x, squashed))).numpy()
+
     # The cache holds every image as it is (and its augmented views): each of `own` is in it.
     def nearest(rows: np.ndarray) -> np.ndarray:
         return np.abs(rows[:, None, :] - cached[None, :, :]).max(axis=2).min(axis=1)
