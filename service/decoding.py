@@ -5,25 +5,31 @@ The safety layer runs before the shared `prepare_image` (models/bundle.py), in t
   2. the format is decided from the leading bytes, never from a declared type or file name,
      and only JPEG, PNG, WebP and BMP pass (415 otherwise);
   3. Pillow is told to try that format alone, so a file cannot be routed to another decoder;
-  4. the pixel count is read from the header and checked BEFORE the pixels are decoded (413);
+  4. the file's structure is walked (service/structure.py): JPEG scans, segments and restart
+     markers, RLE BMPs, PNG chunks, WebP frames, each under a DEDE_* limit (422, or 400);
+  5. the pixel count is read from the header and checked BEFORE the pixels are decoded (413);
      Pillow's own decompression-bomb guard, should it fire, is also a 413; so is a side longer than
      `MAX_SIDE`, and an image whose
      resize on the way to the model's input would pass through more pixels than the limit (a long
      thin strip under the centre-crop rule grows to its long side times the input size);
-  5. truncated or corrupt data is refused (400), never padded out with grey;
-  6. `prepare_image` (EXIF orientation, any mode to RGB, resize rule) exactly as training did it.
+  6. truncated or corrupt data is refused (400), never padded out with grey;
+  7. `prepare_image` (EXIF orientation, any mode to RGB, resize rule) exactly as training did it.
 """
 
 from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from models.bundle import InputSpec, prepare_image
+from service.rejection import ImageRejected
+from service.structure import StructureLimits, check_structure
+
+__all__ = ["DecodeLimits", "ImageRejected", "decode_cost", "decode_image", "decode_images", "header_pixels", "sniff_format"]
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 # Longest side accepted (JPEG's own limit). Pillow's resize holds coefficients in proportion to the
@@ -41,19 +47,10 @@ _REFUSED_SIGNATURES = {
 }
 
 
-class ImageRejected(Exception):
-    """One image cannot be scored. `status` is what a request holding only this image answers."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True)
 class DecodeLimits:
     max_image_pixels: int
+    structure: StructureLimits = field(default_factory=StructureLimits)
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -96,6 +93,7 @@ def decode_image(data: bytes, spec: InputSpec, limits: DecodeLimits) -> np.ndarr
     image_format = sniff_format(data)
     if image_format is None:
         raise ImageRejected(415, "unsupported_format", _refused_format_message(data))
+    check_structure(data, image_format, limits.structure)
     try:
         with Image.open(io.BytesIO(data), formats=[image_format]) as image:
             width, height = image.size  # from the header: nothing decoded yet
@@ -170,3 +168,18 @@ def decode_images(
         except ImageRejected as rejection:
             results.append(rejection)
     return results
+
+
+def decode_cost(data: bytes, limits: DecodeLimits) -> int:
+    """What decoding `data` will cost, in pixels x passes (service/structure.py), read from its
+    structure and header alone; raises `ImageRejected` for a structure over a limit. Data that is
+    refused for another reason, or unreadable, costs 0: `decode_image` refuses it at once."""
+    image_format = sniff_format(data)
+    if image_format is None:
+        return 0
+    passes = check_structure(data, image_format, limits.structure)
+    try:
+        with Image.open(io.BytesIO(data), formats=[image_format]) as image:
+            return image.width * image.height * passes
+    except Exception:  # noqa: BLE001 - any header Pillow cannot read is decode_image's to reject
+        return 0

@@ -93,6 +93,50 @@ class Settings(BaseSettings):
     decode_threads: int = Field(
         default_factory=_default_decode_threads, ge=1, description="threads decoding uploaded images"
     )
+    # Issue 21: limits on a file's structure, checked before any pixel is decoded (service/structure.py).
+    jpeg_max_scans: int = Field(
+        64, ge=1, description="most scans in a JPEG (each is a pass over every block); more: 422"
+    )
+    jpeg_max_segments: int = Field(
+        256, ge=1, description="most segments in a JPEG besides its scans (APPn, COM, tables); more: 422"
+    )
+    jpeg_max_metadata_bytes: int = Field(
+        4 * 1024 * 1024, ge=0, description="most bytes in a JPEG's APPn and COM segments together; more: 422"
+    )
+    bmp_max_rle_pixels: int = Field(
+        1024 * 1024,
+        ge=0,
+        description="largest RLE-compressed BMP, in pixels (Pillow decodes RLE in Python); larger: 422",
+    )
+    png_max_chunks: int = Field(4096, ge=1, description="most chunks in a PNG; more: 422")
+    webp_max_frames: int = Field(1024, ge=1, description="most frames in an animated WebP; more: 422")
+    # What the structure checks leave is bounded by pixels x passes; above this it may still take
+    # long enough to matter, so it runs where it can be stopped.
+    inprocess_decode_max_cost: int = Field(
+        4 * 1024 * 1024,
+        ge=0,
+        description="images whose decoding costs at most this many pixels x passes (a progressive JPEG's "
+        "scans; x64 for RLE BMPs) are decoded in the service process; costlier ones in worker processes "
+        "that are killed past DEDE_DECODE_BUDGET_S",
+    )
+    decode_processes: int = Field(
+        2,
+        ge=0,
+        description="worker processes decoding the costlier images (0: none, every image is decoded in "
+        "the service process, with no budget enforced)",
+    )
+    decode_budget_s: float = Field(
+        0.5,
+        gt=0,
+        description="longest time a worker process may spend on one image; past it the worker is killed "
+        "and replaced and the image gets 422 decode_budget_exceeded",
+    )
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="longest time from a /detect body's last byte to its answer; past it the request gets "
+        "504 and its images are neither decoded nor scored further",
+    )
 
     api_key: SecretStr | None = Field(None, description="if set, /detect and /v1/models need this key")
     protect_metrics: bool = Field(False, description="also require the API key on /metrics")
