@@ -19,7 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.bundle import ONNX_NAME
 from service.batcher import BatcherClosed, InferenceFailed, QueueFull, Reservation, ScoredImage
-from service.decoding import DecodeLimits, ImageRejected, decode_images, header_pixels
+from service.decode_step import decode_request, request_deadline, until_answered
+from service.decoding import ImageRejected
 from service.errors import ServiceError, unavailable
 from service.schemas import DetectResponse, ErrorResponse, ModelsResponse
 from service.state import ServiceState, service_state
@@ -123,30 +124,24 @@ async def detect(request: Request) -> Response:
         # before any work is spent on it, and an image decoded is an image scored.
         with _reserve(state, len(uploads)) as reservation, batcher.incoming():
             decode_started = time.perf_counter()
-            decoded = await _decode(state, [upload.data for upload in uploads])
+            # From here the request has a deadline, and is abandoned if its client goes away.
+            deadline = request_deadline(state)
+            images = [upload.data for upload in uploads]
+            decoded = await until_answered(request, state, decode_request(state, images), deadline)
             decode_s = time.perf_counter() - decode_started
             state.metrics.decode_time.observe(decode_s)
             arrays = [item for item in decoded if isinstance(item, np.ndarray)]
             if not arrays:
                 raise _all_rejected(state, uploads, decoded)
             futures = reservation.submit(arrays)
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        outcomes = await until_answered(
+            request, state, asyncio.gather(*futures, return_exceptions=True), deadline
+        )
         body = _answer(state, uploads, decoded, outcomes, decode_s, started)
         return JSONResponse(body)
     finally:
         state.in_flight -= 1
         state.metrics.in_flight.dec()
-
-
-async def _decode(state: ServiceState, images: list[bytes]) -> list:
-    spec, limits = state.bundle.manifest.input, DecodeLimits(state.settings.max_image_pixels)
-    inline_max = state.settings.inline_decode_max_pixels
-    if header_pixels(images, stop_above=inline_max) <= inline_max:
-        # Thumbnails: decoding takes microseconds, less than handing them to a thread and back.
-        return decode_images(images, spec, limits)
-    return await asyncio.get_running_loop().run_in_executor(
-        state.decode_pool, decode_images, images, spec, limits
-    )
 
 
 @contextlib.contextmanager

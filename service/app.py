@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from models.bundle import Bundle, load_bundle
 from service.api import metrics_router, probes, router
 from service.batcher import Batcher
+from service.decode_workers import DecodeWorkers
 from service.errors import ServiceError
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
@@ -101,6 +102,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         initializer=lower_this_thread_priority,
         initargs=(settings.worker_nice_increment,),
     )
+    if settings.decode_processes:
+        workers = DecodeWorkers(
+            settings.decode_processes, settings.decode_budget_s, settings.worker_nice_increment
+        )
+        await workers.start()
+        state.decode_workers = workers
     state.batcher = Batcher(
         detector.score,
         max_batch_size=settings.max_batch_size,
@@ -125,6 +132,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         warm_up.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await warm_up
+        if state.decode_workers is not None:
+            state.decode_workers.close()  # killed: a decode left running would outlive the service
         await state.batcher.stop(settings.drain_timeout_s)
         state.decode_pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")

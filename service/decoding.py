@@ -29,7 +29,15 @@ from models.bundle import InputSpec, prepare_image
 from service.rejection import ImageRejected
 from service.structure import StructureLimits, check_structure
 
-__all__ = ["DecodeLimits", "ImageRejected", "decode_cost", "decode_image", "decode_images", "header_pixels", "sniff_format"]
+__all__ = [
+    "DecodeLimits",
+    "ImageRejected",
+    "decode_cost",
+    "decode_image",
+    "decode_images",
+    "header_pixels",
+    "sniff_format",
+]
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 # Longest side accepted (JPEG's own limit). Pillow's resize holds coefficients in proportion to the

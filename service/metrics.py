@@ -57,6 +57,12 @@ class Metrics:
         self.rejections = Counter(
             "dede_rejections", "Requests refused with 503, by reason", ["reason"], registry=r
         )
+        self.abandoned = Counter(
+            "dede_abandoned_requests",
+            "Requests whose decoding and scoring were cancelled: the client went away, or the deadline passed",
+            ["reason"],
+            registry=r,
+        )
         self.inference_failures = Counter(
             "dede_inference_failures", "Batches whose model run raised an error", registry=r
         )

@@ -9,6 +9,7 @@ from fastapi import Request
 
 from models.bundle import Bundle
 from service.batcher import Batcher
+from service.decode_workers import DecodeWorkers
 from service.errors import ServiceError, unavailable
 from service.metrics import Metrics
 from service.runtime import Detector
@@ -23,6 +24,7 @@ class ServiceState:
     detector: Detector | None = None
     batcher: Batcher | None = None
     decode_pool: ThreadPoolExecutor | None = None
+    decode_workers: DecodeWorkers | None = None  # the costlier images' worker processes
     ready: bool = False
     draining: bool = False
     not_ready_reason: str = "starting: loading the model"

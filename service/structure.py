@@ -159,7 +159,9 @@ def _check_restarts(
     if len(ids) == 1 and ids[0] in frame.components:
         # A non-interleaved scan: one block per MCU, over the component's own (subsampled) size.
         h, v = frame.components[ids[0]]
-        mcus = _ceil_div(_ceil_div(frame.width * h, h_max), 8) * _ceil_div(_ceil_div(frame.height * v, v_max), 8)
+        mcus = _ceil_div(_ceil_div(frame.width * h, h_max), 8) * _ceil_div(
+            _ceil_div(frame.height * v, v_max), 8
+        )
     else:
         mcus = _ceil_div(frame.width, 8 * h_max) * _ceil_div(frame.height, 8 * v_max)
     expected = max(0, _ceil_div(mcus, interval) - 1) if frame.height else None

@@ -55,7 +55,12 @@ class JpegSegment:
     def to_bytes(self) -> bytes:
         if self.marker in (SOI, EOI):
             return bytes([0xFF, self.marker])
-        return bytes([0xFF, self.marker]) + struct.pack(">H", len(self.payload) + 2) + self.payload + self.entropy
+        return (
+            bytes([0xFF, self.marker])
+            + struct.pack(">H", len(self.payload) + 2)
+            + self.payload
+            + self.entropy
+        )
 
 
 def split_jpeg(data: bytes) -> list[JpegSegment]:

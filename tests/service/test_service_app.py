@@ -14,7 +14,7 @@ with warnings.catch_warnings():  # starlette nags about its httpx-based test cli
     warnings.filterwarnings("ignore", message=".*httpx2", category=UserWarning)
     from fastapi.testclient import TestClient
 
-from service import api
+from service import decode_step
 from service.app import create_app
 from service.settings import Settings
 
@@ -64,7 +64,7 @@ def test_an_unexpected_error_is_a_500_with_an_error_id_that_is_logged(
     def broken(*args: object) -> None:
         raise RuntimeError("decoder bug")
 
-    monkeypatch.setattr(api, "decode_images", broken)
+    monkeypatch.setattr(decode_step, "decode_images", broken)
     with make_client(synthetic_bundle) as client, caplog.at_level(logging.ERROR):
         wait_ready(client)
         response = client.post("/detect", files=upload())

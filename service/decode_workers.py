@@ -1,0 +1,182 @@
+"""A few worker processes that decode the costlier images under an enforced time budget.
+
+A thread cannot be stopped: a decode that runs for minutes keeps its core and holds up shutdown
+(issue 21). A process can. Each worker decodes one image at a time with the same `decode_image` as
+the service process; when one overruns `DEDE_DECODE_BUDGET_S`, or the request that wanted the image
+goes away, the worker is killed (SIGKILL: its CPU is free at once) and a new one takes its place.
+
+Workers are forked from a fork server (multiprocessing's "forkserver" start method) that has this
+module and Pillow already imported: forking the service itself, which runs threads (ONNX Runtime,
+the event loop, decode threads), is not safe, and spawning a fresh interpreter costs ~0.5 CPU-second
+per replacement. A worker dies with the fork server (PR_SET_PDEATHSIG), and the fork server with the
+service, so no decode outlives the service, whatever way it ends.
+
+The event loop waits for a worker's answer on the pipe's file descriptor: no thread sits blocked on
+a worker, so nothing holds up the interpreter's exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+import numpy as np
+
+from models.bundle import InputSpec
+from service.decoding import DecodeLimits, decode_image
+from service.rejection import ImageRejected
+
+log = logging.getLogger("dede.decode")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):  # Linux only; elsewhere the pipe's EOF still ends the loop
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _worker_main(conn: Connection, nice_increment: int) -> None:
+    """One worker: image in, uint8 [3, H, W] (or the rejection) out, until the pipe closes."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the service's to handle
+    if nice_increment:
+        with contextlib.suppress(OSError):
+            os.nice(nice_increment)
+    while True:
+        try:
+            data, spec, limits = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            result: object = decode_image(data, spec, limits)
+        except ImageRejected as rejection:
+            result = rejection
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's, not the worker's
+            result = ImageRejected(400, "corrupt_image", f"the image cannot be decoded: {exc}")
+        conn.send(result)
+
+
+class _Worker:
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+
+    def kill(self) -> None:
+        with contextlib.suppress(Exception):
+            self.process.kill()
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+
+class DecodeWorkers:
+    """`processes` workers; `decode` hands one image to an idle one and waits at most `budget_s`."""
+
+    def __init__(self, processes: int, budget_s: float, nice_increment: int = 0) -> None:
+        self.processes = processes
+        self.budget_s = budget_s
+        self._nice_increment = nice_increment
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload([__name__])
+        self._idle: asyncio.Queue[_Worker] | None = None
+        self._workers: set[_Worker] = set()
+        self._closed = False
+        self.killed = 0  # workers killed for overrunning the budget or being abandoned
+
+    def _spawn(self) -> _Worker:
+        parent_end, child_end = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=_worker_main, args=(child_end, self._nice_increment), name="dede-decode", daemon=True
+        )
+        process.start()
+        child_end.close()
+        return _Worker(process, parent_end)
+
+    async def start(self) -> None:
+        """Start every worker (the fork server first, once per service process)."""
+        self._idle = asyncio.Queue()
+        for _ in range(self.processes):
+            await self._add_worker()
+
+    async def _add_worker(self) -> None:
+        worker = await asyncio.to_thread(self._spawn)
+        if self._closed:
+            worker.kill()
+            return
+        self._workers.add(worker)
+        assert self._idle is not None
+        self._idle.put_nowait(worker)
+
+    def pids(self) -> list[int]:
+        """Process ids of the live workers (for tests and the benchmark's CPU accounting)."""
+        return [w.process.pid for w in self._workers if w.process.pid is not None]
+
+    async def decode(self, data: bytes, spec: InputSpec, limits: DecodeLimits) -> np.ndarray | ImageRejected:
+        """The image decoded by a worker, or its rejection; a worker that overruns the budget is
+        killed and replaced, and the image gets 422 `decode_budget_exceeded`. Cancelling this (the
+        client went away, the request's deadline passed) kills the worker too: no decode outlives
+        the request that wanted it."""
+        if self._idle is None or self._closed:
+            return ImageRejected(503, "draining", "the service is shutting down")
+        worker = await self._idle.get()
+        done = False
+        try:
+            result = await asyncio.wait_for(self._run(worker, (data, spec, limits)), self.budget_s)
+            done = True
+            return result
+        except TimeoutError:
+            return ImageRejected(
+                422,
+                "decode_budget_exceeded",
+                f"decoding this image took longer than {self.budget_s:g} s (DEDE_DECODE_BUDGET_S); it was "
+                "stopped",
+            )
+        except (EOFError, OSError):
+            return ImageRejected(400, "corrupt_image", "the decoder failed on this image")
+        finally:
+            if done and not self._closed:
+                self._idle.put_nowait(worker)
+            else:
+                self._retire(worker)
+
+    async def _run(self, worker: _Worker, job: tuple) -> object:
+        loop = asyncio.get_running_loop()
+        answered = loop.create_future()
+        fd = worker.conn.fileno()
+        loop.add_reader(fd, lambda: answered.done() or answered.set_result(None))
+        try:
+            worker.conn.send(job)
+            await answered
+        finally:
+            loop.remove_reader(fd)
+        return worker.conn.recv()
+
+    def _retire(self, worker: _Worker) -> None:
+        worker.kill()
+        self._workers.discard(worker)
+        if self._closed:
+            return
+        self.killed += 1
+        log.warning(
+            "decode worker %s stopped (over budget, failed or abandoned); starting another",
+            worker.process.pid,
+        )
+        task = asyncio.get_running_loop().create_task(self._add_worker())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged by asyncio if it fails
+
+    def close(self) -> None:
+        """Kill every worker now (shutdown: whatever they were decoding is abandoned)."""
+        self._closed = True
+        for worker in list(self._workers):
+            worker.kill()
+        for worker in list(self._workers):
+            with contextlib.suppress(Exception):
+                worker.process.join(timeout=1)
+        self._workers.clear()
