@@ -11,8 +11,10 @@ the event loop, decode threads), is not safe, and spawning a fresh interpreter c
 per replacement. A worker dies with the fork server (PR_SET_PDEATHSIG), and the fork server with the
 service, so no decode outlives the service, whatever way it ends.
 
-The event loop waits for a worker's answer on the pipe's file descriptor: no thread sits blocked on
-a worker, so nothing holds up the interpreter's exit.
+Sending an image and reading the answer run in a thread of this pool's own (one per worker), not on
+the event loop: a pipe write or read can block for as long as the worker is not scheduled, and on a
+busy machine that stalled the loop for a tenth of a second. The budget is timed on the loop; a worker
+killed under a thread's read ends that read (EOF), so no thread outlives its worker.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
@@ -68,10 +71,23 @@ class _Worker:
     def __init__(self, process: BaseProcess, conn: Connection) -> None:
         self.process = process
         self.conn = conn
+        self.exchange: asyncio.Future | None = None  # the thread talking to it, while one does
+
+    def exchange_blocking(self, job: tuple) -> object:
+        self.conn.send(job)
+        return self.conn.recv()
 
     def kill(self) -> None:
         with contextlib.suppress(Exception):
             self.process.kill()
+        # Closing the pipe under a thread still reading it could hand its descriptor to another
+        # file; the kill ends that read (EOF), and the pipe is closed once it has.
+        if self.exchange is None or self.exchange.done():
+            self._close()
+        else:
+            self.exchange.add_done_callback(lambda _: self._close())
+
+    def _close(self) -> None:
         with contextlib.suppress(Exception):
             self.conn.close()
 
@@ -84,7 +100,8 @@ class DecodeWorkers:
         self.budget_s = budget_s
         self._nice_increment = nice_increment
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload([__name__])
+        self._context.set_forkserver_preload([__name__, "service.decode_preload"])
+        self._threads = ThreadPoolExecutor(max(1, processes), thread_name_prefix="dede-decode-pipe")
         self._idle: asyncio.Queue[_Worker] | None = None
         self._workers: set[_Worker] = set()
         self._closed = False
@@ -128,7 +145,13 @@ class DecodeWorkers:
         worker = await self._idle.get()
         done = False
         try:
-            result = await asyncio.wait_for(self._run(worker, (data, spec, limits)), self.budget_s)
+            loop = asyncio.get_running_loop()
+            worker.exchange = loop.run_in_executor(
+                self._threads, worker.exchange_blocking, (data, spec, limits)
+            )
+            # Read by the wait below, or not at all once the worker is killed: never a warning.
+            worker.exchange.add_done_callback(lambda f: f.cancelled() or f.exception())
+            result = await asyncio.wait_for(asyncio.shield(worker.exchange), self.budget_s)
             done = True
             return result
         except TimeoutError:
@@ -145,18 +168,6 @@ class DecodeWorkers:
                 self._idle.put_nowait(worker)
             else:
                 self._retire(worker)
-
-    async def _run(self, worker: _Worker, job: tuple) -> object:
-        loop = asyncio.get_running_loop()
-        answered = loop.create_future()
-        fd = worker.conn.fileno()
-        loop.add_reader(fd, lambda: answered.done() or answered.set_result(None))
-        try:
-            worker.conn.send(job)
-            await answered
-        finally:
-            loop.remove_reader(fd)
-        return worker.conn.recv()
 
     def _retire(self, worker: _Worker) -> None:
         worker.kill()
@@ -180,3 +191,4 @@ class DecodeWorkers:
             with contextlib.suppress(Exception):
                 worker.process.join(timeout=1)
         self._workers.clear()
+        self._threads.shutdown(wait=False, cancel_futures=True)

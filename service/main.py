@@ -40,6 +40,8 @@ from service.settings import Settings, add_settings_arguments, settings_from_arg
 from service.state import ServiceState
 
 log = logging.getLogger("dede.service")
+# After the drain: how long uvicorn waits for connections to close before cancelling their tasks.
+_AFTER_DRAIN_S = 0.5
 
 
 class _DrainingServer(uvicorn.Server):
@@ -77,6 +79,10 @@ class _DrainingServer(uvicorn.Server):
             log.warning("drain timeout (%.0f s) reached with work left", state.settings.drain_timeout_s)
         else:
             log.info("drained: every accepted request answered")
+        # The drain above was the accepted work's time. uvicorn's own graceful wait would add up to
+        # its full timeout again before cancelling what is left (whose decodes in worker processes
+        # are then killed with the workers): exit within the drain timeout plus about a second.
+        self.config.timeout_graceful_shutdown = _AFTER_DRAIN_S
         self.should_exit = True
 
 

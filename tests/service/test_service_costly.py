@@ -1,0 +1,295 @@
+"""Issue 21: images whose decoding cost lies in their structure are refused in time, their CPU is
+returned, a good image beside them is scored, and none of it holds up shutdown.
+
+The files come from tests/service/costly.py, built at test time. The timing goals (1 s, 1 CPU-second,
+p99 under load) are measured by the reliability benchmark's "costly structure" section; the bounds
+here are generous, to catch a hang, not to time anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ServerProcess, encode, random_images, start_server
+from costly import COSTLY_CLASSES, bmp_rle, jpeg_many_scans, jpeg_restart_broken, webp_many_frames
+from PIL import Image
+
+from models.bundle import InputSpec
+from service.decoding import DecodeLimits, ImageRejected, decode_cost, decode_image
+from service.structure import StructureLimits
+
+SPEC = InputSpec(height=32, width=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+LIMITS = DecodeLimits(25_000_000)
+CLASS_NAMES = [c.name for c in COSTLY_CLASSES]
+# What each class is refused as, with the default limits.
+EXPECTED = {
+    "jpeg_many_scans": (422, "DEDE_JPEG_MAX_SCANS"),
+    "jpeg_cmyk_many_scans": (422, "DEDE_JPEG_MAX_SCANS"),
+    "jpeg_restart_missing": (400, "restart marker"),
+    "jpeg_restart_shuffled": (400, "restart markers are out of order"),
+    "jpeg_many_app": (422, "DEDE_JPEG_MAX_SEGMENTS"),
+    "bmp_rle": (422, "DEDE_BMP_MAX_RLE_PIXELS"),
+    "png_many_chunks": (422, "DEDE_PNG_MAX_CHUNKS"),
+    "webp_many_frames": (422, "DEDE_WEBP_MAX_FRAMES"),
+}
+GOOD = encode(random_images(1, seed=3)[0])
+# A progressive JPEG of 50,000 scans over 2048x2048 pixels: ~8 s of decoding when let through.
+ENDLESS_SCANS = {"jpeg_max_scans": 100_000}
+
+
+def _ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _parents() -> dict[int, int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return parents
+
+
+def process_tree(pid: int) -> set[int]:
+    """`pid` and every process below it (the fork server, the decode workers)."""
+    parents, tree, grew = _parents(), {pid}, True
+    while grew:
+        below = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= below
+        grew = bool(below)
+    return tree
+
+
+def alive(pid: int) -> bool:
+    """Running, or able to run: a zombie (dead, not yet reaped) uses no CPU."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def describe(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+    except OSError:
+        return "gone"
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(_ticks(p) for p in process_tree(pid)) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_after(server: ServerProcess, seconds: float = 0.6) -> float:
+    """CPU-seconds the server and its workers spend over `seconds` of doing nothing asked of them."""
+    before = cpu_seconds(server.process.pid)
+    time.sleep(seconds)
+    return cpu_seconds(server.process.pid) - before
+
+
+def post(url: str, *images: bytes, timeout: float = 30) -> httpx.Response:
+    files = [("images", (f"{i}.bin", data, "application/octet-stream")) for i, data in enumerate(images)]
+    return httpx.post(url + "/detect", files=files, timeout=timeout)
+
+
+# -- structure checks, in-process --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_each_costly_class_is_refused_by_its_structure_before_decoding(name: str) -> None:
+    costly = next(c for c in COSTLY_CLASSES if c.name == name)
+    status, named = EXPECTED[name]
+    for data in (costly.make_small(), costly.make()):
+        with pytest.raises(ImageRejected) as refused:
+            decode_cost(data, LIMITS)
+        assert (refused.value.status, named in refused.value.message) == (status, True)
+        with pytest.raises(ImageRejected):
+            decode_image(data, SPEC, LIMITS)
+
+
+def test_well_formed_files_pass_the_structure_checks_and_decode() -> None:
+    picture = Image.fromarray(random_images(1, seed=5, size=(97, 61))[0])
+    files = {
+        "progressive": encode(random_images(1, seed=5, size=(97, 61))[0], "JPEG", progressive=True),
+        "restart_blocks": encode(random_images(1, seed=6)[0], "JPEG", restart_marker_blocks=3),
+        "restart_rows_progressive": encode(
+            random_images(1, seed=6, size=(80, 50))[0], "JPEG", progressive=True, restart_marker_rows=1
+        ),
+        "cmyk_progressive": _save(picture.convert("CMYK"), "JPEG", progressive=True),
+        "rle_bmp_under_limit": bmp_rle(300, 200),
+        "png": encode(random_images(1, seed=8)[0]),
+        "animated_webp": webp_many_frames(20),
+        "jpeg_many_scans_under_limit": jpeg_many_scans(64, 64, 60),
+    }
+    for name, data in files.items():
+        assert decode_cost(data, LIMITS) >= 1, name
+        assert decode_image(data, SPEC, LIMITS).shape == (3, 32, 32), name
+
+
+def _save(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_the_limits_are_settings() -> None:
+    lenient = DecodeLimits(25_000_000, StructureLimits(jpeg_max_scans=400))
+    assert decode_cost(jpeg_many_scans(64, 64, 300), lenient) == 64 * 64 * 300  # pixels x scans
+    with pytest.raises(ImageRejected, match="restart"):
+        decode_cost(jpeg_restart_broken(64, 64, "missing"), lenient)  # not a limit: always checked
+
+
+# -- a real server -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def default_server(
+    synthetic_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    server = start_server(synthetic_bundle, tmp_path_factory.mktemp("logs") / "costly.log")
+    yield server
+    server.terminate()
+
+
+@pytest.fixture(scope="module")
+def budget_server(
+    synthetic_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """Structure limits lifted, so the costly file reaches a worker; a short budget stops it."""
+    log_path = tmp_path_factory.mktemp("logs") / "budget.log"
+    server = start_server(synthetic_bundle, log_path, decode_budget_s=0.3, **ENDLESS_SCANS)
+    yield server
+    server.terminate()
+
+
+@pytest.fixture(scope="module")
+def endless_scans() -> bytes:
+    return jpeg_many_scans(2048, 2048, 50_000)
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_a_costly_upload_is_refused_in_time_and_a_good_image_beside_it_is_scored(
+    default_server: ServerProcess, name: str
+) -> None:
+    costly = next(c for c in COSTLY_CLASSES if c.name == name).make()
+    status, named = EXPECTED[name]
+    started = time.monotonic()
+    alone = post(default_server.url, costly)
+    beside = post(default_server.url, costly, GOOD)
+    assert time.monotonic() - started < 10
+    assert alone.status_code == status and named in alone.json()["error"]["message"]
+    refused, scored = beside.json()["images"]
+    assert beside.status_code == 200 and refused["score"] is None and named in refused["error"]["message"]
+    assert scored["score"] is not None
+    assert busy_after(default_server) < 0.3  # nothing left running after the answer
+
+
+def test_a_decode_over_budget_is_stopped_its_cpu_returned_and_the_batch_scored(
+    budget_server: ServerProcess, endless_scans: bytes
+) -> None:
+    workers_before = process_tree(budget_server.process.pid)
+    started = time.monotonic()
+    response = post(budget_server.url, endless_scans, GOOD)
+    assert time.monotonic() - started < 10
+    over, scored = response.json()["images"]
+    assert response.status_code == 200 and over["error"]["code"] == "decode_budget_exceeded"
+    assert "DEDE_DECODE_BUDGET_S" in over["error"]["message"] and scored["score"] is not None
+    assert busy_after(budget_server) < 0.3
+    killed = workers_before - process_tree(budget_server.process.pid)
+    assert killed, "the worker that overran was not killed"
+    assert not [pid for pid in killed if alive(pid)]
+    again = post(budget_server.url, endless_scans)  # the replacement takes the next one
+    assert again.status_code == 422 and again.json()["error"]["code"] == "decode_budget_exceeded"
+    assert post(budget_server.url, GOOD).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def slow_server(synthetic_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Limits lifted and a long budget: only the request's deadline or its client stop a decode."""
+    log_path = tmp_path_factory.mktemp("logs") / "slow.log"
+    server = start_server(
+        synthetic_bundle, log_path, decode_budget_s=60, request_timeout_s=1.0, **ENDLESS_SCANS
+    )
+    yield server
+    server.terminate()
+
+
+def test_past_the_request_deadline_the_decode_is_stopped_with_a_504(
+    slow_server: ServerProcess, endless_scans: bytes
+) -> None:
+    response = post(slow_server.url, endless_scans)
+    assert response.status_code == 504 and "DEDE_REQUEST_TIMEOUT_S" in response.json()["error"]["message"]
+    assert busy_after(slow_server) < 0.3
+
+
+def test_a_client_that_goes_away_stops_its_decode(slow_server: ServerProcess, endless_scans: bytes) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        post(slow_server.url, endless_scans, timeout=0.4)
+    time.sleep(0.3)  # the disconnect reaches the server
+    assert busy_after(slow_server) < 0.3
+    assert post(slow_server.url, GOOD).status_code == 200
+
+
+def test_sigterm_with_costly_decodes_in_flight_exits_in_time_and_loses_no_good_request(
+    synthetic_bundle: Path, tmp_path: Path, endless_scans: bytes
+) -> None:
+    drain_s = 1.0
+    server = start_server(
+        synthetic_bundle,
+        tmp_path / "sigterm.log",
+        decode_budget_s=60,
+        drain_timeout_s=drain_s,
+        decode_processes=4,
+        **ENDLESS_SCANS,
+    )
+    good: list[tuple[float, int | str]] = []
+    signalled: list[float] = []
+
+    def costly_client() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            post(server.url, endless_scans, timeout=30)
+
+    def good_client() -> None:
+        while not signalled or time.monotonic() < signalled[0] + 0.2:
+            sent = time.monotonic()
+            try:
+                status: int | str = post(server.url, GOOD, timeout=30).status_code
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            good.append((sent, status))
+
+    threads = [threading.Thread(target=costly_client) for _ in range(4)]
+    threads.append(threading.Thread(target=good_client))
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # the four costly decodes are running
+    workers = process_tree(server.process.pid) - {server.process.pid}
+    signalled.append(time.monotonic())
+    server.process.send_signal(signal.SIGTERM)
+    code = server.process.wait(30)
+    exit_s = time.monotonic() - signalled[0]
+    for thread in threads:
+        thread.join(30)
+    server.terminate()
+    assert code == 0
+    assert exit_s < drain_s + 2 + 2, f"exit took {exit_s:.1f} s"  # the goal is drain + 2 s; slack for CI
+    before = [status for sent, status in good if sent < signalled[0]]
+    # Accepted before the signal: answered. (One sent as the signal came may get 503, never lost.)
+    assert before.count(200) >= len(before) - 1 and set(before) <= {200, 503}
+    time.sleep(0.5)
+    left = [describe(pid) for pid in workers if alive(pid)]
+    assert not left, f"outlived the service: {left}"
