@@ -307,6 +307,13 @@ def write_report(results: dict, out_dir: Path) -> None:
             lines += [*writer(sections[mode]), ""]
         else:
             lines += [f"## {mode.capitalize()}", "", f"Not run yet: `{COMMAND} --modes {mode}`.", ""]
+    costly = out_dir / "costly.json"  # benchmarks/reliability/costly.py, a run of its own
+    if costly.is_file():
+        from benchmarks.reliability.costly import costly_lines
+
+        lines += [*costly_lines(json.loads(costly.read_text())), ""]
+    else:
+        lines += ["## Costly structure", "", "Not run yet: `python -m benchmarks.reliability.costly`.", ""]
     (out_dir / "REPORT.md").write_text("\n".join(lines))
 
 

@@ -48,7 +48,8 @@ def _free_port() -> int:
 
 
 class BenchServer:
-    def __init__(self, bundle: Path, log_path: Path, **settings: object) -> None:
+    def __init__(self, bundle: Path, log_path: Path, cwd: Path = REPO_ROOT, **settings: object) -> None:
+        """`cwd`: the checkout whose `service` runs (another commit's worktree, for side-by-side runs)."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = settings
@@ -58,7 +59,7 @@ class BenchServer:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service"],
-            cwd=REPO_ROOT,
+            cwd=cwd,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
