@@ -39,6 +39,8 @@ from service.rejection import ImageRejected
 log = logging.getLogger("dede.decode")
 
 _PR_SET_PDEATHSIG = 1
+# How many nice levels the workers sit below the service's own decode and inference threads.
+_EXTRA_NICE = 5
 
 
 def _die_with_parent() -> None:
@@ -50,9 +52,10 @@ def _worker_main(conn: Connection, nice_increment: int) -> None:
     """One worker: image in, uint8 [3, H, W] (or the rejection) out, until the pipe closes."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the service's to handle
-    if nice_increment:
-        with contextlib.suppress(OSError):
-            os.nice(nice_increment)
+    with contextlib.suppress(OSError):
+        # Below the decode threads and the model (DEDE_WORKER_NICE_INCREMENT): a costly decode takes
+        # only the CPU that cheap requests leave, and its budget (wall time) runs out sooner under load.
+        os.nice(min(19, nice_increment + _EXTRA_NICE))
     while True:
         try:
             data, spec, limits = conn.recv()

@@ -11,7 +11,7 @@ writes benchmarks/reliability/costly.json and the section at the end of REPORT.m
               still going on); beside it, what Pillow alone spends on the file (no checks, the
               decoding of b31f78f), capped at --pillow-cap-s;
   under_fire  good requests' latency in an open loop at --good-rate requests/s, first alone, then with
-              --hostile-clients clients each keeping one costly upload in flight;
+              --hostile-clients clients sending costly uploads (PHASES: paced, back to back, at-limit);
   throughput  saturation throughput (closed loop, as benchmarks/serving) of this commit and of
               --base-ref, both servers up, measured in turns (--rounds), same machine, same run;
   sigterm     SIGTERM with --hostile-clients costly decodes in flight and good clients sending:
@@ -41,7 +41,7 @@ import numpy as np
 
 from benchmarks.provenance import REPO_ROOT, run_record
 from benchmarks.reliability.load import Workload, make_workload, open_loop, percentiles_ms
-from benchmarks.serving.loadgen import CONTENT_TYPE, closed_loop
+from benchmarks.serving.loadgen import CONTENT_TYPE, closed_loop, multipart_body
 from benchmarks.serving.server import BenchServer, open_benchmark_bundle
 from service.settings import Settings
 
@@ -184,29 +184,40 @@ def classes_part(server: BenchServer, files: dict[str, bytes], args: argparse.Na
 
 
 async def _hostile_client(
-    url: str, files: list[bytes], start: int, stop: asyncio.Event, counts: dict
+    url: str, files: list[bytes], start: int, stop: asyncio.Event, counts: dict, pause_s: float = 0.0
 ) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+    """Sends costly uploads until `stop`, the next `pause_s` after the last is answered (0: back to
+    back). Bodies are encoded up front, so that the client's own CPU stays off the measurement."""
+    bodies = [multipart_body([data], ["costly"]) for data in files]
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers={"Content-Type": CONTENT_TYPE}) as http:
         turn = start
         while not stop.is_set():
-            data = files[turn % len(files)]
+            body = bodies[turn % len(bodies)]
             turn += 1
             try:
-                response = await http.post(
-                    "/detect", files=[("images", ("f", data, "application/octet-stream"))]
-                )
-                key = str(response.status_code)
+                key = str((await http.post("/detect", content=body)).status_code)
             except httpx.HTTPError as exc:
                 key = type(exc).__name__
             counts[key] = counts.get(key, 0) + 1
+            if pause_s:
+                await asyncio.sleep(pause_s)
 
 
 def _good_latency(
-    url: str, workload: Workload, rate: float, seconds: float, hostile: list[bytes], clients: int
+    url: str,
+    workload: Workload,
+    rate: float,
+    seconds: float,
+    hostile: list[bytes],
+    clients: int,
+    pause_s: float,
 ) -> dict:
     async def run() -> tuple[list, dict]:
         stop, counts = asyncio.Event(), {}
-        tasks = [asyncio.create_task(_hostile_client(url, hostile, n, stop, counts)) for n in range(clients)]
+        tasks = [
+            asyncio.create_task(_hostile_client(url, hostile, n, stop, counts, pause_s))
+            for n in range(clients)
+        ]
         await asyncio.sleep(0.5 if clients else 0)
         shots, _ = await open_loop(url, workload, rate, seconds, 16)
         stop.set()
@@ -221,27 +232,46 @@ def _good_latency(
         "wrong_scores": sum(s.correct is False for s in shots),
         "latency_ms": percentiles_ms(ok),
         "hostile_answers": counts,
+        "hostile_pause_s": pause_s,
     }
+
+
+# (phase, which files, pause between one client's uploads)
+PHASES = (
+    ("issue_classes_paced", "issue", 1.0),
+    ("issue_classes_back_to_back", "issue", 0.0),
+    ("at_limit_back_to_back", "at_limit", 0.0),
+)
 
 
 def under_fire_part(
     server: BenchServer, workload: Workload, files: dict[str, bytes], args: argparse.Namespace
 ) -> dict:
-    hostile = list(files.values())
-    idle = _good_latency(server.url, workload, args.good_rate, args.seconds, [], 0)
-    loaded = _good_latency(server.url, workload, args.good_rate, args.seconds, hostile, args.hostile_clients)
-    ratio = loaded["latency_ms"]["p99"] / idle["latency_ms"]["p99"]
-    print(
-        f"  good p99 {idle['latency_ms']['p99']} ms idle, {loaded['latency_ms']['p99']} ms under fire",
-        flush=True,
-    )
+    """Good latency alone, then with --hostile-clients clients sending costly uploads: the issue's
+    classes (refused by their structure) one a second per client, then back to back (a flood of
+    multi-megabyte bodies: what it costs is receiving them), then the files just inside the limits
+    back to back (each keeps a decode worker busy up to its budget)."""
+    chosen = {
+        "issue": [data for name, data in files.items() if name not in AT_LIMIT],
+        "at_limit": [files[name] for name in AT_LIMIT],
+    }
+    idle = _good_latency(server.url, workload, args.good_rate, args.seconds, [], 0, 0.0)
+    phases = {"idle": idle}
+    for phase, which, pause_s in PHASES:
+        row = _good_latency(
+            server.url, workload, args.good_rate, args.seconds, chosen[which], args.hostile_clients, pause_s
+        )
+        row["p99_ratio"] = round(row["latency_ms"]["p99"] / idle["latency_ms"]["p99"], 3)
+        phases[phase] = row
+        print(
+            f"  good p99 {idle['latency_ms']['p99']} ms idle, {row['latency_ms']['p99']} ms {phase}",
+            flush=True,
+        )
     return {
         "good_rate": args.good_rate,
         "seconds": args.seconds,
         "hostile_clients": args.hostile_clients,
-        "idle": idle,
-        "with_costly_in_flight": loaded,
-        "p99_ratio": round(ratio, 3),
+        **phases,
     }
 
 
@@ -250,16 +280,24 @@ def under_fire_part(
 
 def throughput_part(servers: dict[str, BenchServer], workload: Workload, args: argparse.Namespace) -> dict:
     measured: dict[str, list[float]] = {name: [] for name in servers}
-    for _ in range(args.rounds):
-        for name, server in servers.items():
+    cpu_ms: dict[str, list[float]] = {name: [] for name in servers}  # server CPU per image served
+    for turn in range(args.rounds):
+        # Alternate which goes first: load from elsewhere drifts, and each gets both halves of a round.
+        order = list(servers.items()) if turn % 2 == 0 else list(reversed(servers.items()))
+        for name, server in order:
+            before = tree_cpu_s(server.process.pid)
             load = asyncio.run(
                 closed_loop(
                     server.url, workload.bodies, workload.images_per_request, args.clients, args.seconds
                 )
             )
+            spent = tree_cpu_s(server.process.pid) - before
+            served = load.images_per_s * (args.seconds + 1.0)  # its 1 s warm-up is served too
             measured[name].append(load.images_per_s)
-            print(f"  {name}: {load.images_per_s} images/s", flush=True)
+            cpu_ms[name].append(round(1000 * spent / max(1.0, served), 4))
+            print(f"  {name}: {load.images_per_s} images/s, {cpu_ms[name][-1]} CPU-ms/image", flush=True)
     medians = {name: statistics.median(values) for name, values in measured.items()}
+    cpu_medians = {name: statistics.median(values) for name, values in cpu_ms.items()}
     return {
         "clients": args.clients,
         "seconds": args.seconds,
@@ -267,6 +305,9 @@ def throughput_part(servers: dict[str, BenchServer], workload: Workload, args: a
         "images_per_s": measured,
         "median_images_per_s": medians,
         "ratio": round(medians["this"] / medians["base"], 4),
+        "server_cpu_ms_per_image": cpu_ms,
+        "median_server_cpu_ms_per_image": cpu_medians,
+        "cpu_ratio": round(cpu_medians["this"] / cpu_medians["base"], 4),
     }
 
 
@@ -387,21 +428,40 @@ def costly_lines(section: dict) -> list[str]:
         ]
     fire = section.get("under_fire")
     if fire:
-        idle, loaded = fire["idle"]["latency_ms"], fire["with_costly_in_flight"]["latency_ms"]
+        idle = fire["idle"]
         lines += [
-            f"Good requests ({fire['good_rate']} requests/s open loop, {fire['seconds']} s) alone, then with "
-            f"{fire['hostile_clients']} clients each keeping one of the files above in flight "
-            f"(answers to them: {fire['with_costly_in_flight']['hostile_answers']}):",
+            f"Good requests ({fire['good_rate']} requests/s, open loop, {fire['seconds']} s a phase) alone, then "
+            f"with {fire['hostile_clients']} clients sending costly uploads: the issue's classes above (refused "
+            "by their structure) one a second per client, then back to back (a flood of bodies up to 2.4 MB: "
+            "what costs is receiving them), then the two files just inside the limits back to back (each "
+            "keeps a decode worker busy up to its budget). Answers to the costly uploads in brackets.",
             "",
-            "| good requests | count | p50 ms | p99 ms | wrong scores |",
-            "| --- | ---: | ---: | ---: | ---: |",
-            f"| alone | {fire['idle']['ok']} | {idle['p50']} | {idle['p99']} | {fire['idle']['wrong_scores']} |",
-            f"| with costly uploads in flight | {fire['with_costly_in_flight']['ok']} | {loaded['p50']} | "
-            f"{loaded['p99']} | {fire['with_costly_in_flight']['wrong_scores']} |",
-            "",
-            f"- p99 within {goals['p99_ratio']}x of idle: {fire['p99_ratio']}x, {_ok(fire['p99_ratio'] <= goals['p99_ratio'])}.",
-            "",
+            "| good requests | count | p50 ms | p99 ms | p99 / idle | wrong scores |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            f"| alone | {idle['ok']} | {idle['latency_ms']['p50']} | {idle['latency_ms']['p99']} | 1 | "
+            f"{idle['wrong_scores']} |",
         ]
+        labels = {
+            "issue_classes_paced": "issue's classes, each client one a second",
+            "issue_classes_back_to_back": "issue's classes, back to back",
+            "at_limit_back_to_back": "at-limit files, back to back",
+        }
+        for phase, label in labels.items():
+            if phase in fire:
+                row = fire[phase]
+                lines.append(
+                    f"| {label} ({row['hostile_answers']}) | {row['ok']} | {row['latency_ms']['p50']} | "
+                    f"{row['latency_ms']['p99']} | {row['p99_ratio']} | {row['wrong_scores']} |"
+                )
+        lines.append("")
+        for phase in ("issue_classes_paced", "issue_classes_back_to_back"):
+            if phase in fire:
+                ratio = fire[phase]["p99_ratio"]
+                lines.append(
+                    f"- p99 within {goals['p99_ratio']}x of idle, {labels[phase]}: {ratio}x, "
+                    f"{_ok(ratio <= goals['p99_ratio'])}."
+                )
+        lines.append("")
     throughput = section.get("throughput")
     if throughput:
         medians = throughput["median_images_per_s"]
