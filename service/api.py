@@ -68,8 +68,10 @@ _ERRORS = {
         408: "the body did not arrive in time (DEDE_BODY_TIMEOUT_S)",
         413: "request body or image too large",
         415: "not an accepted image format (decided from the bytes)",
-        422: "no images, or too many",
+        422: "no images, or too many; an image whose structure is over a limit, or whose decoding overran "
+        "its budget (DEDE_DECODE_BUDGET_S)",
         503: "queue full, too many requests in progress, not ready, or draining (see Retry-After)",
+        504: "not answered within DEDE_REQUEST_TIMEOUT_S; its images were not scored",
     }.items()
 }
 

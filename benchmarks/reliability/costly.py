@@ -473,8 +473,14 @@ def costly_lines(section: dict) -> list[str]:
             "",
             f"- Medians {medians['this']:.0f} vs {medians['base']:.0f} images/s: ratio {throughput['ratio']} "
             f"(goal >= {goals['throughput_ratio']}), {_ok(throughput['ratio'] >= goals['throughput_ratio'])}.",
-            "",
         ]
+        if "cpu_ratio" in throughput:
+            cpu = throughput["median_server_cpu_ms_per_image"]
+            lines.append(
+                f"- Server CPU per image served (less swayed by load from elsewhere than throughput): "
+                f"{cpu['this']} vs {cpu['base']} ms, ratio {throughput['cpu_ratio']}."
+            )
+        lines.append("")
     sigterm = section.get("sigterm")
     if sigterm:
         limit = sigterm["drain_timeout_s"] + goals["sigterm_extra_s"]

@@ -67,3 +67,64 @@ def test_a_short_run_of_every_mode_on_the_synthetic_bundle(tmp_path: Path) -> No
     assert all(f.get("skipped") or f["one_line"] for f in sections["faults"]["start_up"])
     report = (tmp_path / "REPORT.md").read_text()
     assert "Short run" in report and "## Malformed and hostile uploads" in report
+
+
+def test_the_costly_structure_section_renders_every_part_and_judges_the_goals() -> None:
+    from benchmarks.reliability.costly import GOALS, costly_lines
+
+    answer = {"status": 422, "wall_s": 0.02, "server_cpu_s": 0.01, "cpu_after_answer_s": 0.0}
+    latency = {"ok": 10, "wrong_scores": 0, "latency_ms": {"p50": 5.0, "p99": 9.0}, "hostile_answers": {}}
+    section = {
+        "run": {"command": "python -m x", "commit": "a" * 40, "machine": {"cpu": "cpu", "cores": 2}},
+        "goals": GOALS,
+        "bundle": "synthetic",
+        "base_ref": "b31f78f",
+        "classes": {
+            "repeats": 1,
+            "idle_cpu_per_s": 0.0,
+            "classes": {
+                "jpeg_many_scans": {
+                    "bytes": 10,
+                    "statuses": ["422"],
+                    "max_wall_s": 0.02,
+                    "max_server_cpu_s": 0.01,
+                    "max_cpu_after_answer_s": 0.0,
+                    "answers": [answer],
+                    "pillow_alone": {"cpu_s": None, "wall_s": 30.0, "outcome": "over 30 s"},
+                }
+            },
+        },
+        "under_fire": {
+            "good_rate": 40,
+            "seconds": 1,
+            "hostile_clients": 4,
+            "idle": latency,
+            "issue_classes_paced": {**latency, "p99_ratio": 1.1},
+            "issue_classes_back_to_back": {**latency, "p99_ratio": 3.0},
+        },
+        "throughput": {
+            "clients": 32,
+            "seconds": 1,
+            "images_per_request": 8,
+            "images_per_s": {"this": [99.0], "base": [100.0]},
+            "median_images_per_s": {"this": 99.0, "base": 100.0},
+            "ratio": 0.99,
+            "median_server_cpu_ms_per_image": {"this": 0.3, "base": 0.3},
+            "cpu_ratio": 1.0,
+        },
+        "sigterm": {
+            "drain_timeout_s": 30.0,
+            "hostile_clients": 4,
+            "good_clients": 8,
+            "good_sent_before_signal": 5,
+            "good_answered_200": 5,
+            "good_refused_503": 0,
+            "accepted_lost": 0,
+            "exit_code": 0,
+            "seconds_to_exit": 1.0,
+        },
+    }
+    text = "\n".join(costly_lines(section))
+    assert "## Costly structure" in text and "over 30 s" in text
+    assert "one a second: 1.1x, met" in text and "back to back: 3.0x, **missed**" in text
+    assert "ratio 0.99" in text and "lost: met" in text
