@@ -81,7 +81,13 @@ def _check_jpeg(data: bytes, limits: StructureLimits) -> int:
     frame: _Frame | None = None
     while pos + 4 <= size:
         if data[pos] != 0xFF:
-            return max(1, scans)  # not a marker: corrupt, Pillow says so
+            # Not a marker. libjpeg and Pillow skip such junk to the next marker and read on, so
+            # the walk does too: stopping here would let junk hide the scans that follow.
+            junk_end = _JPEG_SCAN_END.search(data, pos)
+            if junk_end is None:
+                break
+            pos = junk_end.start()
+            continue
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1

@@ -146,6 +146,14 @@ def _save(image: Image.Image, fmt: str, **options: object) -> bytes:
     return buffer.getvalue()
 
 
+def test_junk_between_segments_does_not_hide_the_scans_behind_it() -> None:
+    data = jpeg_many_scans(64, 64, 300)
+    sos = data.index(b"\xff\xda")
+    with_junk = data[:sos] + b"junk" + data[sos:]  # libjpeg and Pillow skip it and decode on
+    with pytest.raises(ImageRejected, match="DEDE_JPEG_MAX_SCANS"):
+        decode_cost(with_junk, LIMITS)
+
+
 def test_the_limits_are_settings() -> None:
     lenient = DecodeLimits(25_000_000, StructureLimits(jpeg_max_scans=400))
     assert decode_cost(jpeg_many_scans(64, 64, 300), lenient) == 64 * 64 * 300  # pixels x scans
