@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.bundle import ONNX_NAME
 from service.batcher import BatcherClosed, InferenceFailed, QueueFull, Reservation, ScoredImage
-from service.decode_step import decode_request, request_deadline, until_answered
+from service.decode_step import decode_inline, decode_request, plan_decode, request_deadline, until_answered
 from service.decoding import ImageRejected
 from service.errors import ServiceError, unavailable
 from service.schemas import DetectResponse, ErrorResponse, ModelsResponse
@@ -128,8 +128,11 @@ async def detect(request: Request) -> Response:
             decode_started = time.perf_counter()
             # From here the request has a deadline, and is abandoned if its client goes away.
             deadline = request_deadline(state)
-            images = [upload.data for upload in uploads]
-            decoded = await until_answered(request, state, decode_request(state, images), deadline)
+            plan = plan_decode(state, [upload.data for upload in uploads])
+            if plan.inline(state):
+                decoded = decode_inline(state, plan)  # thumbnails: nothing to wait for or cancel
+            else:
+                decoded = await until_answered(request, state, decode_request(state, plan), deadline)
             decode_s = time.perf_counter() - decode_started
             state.metrics.decode_time.observe(decode_s)
             arrays = [item for item in decoded if isinstance(item, np.ndarray)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -47,46 +48,77 @@ def decode_limits(state: ServiceState) -> DecodeLimits:
     )
 
 
-async def decode_request(state: ServiceState, images: list[bytes]) -> list[np.ndarray | ImageRejected]:
-    """Every image decoded or rejected, in order; a failure is returned in its place, never raised."""
-    spec, limits, settings = state.bundle.manifest.input, decode_limits(state), state.settings
+@dataclass
+class DecodePlan:
+    """One request's images after the structure checks: each one's rejection (or None) and cost."""
+
+    images: list[bytes]
+    results: list[np.ndarray | ImageRejected | None]
+    in_process: list[int]  # indices decoded in this process
+    in_workers: list[int]  # indices decoded by the worker processes
+    in_process_cost: int
+
+    def inline(self, state: ServiceState) -> bool:
+        """Nothing to wait for: every image is refused already or a thumbnail decoded on the loop."""
+        return not self.in_workers and self.in_process_cost <= state.settings.inline_decode_max_pixels
+
+
+def plan_decode(state: ServiceState, images: list[bytes]) -> DecodePlan:
+    """Structure checks and cost of every image (microseconds each), and where each is decoded."""
+    limits, settings, workers = decode_limits(state), state.settings, state.decode_workers
     results: list[np.ndarray | ImageRejected | None] = [None] * len(images)
-    costs: list[int] = []
+    in_process: list[int] = []
+    in_workers: list[int] = []
+    in_process_cost = 0
     for index, data in enumerate(images):
         try:
-            costs.append(decode_cost(data, limits))
+            cost = decode_cost(data, limits)
         except ImageRejected as rejection:
             results[index] = rejection
-            costs.append(0)
-    workers = state.decode_workers
-    costly = [
-        i
-        for i, cost in enumerate(costs)
-        if results[i] is None and workers is not None and cost > settings.inprocess_decode_max_cost
-    ]
-    cheap = [i for i in range(len(images)) if results[i] is None and i not in costly]
-    pending: list[Awaitable[list]] = []
-    if cheap:
-        pending.append(_decode_here(state, [images[i] for i in cheap], sum(costs[i] for i in cheap)))
-    if costly:
-        assert workers is not None
-        pending.append(asyncio.gather(*(workers.decode(images[i], spec, limits) for i in costly)))
-    decoded = await asyncio.gather(*pending)
-    groups = ([cheap] if cheap else []) + ([costly] if costly else [])
-    for indices, group in zip(groups, decoded, strict=True):
-        for index, item in zip(indices, group, strict=True):
-            results[index] = item
-    return results  # type: ignore[return-value] - every slot is filled above
+            continue
+        if workers is not None and cost > settings.inprocess_decode_max_cost:
+            in_workers.append(index)
+        else:
+            in_process.append(index)
+            in_process_cost += cost
+    return DecodePlan(images, results, in_process, in_workers, in_process_cost)
 
 
-async def _decode_here(state: ServiceState, images: list[bytes], cost: int) -> list:
+def decode_inline(state: ServiceState, plan: DecodePlan) -> list[np.ndarray | ImageRejected]:
+    """`plan` decoded here and now (when `plan.inline`): thumbnails take microseconds, less than
+    handing them to a thread, and a request with nothing to wait for needs no watching."""
+    images = [plan.images[i] for i in plan.in_process]
+    decoded = decode_images(images, state.bundle.manifest.input, decode_limits(state))
+    return _filled(plan, [(plan.in_process, decoded)])
+
+
+async def decode_request(state: ServiceState, plan: DecodePlan) -> list[np.ndarray | ImageRejected]:
+    """Every image of `plan` decoded or rejected, in order; a failure is in its place, never raised."""
     spec, limits = state.bundle.manifest.input, decode_limits(state)
-    if cost <= state.settings.inline_decode_max_pixels:
-        # Thumbnails: decoding takes microseconds, less than handing them to a thread and back.
-        return decode_images(images, spec, limits)
-    return await asyncio.get_running_loop().run_in_executor(
-        state.decode_pool, decode_images, images, spec, limits
-    )
+    groups: list[list[int]] = []
+    pending: list[Awaitable[list]] = []
+    if plan.in_process:
+        groups.append(plan.in_process)
+        images = [plan.images[i] for i in plan.in_process]
+        loop = asyncio.get_running_loop()
+        pending.append(loop.run_in_executor(state.decode_pool, decode_images, images, spec, limits))
+    if plan.in_workers:
+        workers = state.decode_workers
+        assert workers is not None
+        groups.append(plan.in_workers)
+        pending.append(
+            asyncio.gather(*(workers.decode(plan.images[i], spec, limits) for i in plan.in_workers))
+        )
+    decoded = await asyncio.gather(*pending)
+    return _filled(plan, list(zip(groups, decoded, strict=True)))
+
+
+def _filled(plan: DecodePlan, groups: list[tuple[list[int], list]]) -> list[np.ndarray | ImageRejected]:
+    results = list(plan.results)
+    for indices, decoded in groups:
+        for index, item in zip(indices, decoded, strict=True):
+            results[index] = item
+    return results  # type: ignore[return-value] - every slot plan_decode did not refuse is filled here
 
 
 def request_deadline(state: ServiceState) -> float:
