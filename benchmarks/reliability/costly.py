@@ -296,8 +296,8 @@ def throughput_part(servers: dict[str, BenchServer], workload: Workload, args: a
             measured[name].append(load.images_per_s)
             cpu_ms[name].append(round(1000 * spent / max(1.0, served), 4))
             print(f"  {name}: {load.images_per_s} images/s, {cpu_ms[name][-1]} CPU-ms/image", flush=True)
-    medians = {name: statistics.median(values) for name, values in measured.items()}
-    cpu_medians = {name: statistics.median(values) for name, values in cpu_ms.items()}
+    medians = {name: round(statistics.median(values), 1) for name, values in measured.items()}
+    cpu_medians = {name: round(statistics.median(values), 4) for name, values in cpu_ms.items()}
     return {
         "clients": args.clients,
         "seconds": args.seconds,
