@@ -379,6 +379,18 @@ def _ok(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def _measured_by(part: dict, section: dict) -> list[str]:
+    """A part measured by another command than the section's latest says so."""
+    run = part.get("run")
+    if not run or run == section["run"]:
+        return []
+    return [
+        f"Measured by `{run['command']}` at {run['commit'][:12]}, load average at the end "
+        f"{run.get('load_average')}.",
+        "",
+    ]
+
+
 def costly_lines(section: dict) -> list[str]:
     """The "Costly structure" section of REPORT.md, every figure read from costly.json."""
     run, goals = section["run"], section["goals"]
@@ -393,6 +405,7 @@ def costly_lines(section: dict) -> list[str]:
     ]
     classes = section.get("classes")
     if classes:
+        lines += _measured_by(classes, section)
         rows = classes["classes"].items()
         worst_wall = max(r["max_wall_s"] for _, r in rows)
         worst_cpu = max(r["max_server_cpu_s"] for _, r in rows)
@@ -428,6 +441,7 @@ def costly_lines(section: dict) -> list[str]:
         ]
     fire = section.get("under_fire")
     if fire:
+        lines += _measured_by(fire, section)
         idle = fire["idle"]
         lines += [
             f"Good requests ({fire['good_rate']} requests/s, open loop, {fire['seconds']} s a phase) alone, then "
@@ -464,6 +478,7 @@ def costly_lines(section: dict) -> list[str]:
         lines.append("")
     throughput = section.get("throughput")
     if throughput:
+        lines += _measured_by(throughput, section)
         medians = throughput["median_images_per_s"]
         lines += [
             f"Saturation throughput ({throughput['clients']} clients, closed loop, {throughput['images_per_request']} "
@@ -483,6 +498,7 @@ def costly_lines(section: dict) -> list[str]:
         lines.append("")
     sigterm = section.get("sigterm")
     if sigterm:
+        lines += _measured_by(sigterm, section)
         limit = sigterm["drain_timeout_s"] + goals["sigterm_extra_s"]
         lines += [
             f"SIGTERM with {sigterm['hostile_clients']} costly uploads in flight and {sigterm['good_clients']} good "
@@ -561,6 +577,9 @@ def main(argv: list[str] | None = None) -> None:
             return server
 
         def save() -> None:
+            for part in parts:  # each part keeps the command, commit and machine that measured it
+                if part in section:
+                    section[part].setdefault("run", section["run"])
             args.out.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(section, indent=2) + "\n")
 
