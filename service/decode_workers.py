@@ -2,8 +2,9 @@
 
 A thread cannot be stopped: a decode that runs for minutes keeps its core and holds up shutdown
 (issue 21). A process can. Each worker decodes one image at a time with the same `decode_image` as
-the service process; when one overruns `DEDE_DECODE_BUDGET_S`, or the request that wanted the image
-goes away, the worker is killed (SIGKILL: its CPU is free at once) and a new one takes its place.
+the service process; when one overruns `DEDE_DECODE_BUDGET_S` (CPU time; or three times that in wall
+time, on a machine too busy to give it the CPU), or the request that wanted the image goes away, the
+worker is killed (SIGKILL: its CPU is free at once) and a new one takes its place.
 
 Workers are forked from a fork server (multiprocessing's "forkserver" start method) that has this
 module and Pillow already imported: forking the service itself, which runs threads (ONNX Runtime,
@@ -29,6 +30,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 import numpy as np
 
@@ -41,6 +43,18 @@ log = logging.getLogger("dede.decode")
 _PR_SET_PDEATHSIG = 1
 # How many nice levels the workers sit below the service's own decode and inference threads.
 _EXTRA_NICE = 5
+# The budget is CPU time; a worker is also stopped after this many times the budget in wall time.
+WALL_FACTOR = 3
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU of a process so far, from /proc (None where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
 
 
 def _die_with_parent() -> None:
@@ -154,15 +168,14 @@ class DecodeWorkers:
             )
             # Read by the wait below, or not at all once the worker is killed: never a warning.
             worker.exchange.add_done_callback(lambda f: f.cancelled() or f.exception())
-            result = await asyncio.wait_for(asyncio.shield(worker.exchange), self.budget_s)
-            done = True
-            return result
-        except TimeoutError:
+            if await self._within_budget(worker):
+                done = True
+                return worker.exchange.result()
             return ImageRejected(
                 422,
                 "decode_budget_exceeded",
-                f"decoding this image took longer than {self.budget_s:g} s (DEDE_DECODE_BUDGET_S); it was "
-                "stopped",
+                f"decoding this image took more than {self.budget_s:g} CPU-seconds (DEDE_DECODE_BUDGET_S), "
+                f"or more than {WALL_FACTOR * self.budget_s:g} s on a busy machine; it was stopped",
             )
         except (EOFError, OSError):
             return ImageRejected(400, "corrupt_image", "the decoder failed on this image")
@@ -171,6 +184,29 @@ class DecodeWorkers:
                 self._idle.put_nowait(worker)
             else:
                 self._retire(worker)
+
+    async def _within_budget(self, worker: _Worker) -> bool:
+        """Whether the worker answered before spending the budget in CPU time, or WALL_FACTOR times it
+        in wall time. CPU, not wall time, is the budget: on a busy machine a worker (niced below the
+        rest of the service) gets a fraction of a core, and an image that needs 0.15 CPU-seconds
+        could otherwise be refused for the machine's load rather than for its own cost."""
+        assert worker.exchange is not None
+        loop = asyncio.get_running_loop()
+        pid = worker.process.pid
+        started, cpu_at_start = loop.time(), _cpu_seconds(pid)
+        wall_limit = WALL_FACTOR * self.budget_s
+        wait = self.budget_s
+        while True:
+            done, _ = await asyncio.wait({worker.exchange}, timeout=wait)
+            if done:
+                return True
+            cpu_now = _cpu_seconds(pid)
+            if cpu_now is None or cpu_at_start is None:
+                return False  # no /proc: the budget is wall time
+            spent, elapsed = cpu_now - cpu_at_start, loop.time() - started
+            if spent >= self.budget_s or elapsed >= wall_limit:
+                return False
+            wait = max(0.01, min(self.budget_s - spent, wall_limit - elapsed))
 
     def _retire(self, worker: _Worker) -> None:
         worker.kill()

@@ -128,8 +128,8 @@ class Settings(BaseSettings):
     decode_budget_s: float = Field(
         0.5,
         gt=0,
-        description="longest time a worker process may spend on one image; past it the worker is killed "
-        "and replaced and the image gets 422 decode_budget_exceeded",
+        description="most CPU-seconds a worker process may spend on one image (and at most 3x that in wall "
+        "time); past it the worker is killed and replaced and the image gets 422 decode_budget_exceeded",
     )
     request_timeout_s: float = Field(
         60.0,

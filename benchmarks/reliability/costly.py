@@ -577,9 +577,12 @@ def main(argv: list[str] | None = None) -> None:
             return server
 
         def save() -> None:
-            for part in parts:  # each part keeps the command, commit and machine that measured it
+            # The record as each part ends (its load average, its time); each part measured by this
+            # run keeps it, parts left from an earlier run keep theirs.
+            section["run"] = run_record(["-m", "benchmarks.reliability.costly", shlex.join(sys.argv[1:])])
+            for part in parts:
                 if part in section:
-                    section[part].setdefault("run", section["run"])
+                    section[part]["run"] = section["run"]
             args.out.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(section, indent=2) + "\n")
 
