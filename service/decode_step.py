@@ -18,6 +18,7 @@ queued for the model are dropped by the batcher, their futures cancelled).
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -33,7 +34,18 @@ from service.structure import StructureLimits
 T = TypeVar("T")
 
 
+# One DecodeLimits per service (settings do not change while it runs): built once, not per request.
+_LIMITS: weakref.WeakKeyDictionary[ServiceState, DecodeLimits] = weakref.WeakKeyDictionary()
+
+
 def decode_limits(state: ServiceState) -> DecodeLimits:
+    limits = _LIMITS.get(state)
+    if limits is None:
+        limits = _LIMITS[state] = _limits_from(state)
+    return limits
+
+
+def _limits_from(state: ServiceState) -> DecodeLimits:
     settings = state.settings
     return DecodeLimits(
         settings.max_image_pixels,
@@ -88,7 +100,7 @@ def decode_inline(state: ServiceState, plan: DecodePlan) -> list[np.ndarray | Im
     """`plan` decoded here and now (when `plan.inline`): thumbnails take microseconds, less than
     handing them to a thread, and a request with nothing to wait for needs no watching."""
     images = [plan.images[i] for i in plan.in_process]
-    decoded = decode_images(images, state.bundle.manifest.input, decode_limits(state))
+    decoded = decode_images(images, state.bundle.manifest.input, decode_limits(state), True)
     return _filled(plan, [(plan.in_process, decoded)])
 
 
@@ -101,7 +113,7 @@ async def decode_request(state: ServiceState, plan: DecodePlan) -> list[np.ndarr
         groups.append(plan.in_process)
         images = [plan.images[i] for i in plan.in_process]
         loop = asyncio.get_running_loop()
-        pending.append(loop.run_in_executor(state.decode_pool, decode_images, images, spec, limits))
+        pending.append(loop.run_in_executor(state.decode_pool, decode_images, images, spec, limits, True))
     if plan.in_workers:
         workers = state.decode_workers
         assert workers is not None

@@ -94,14 +94,18 @@ def resize_pixels(width: int, height: int, spec: InputSpec) -> int:
     return largest
 
 
-def decode_image(data: bytes, spec: InputSpec, limits: DecodeLimits) -> np.ndarray:
-    """Bytes of one uploaded image -> uint8 [3, H, W]; raises `ImageRejected` with the reason."""
+def decode_image(
+    data: bytes, spec: InputSpec, limits: DecodeLimits, structure_checked: bool = False
+) -> np.ndarray:
+    """Bytes of one uploaded image -> uint8 [3, H, W]; raises `ImageRejected` with the reason.
+    `structure_checked`: `decode_cost` has already walked these bytes (the service's decode step)."""
     if not data:
         raise ImageRejected(400, "empty_image", "the image is empty (0 bytes)")
     image_format = sniff_format(data)
     if image_format is None:
         raise ImageRejected(415, "unsupported_format", _refused_format_message(data))
-    check_structure(data, image_format, limits.structure)
+    if not structure_checked:
+        check_structure(data, image_format, limits.structure)
     try:
         with Image.open(io.BytesIO(data), formats=[image_format]) as image:
             width, height = image.size  # from the header: nothing decoded yet
@@ -166,13 +170,13 @@ def header_pixels(images: list[bytes], stop_above: int | None = None) -> int:
 
 
 def decode_images(
-    images: list[bytes], spec: InputSpec, limits: DecodeLimits
+    images: list[bytes], spec: InputSpec, limits: DecodeLimits, structure_checked: bool = False
 ) -> list[np.ndarray | ImageRejected]:
     """Decode every image of one request; a failure is returned in its place, never raised."""
     results: list[np.ndarray | ImageRejected] = []
     for data in images:
         try:
-            results.append(decode_image(data, spec, limits))
+            results.append(decode_image(data, spec, limits, structure_checked))
         except ImageRejected as rejection:
             results.append(rejection)
     return results
