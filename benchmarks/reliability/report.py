@@ -309,7 +309,7 @@ def write_report(results: dict, out_dir: Path) -> None:
             lines += [f"## {mode.capitalize()}", "", f"Not run yet: `{COMMAND} --modes {mode}`.", ""]
     costly = out_dir / "costly.json"  # benchmarks/reliability/costly.py, a run of its own
     if costly.is_file():
-        from benchmarks.reliability.costly import costly_lines
+        from benchmarks.reliability.costly_report import costly_lines
 
         lines += [*costly_lines(json.loads(costly.read_text())), ""]
     else:

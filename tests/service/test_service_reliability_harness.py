@@ -70,7 +70,8 @@ def test_a_short_run_of_every_mode_on_the_synthetic_bundle(tmp_path: Path) -> No
 
 
 def test_the_costly_structure_section_renders_every_part_and_judges_the_goals() -> None:
-    from benchmarks.reliability.costly import GOALS, costly_lines
+    from benchmarks.reliability.costly import GOALS
+    from benchmarks.reliability.costly_report import costly_lines
 
     answer = {"status": 422, "wall_s": 0.02, "server_cpu_s": 0.01, "cpu_after_answer_s": 0.0}
     latency = {"ok": 10, "wrong_scores": 0, "latency_ms": {"p50": 5.0, "p99": 9.0}, "hostile_answers": {}}
