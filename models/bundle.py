@@ -1,7 +1,10 @@
 """The model bundle: the one contract between the offline (torch) and online (service) halves.
 
 A bundle is a directory (or a .tar of one) holding
-  detector.onnx   uint8 images [N, 3, H, W] in, `score` [N] float32 out (optionally `reconstruction`)
+  detector.onnx   uint8 images [N, 3, H, W] in, `score` [N] float32 first out; bundles with an
+                  `explain` entry in the manifest also give `rebuild` uint8 [N, 3, H, W] (the
+                  reconstruction in pixel space) and `discrepancy_map` float32 [N, h, w] (each
+                  location's contribution to the score); older ones may give `reconstruction`
   manifest.json   this module's `Manifest`, with the sha256 of every other file
 
 This module imports no torch. It also holds the image preprocessing both halves share
@@ -27,7 +30,9 @@ MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "detector.onnx"
 ONNX_INPUT = "images"
 ONNX_SCORE = "score"
-ONNX_RECONSTRUCTION = "reconstruction"
+ONNX_RECONSTRUCTION = "reconstruction"  # bundles before explanations: normalized float, unused online
+ONNX_REBUILD = "rebuild"
+ONNX_DISCREPANCY_MAP = "discrepancy_map"
 
 ResizeRule = Literal["resize", "shorter_side_center_crop"]
 
@@ -116,6 +121,25 @@ class Threshold(_Strict):
     n_holdout: int | None = None
 
 
+class ExplainSpec(_Strict):
+    """How the graph's evidence outputs read, so the service can show them without torch.
+
+    The graph's `discrepancy_map` [N, h, w] divided by `map_scale` gives the normalized map, in
+    which 1.0 means "as unusual as the threshold": for a score that sums the map, `map_scale` is
+    the threshold spread evenly over the cells that count (a map of 1.0 everywhere scores exactly
+    the threshold); for a score that takes the map's maximum, it is the threshold itself.
+    """
+
+    rebuild_output: str = ONNX_REBUILD
+    map_output: str = ONNX_DISCREPANCY_MAP
+    rebuild_dtype: Literal["uint8"] = "uint8"  # pixel space, same layout as the input
+    map_shape: tuple[int, int]  # (h, w): cells over the image, row-major (patches, feature cells)
+    map_scale: float = Field(gt=0)
+    map_reduction: Literal["sum", "max", "mean"]  # how the map's cells become the score
+    map_cells_counted: int = Field(gt=0)  # cells that can be non-zero (the masked patches)
+    description: str = ""  # what one cell holds, for a reader
+
+
 class FileEntry(_Strict):
     path: str
     sha256: str
@@ -136,6 +160,16 @@ class Manifest(_Strict):
     files: list[FileEntry]
     tools: dict[str, str]  # versions of torch, onnx, onnxruntime, dede that made it
     parity: dict[str, float] = {}  # the export check's figures (max relative score difference, n)
+    # None in bundles made before explanations: they serve scores, and /detect?explain=true says why not.
+    explain: ExplainSpec | None = None
+
+    @model_validator(mode="after")
+    def _explain_outputs_listed(self) -> Manifest:
+        if self.explain is not None:
+            missing = {self.explain.rebuild_output, self.explain.map_output} - set(self.onnx_outputs)
+            if missing:
+                raise ValueError(f"explain names outputs {sorted(missing)} that onnx_outputs does not list")
+        return self
 
 
 def sha256_file(path: Path) -> str:
