@@ -9,7 +9,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Annotated
 
 import numpy as np
@@ -22,6 +22,7 @@ from service.batcher import BatcherClosed, InferenceFailed, QueueFull, Reservati
 from service.decode_step import decode_inline, decode_request, plan_decode, request_deadline, until_answered
 from service.decoding import ImageRejected
 from service.errors import ServiceError, unavailable
+from service.explain import explanation
 from service.schemas import DetectResponse, ErrorResponse, ModelsResponse
 from service.state import ServiceState, service_state
 from service.uploads import Upload, read_uploads
@@ -83,15 +84,58 @@ _DETECT_BODY = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "explain": {"type": "boolean", "default": False},
+                        "explain_arrays": {"type": "boolean", "default": False},
                     },
                     "required": ["images"],
                 }
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
-    }
+    },
+    "parameters": [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": {"type": "boolean", "default": False},
+            "description": text,
+        }
+        for name, text in (
+            ("explain", "add each image's evidence: heat map and rebuild as PNG data URIs"),
+            ("explain_arrays", "also the normalised map and the rebuild as arrays (implies explain)"),
+        )
+    ],
 }
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
+
+
+def _flag(name: str, value: str | None) -> bool:
+    if value is None:
+        return False
+    lowered = value.strip().lower()
+    if lowered in _TRUE | _FALSE:
+        return lowered in _TRUE
+    raise ServiceError(400, "invalid_parameter", f"{name}={value[:16]!r}: use true or false")
+
+
+def _explain_wanted(source: Mapping[str, str]) -> tuple[bool, bool]:
+    """(explain, with arrays) asked by the query string or the form fields."""
+    arrays = _flag("explain_arrays", source.get("explain_arrays"))
+    return arrays or _flag("explain", source.get("explain")), arrays
+
+
+def _check_explains(state: ServiceState) -> None:
+    assert state.batcher is not None
+    if not state.batcher.explains:
+        manifest = state.bundle.manifest
+        raise ServiceError(
+            400,
+            "explain_unavailable",
+            f"the bundle {manifest.model_name} {manifest.model_version} has no evidence outputs (made "
+            "before explanations): re-export it with this dede, or leave explain off",
+        )
 
 
 @router.post(
@@ -112,15 +156,25 @@ async def detect(request: Request) -> Response:
     batcher = state.batcher
     assert batcher is not None  # refusal() is None only once the batcher runs
     settings = state.settings
+    explain, with_arrays = _explain_wanted(request.query_params) if request.query_params else (False, False)
+    if explain:
+        _check_explains(state)  # before the body is read: no work spent on a request that cannot be met
     state.in_flight += 1
     state.metrics.in_flight.inc()
     try:
+        form_options: dict[str, str] = {}
         uploads = await read_uploads(
             request,
             max_bytes=settings.max_upload_bytes,
             max_images=settings.max_images_per_request,
             timeout_s=settings.body_timeout_s,
+            options=form_options,
         )
+        if form_options:
+            form_explain, form_arrays = _explain_wanted(form_options)
+            if form_explain and not explain:
+                _check_explains(state)
+            explain, with_arrays = explain or form_explain, with_arrays or form_arrays
         # Counted as on its way to the batcher only once its body is in: a slow client must not make
         # batches wait for it. Room in the queue is taken now, before decoding: a flood is refused
         # before any work is spent on it, and an image decoded is an image scored.
@@ -138,11 +192,14 @@ async def detect(request: Request) -> Response:
             arrays = [item for item in decoded if isinstance(item, np.ndarray)]
             if not arrays:
                 raise _all_rejected(state, uploads, decoded)
-            futures = reservation.submit(arrays)
+            futures = reservation.submit(arrays, explain=explain)
         outcomes = await until_answered(
             request, state, asyncio.gather(*futures, return_exceptions=True), deadline
         )
         body = _answer(state, uploads, decoded, outcomes, decode_s, started)
+        if explain:
+            await _add_explanations(state, body["images"], decoded, outcomes, with_arrays)
+            body["timing"]["total_ms"] = round(1000 * (time.perf_counter() - started), 3)
         return JSONResponse(body)
     finally:
         state.in_flight -= 1
@@ -230,6 +287,33 @@ def _answer(
             "total_ms": round(1000 * (time.perf_counter() - started), 3),
         },
     }
+
+
+async def _add_explanations(
+    state: ServiceState,
+    results: list[dict],
+    decoded: list,
+    outcomes: list[ScoredImage | BaseException],
+    with_arrays: bool,
+) -> None:
+    """Each scored image's `explanation`, rendered off the event loop (PNG encoding is CPU work)."""
+    spec = state.bundle.manifest.explain
+    assert spec is not None
+    scored = iter(outcomes)
+    pending = []
+    for result, item in zip(results, decoded, strict=True):
+        if not isinstance(item, np.ndarray):
+            continue  # rejected at decoding: it has no outcome
+        outcome = next(scored)
+        if result.get("error") is None and isinstance(outcome, ScoredImage) and outcome.evidence:
+            pending.append((result, outcome.evidence))
+
+    def render() -> list[dict]:
+        return [explanation(evidence, spec, with_arrays) for _, evidence in pending]
+
+    rendered = await asyncio.get_running_loop().run_in_executor(state.decode_pool, render)
+    for (result, _), shown in zip(pending, rendered, strict=True):
+        result["explanation"] = shown
 
 
 def _raise_failure(state: ServiceState, failure: BaseException, image_count: int) -> None:

@@ -110,6 +110,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.decode_workers = workers
     state.batcher = Batcher(
         detector.score,
+        run_explained=detector.explain if detector.explains else None,
         max_batch_size=settings.max_batch_size,
         max_delay_s=settings.max_batch_delay_ms / 1000,
         max_queue=settings.max_queue,
@@ -148,6 +149,7 @@ def load_detector(bundle: Bundle, settings: Settings) -> Detector:
         providers,
         settings.intra_op_threads,
         nice_increment=settings.worker_nice_increment,
+        explain=bundle.manifest.explain,
     )
 
 

@@ -12,7 +12,10 @@ Policy (after Triton's dynamic batcher):
   - an exception in a batch reaches every request of that batch and the worker goes on;
   - images whose request went away (future cancelled) are dropped before the run;
   - on stop, queued images are still run; anything left when the worker ends is failed, so no
-    future is ever left hanging.
+    future is ever left hanging;
+  - an image submitted with `explain=True` gets its evidence (rebuild, discrepancy map) too: a batch
+    holding one such image runs `run_explained` instead of `run_batch`, and only those images keep
+    the evidence (a batch without one costs what it did before).
 """
 
 from __future__ import annotations
@@ -46,11 +49,24 @@ class InferenceFailed(Exception):
 
 
 @dataclass(frozen=True)
+class Evidence:
+    """What the graph saw in one image, besides its score."""
+
+    rebuild: np.ndarray  # uint8 [3, H, W]
+    discrepancy_map: np.ndarray  # float32 [h, w], as the graph gives it (not normalised)
+
+
+@dataclass(frozen=True)
 class ScoredImage:
     score: float
     queue_s: float  # from submit to the start of its batch's run
     compute_s: float  # its batch's model run
     batch_size: int
+    evidence: Evidence | None = None  # only for images submitted with explain=True
+
+
+# uint8 [N, 3, H, W] -> (scores [N], rebuilds uint8 [N, 3, H, W], maps [N, h, w])
+ExplainedRun = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 @dataclass(eq=False)
@@ -58,6 +74,7 @@ class _Pending:
     image: np.ndarray
     future: asyncio.Future[ScoredImage]
     enqueued_at: float
+    explain: bool = False
 
 
 class Reservation:
@@ -71,11 +88,15 @@ class Reservation:
         self._queue._reserved -= self.count
         self.count = 0
 
-    def submit(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[ScoredImage]]:
+    def submit(
+        self, images: Sequence[np.ndarray], explain: bool = False
+    ) -> list[asyncio.Future[ScoredImage]]:
         """Queue these images (at most the reserved count) in the room held for them."""
         if len(images) > self.count:
             raise ValueError(f"{len(images)} images submitted on a reservation of {self.count}")
         self.release()  # the room is handed to the submit below, on the same loop step
+        if explain:
+            return self._queue.submit(images, explain=True)
         return self._queue.submit(images)
 
 
@@ -93,6 +114,11 @@ class ReservingQueue:
     @property
     def queue_depth(self) -> int:
         raise NotImplementedError
+
+    @property
+    def explains(self) -> bool:
+        """Whether `submit(..., explain=True)` is taken (the graph gives evidence)."""
+        return False
 
     def submit(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[ScoredImage]]:
         raise NotImplementedError
@@ -129,8 +155,10 @@ class Batcher(ReservingQueue):
         max_delay_s: float,
         max_queue: int,
         metrics: Metrics | None = None,
+        run_explained: ExplainedRun | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._run_explained = run_explained
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
         self._max_queue = max_queue
@@ -174,6 +202,10 @@ class Batcher(ReservingQueue):
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def explains(self) -> bool:
+        return self._run_explained is not None
+
     # -- intake ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -186,15 +218,20 @@ class Batcher(ReservingQueue):
             self._incoming -= 1
             self._wakeup.set()  # a batch waiting for this request must not wait in vain
 
-    def submit(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[ScoredImage]]:
-        """Queue the images of one request (all or none); one future per image, in order."""
+    def submit(
+        self, images: Sequence[np.ndarray], explain: bool = False
+    ) -> list[asyncio.Future[ScoredImage]]:
+        """Queue the images of one request (all or none); one future per image, in order.
+        explain=True: each result carries its `Evidence` (needs `run_explained`)."""
+        if explain and self._run_explained is None:
+            raise ValueError("explain=True needs a Batcher made with run_explained")
         if self._closing:
             raise BatcherClosed("the service is shutting down")
         if not self.has_room(len(images)):
             raise QueueFull(f"{len(self._queue)} images already queued (limit {self._max_queue})")
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        pending = [_Pending(image, loop.create_future(), now) for image in images]
+        pending = [_Pending(image, loop.create_future(), now, explain) for image in images]
         self._queue.extend(pending)
         self._set_depth()
         self._wakeup.set()
@@ -250,9 +287,7 @@ class Batcher(ReservingQueue):
         self._running = batch
         started = time.perf_counter()
         try:
-            scores = await loop.run_in_executor(
-                self._executor, self._stack_and_score, [p.image for p in batch]
-            )
+            scores, evidence = await loop.run_in_executor(self._executor, self._stack_and_score, batch)
         except Exception as exc:
             self._running = []
             log.exception("inference failed for a batch of %d images", len(batch))
@@ -265,19 +300,27 @@ class Batcher(ReservingQueue):
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(batch))
             self._metrics.batch_compute.observe(compute_s)
-        for item, score in zip(batch, scores, strict=True):
+        for index, (item, score) in enumerate(zip(batch, scores, strict=True)):
             queue_s = started - item.enqueued_at
             if self._metrics is not None:
                 self._metrics.queue_wait.observe(queue_s)
             if not item.future.done():
-                item.future.set_result(ScoredImage(float(score), queue_s, compute_s, len(batch)))
+                shown = evidence[index] if evidence is not None and item.explain else None
+                item.future.set_result(ScoredImage(float(score), queue_s, compute_s, len(batch), shown))
 
-    def _stack_and_score(self, images: list[np.ndarray]) -> np.ndarray:
+    def _stack_and_score(self, batch: list[_Pending]) -> tuple[np.ndarray, list[Evidence] | None]:
         # Runs on the inference thread so that copying a large batch does not block the event loop.
-        scores = np.asarray(self._run_batch(np.stack(images)))
+        images = np.stack([p.image for p in batch])
+        evidence = None
+        if self._run_explained is not None and any(p.explain for p in batch):
+            raw_scores, rebuilds, maps = self._run_explained(images)
+            evidence = [Evidence(r, m) for r, m in zip(rebuilds, maps, strict=True)]
+        else:
+            raw_scores = self._run_batch(images)
+        scores = np.asarray(raw_scores)
         if scores.shape != (len(images),):
             raise RuntimeError(f"the model returned scores of shape {scores.shape} for {len(images)} images")
-        return scores
+        return scores, evidence
 
     def _fail_leftovers(self) -> None:
         leftovers = [*self._running, *self._queue]

@@ -17,7 +17,7 @@ from typing import TypeVar
 import numpy as np
 import onnxruntime as ort
 
-from models.bundle import ONNX_INPUT, ONNX_SCORE, InputSpec
+from models.bundle import ONNX_INPUT, ONNX_SCORE, ExplainSpec, InputSpec
 
 log = logging.getLogger("dede.runtime")
 
@@ -116,8 +116,10 @@ class Detector:
         intra_op_threads: int = 0,
         nice_increment: int = 0,
         cuda_options: dict[str, str] | None = None,
+        explain: ExplainSpec | None = None,
     ) -> None:
         """cuda_options: the CUDA provider's options (default CUDA_OPTIONS).
+        explain: the manifest's evidence outputs; None when the bundle has none (`explain` refuses).
         nice_increment > 0: every thread that computes scores (ONNX Runtime's pool and each
         caller of `score`) runs that many nice levels below the process, so that on a saturated CPU
         the event loop, which parses requests and answers refusals, is not starved by the model."""
@@ -140,6 +142,7 @@ class Detector:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise RuntimeLoadError(f"{onnx_path}: ONNX Runtime cannot load the graph: {exc}") from exc
         self.spec = spec
+        self.explain_spec = explain
         self.providers = self._session.get_providers()
         self.provider = self.providers[0]
         self._check_signature()
@@ -170,13 +173,64 @@ class Detector:
             )
         if isinstance(shape[0], int) and shape[0] != 1:
             log.warning("input batch axis is fixed at %s; batches of other sizes will fail", shape[0])
+        if self.explain_spec is not None:
+            self._check_evidence_outputs(outputs)
 
-    def score(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, 3, H, W] -> float32 [N]."""
+    def _check_evidence_outputs(self, outputs: dict) -> None:
+        assert self.explain_spec is not None
+        spec = self.explain_spec
+        expected = {
+            spec.rebuild_output: ("tensor(uint8)", 4),
+            spec.map_output: ("tensor(float)", 3),
+        }
+        for name, (dtype, rank) in expected.items():
+            output = outputs.get(name)
+            if output is None or output.type != dtype or len(output.shape) != rank:
+                found = f"{output.type} {output.shape}" if output is not None else "no such output"
+                raise RuntimeLoadError(
+                    f"the manifest's explain entry names output '{name}' ({dtype}, rank {rank}); the graph "
+                    f"has {found}: re-export the bundle"
+                )
+
+    @property
+    def explains(self) -> bool:
+        """Whether this graph gives evidence (rebuild, discrepancy map) besides the score."""
+        return self.explain_spec is not None
+
+    def explain(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint8 [N, 3, H, W] -> score float32 [N], rebuild uint8 [N, 3, H, W], map float32 [N, h, w]
+        (the graph's raw map: divide by `explain_spec.map_scale` to normalise it)."""
+        if self.explain_spec is None:
+            raise RuntimeError("this bundle's graph has no evidence outputs")
+        self._lower_priority()
+        count = images.shape[0]
+        if self._pad_to is not None and count < self._pad_to:
+            # The one shape warmed up on CUDA (see warm_up); the extra outputs come back to the host.
+            padding = np.zeros((self._pad_to - count, *images.shape[1:]), dtype=images.dtype)
+            images = np.concatenate([images, padding])
+        names = [ONNX_SCORE, self.explain_spec.rebuild_output, self.explain_spec.map_output]
+        scores, rebuild, discrepancy = self._session.run(names, {ONNX_INPUT: images})
+        scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+        if (
+            scores.shape[0] != images.shape[0]
+            or rebuild.shape != images.shape
+            or len(discrepancy) != len(scores)
+        ):
+            raise RuntimeError(
+                f"graph returned scores {scores.shape}, rebuild {rebuild.shape}, map {discrepancy.shape} "
+                f"for images {images.shape}"
+            )
+        return scores[:count], rebuild[:count], np.asarray(discrepancy, dtype=np.float32)[:count]
+
+    def _lower_priority(self) -> None:
         thread_id = threading.get_native_id()
         if self._nice_increment > 0 and thread_id not in self._lowered_threads:
             lower_this_thread_priority(self._nice_increment)
             self._lowered_threads.add(thread_id)
+
+    def score(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, 3, H, W] -> float32 [N]. Asks the graph for the score alone (see `explain`)."""
+        self._lower_priority()
         count = images.shape[0]
         if self._pad_to is not None and count < self._pad_to:
             padding = np.zeros((self._pad_to - count, *images.shape[1:]), dtype=images.dtype)

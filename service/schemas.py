@@ -10,12 +10,26 @@ class ImageError(BaseModel):
     message: str
 
 
+class Explanation(BaseModel):
+    """Where the graph saw the discrepancy (with explain=true). Map values are in threshold units:
+    1.0 is as unusual as the threshold (see service/explain.py)."""
+
+    map_png: str  # data:image/png;base64,... RGBA heat map, map_shape pixels
+    rebuild_png: str  # data:image/png;base64,... RGB rebuild at the input size
+    map_shape: list[int]
+    map_max: float | None
+    heat_scale_max: float  # the heat map's top colour, in threshold units
+    map: list[list[float | None]] | None = None  # with explain_arrays=true
+    rebuild: list[list[list[int]]] | None = None  # [3][H][W] uint8, with explain_arrays=true
+
+
 class ImageResult(BaseModel):
     index: int
     filename: str | None
     score: float | None
     flagged: bool | None
     error: ImageError | None = None
+    explanation: Explanation | None = None
 
 
 class Timing(BaseModel):

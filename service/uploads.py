@@ -25,6 +25,9 @@ from service.errors import ServiceError
 IMAGES_FIELD = "images"
 # Parts other than `images` are skipped, but each costs parsing: a form may hold only this many.
 MAX_OTHER_PARTS = 64
+# Text fields whose values are kept (the rest are skipped), each cut at OPTION_MAX_BYTES.
+OPTION_FIELDS = frozenset({"explain", "explain_arrays"})
+OPTION_MAX_BYTES = 16
 # Sent with refusals that leave the body unread: uvicorn would otherwise keep reading it to reuse the
 # connection.
 _CLOSE = {"Connection": "close"}
@@ -37,13 +40,19 @@ class Upload:
 
 
 async def read_uploads(
-    request: Request, *, max_bytes: int, max_images: int, timeout_s: float | None = None
+    request: Request,
+    *,
+    max_bytes: int,
+    max_images: int,
+    timeout_s: float | None = None,
+    options: dict[str, str] | None = None,
 ) -> list[Upload]:
     """The request's images in order; `ServiceError` 400/408/413/415/422 when the request is unusable.
-    `timeout_s` bounds the time from here to the body's last byte."""
+    `timeout_s` bounds the time from here to the body's last byte. `options`: filled with the form's
+    small text fields named in OPTION_FIELDS (e.g. explain=true), when the body is a form."""
     try:
         async with asyncio.timeout(timeout_s):
-            return await _read_uploads(request, max_bytes, max_images)
+            return await _read_uploads(request, max_bytes, max_images, options)
     except TimeoutError:
         raise ServiceError(
             408,
@@ -53,7 +62,9 @@ async def read_uploads(
         ) from None
 
 
-async def _read_uploads(request: Request, max_bytes: int, max_images: int) -> list[Upload]:
+async def _read_uploads(
+    request: Request, max_bytes: int, max_images: int, options: dict[str, str] | None = None
+) -> list[Upload]:
     mime, params = parse_options_header(request.headers.get("content-type", ""))
     mime_type = mime.decode("latin-1").lower()
     _check_declared_length(request, max_bytes)
@@ -65,6 +76,8 @@ async def _read_uploads(request: Request, max_bytes: int, max_images: int) -> li
         async for chunk in _stream_limited(request, max_bytes):
             collector.feed(chunk)
         uploads = collector.finish()
+        if options is not None:
+            options.update(collector.options)
     elif mime_type.startswith("image/") or mime_type == "application/octet-stream":
         body = b"".join([chunk async for chunk in _stream_limited(request, max_bytes)])
         uploads = [Upload(None, body)] if body else []
@@ -125,6 +138,8 @@ class _MultipartImages:
         self._parts = 0
         self.uploads: list[Upload] = []
         self.other_fields: list[str] = []
+        self.options: dict[str, str] = {}
+        self._option: str | None = None
         self._header_field = bytearray()
         self._header_value = bytearray()
         self._headers: dict[str, bytes] = {}
@@ -178,6 +193,7 @@ class _MultipartImages:
         self._headers = {}
         self._part = None
         self._filename = None
+        self._option = None
 
     def _on_header_end(self) -> None:
         self._headers[self._header_field.decode("latin-1").lower()] = bytes(self._header_value)
@@ -189,6 +205,9 @@ class _MultipartImages:
         name = options.get(b"name", b"").decode("utf-8", "replace")
         if name != IMAGES_FIELD:
             self.other_fields.append(name)
+            if name in OPTION_FIELDS:
+                self._option = name
+                self.options[name] = ""
             return
         if len(self.uploads) >= self._max_images:
             raise ServiceError(
@@ -203,6 +222,9 @@ class _MultipartImages:
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._part is not None:
             self._part.append(data[start:end])
+        elif self._option is not None:
+            value = self.options[self._option] + data[start:end].decode("latin-1")
+            self.options[self._option] = value[: OPTION_MAX_BYTES + 1]  # longer is refused by its reader
 
     def _on_part_end(self) -> None:
         if self._part is not None:
