@@ -135,7 +135,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from training.offline_score import run_score_command
 
-    return run_score_command(args.bundle, args.paths, args.format, args.output, args.batch_size)
+    return run_score_command(
+        args.bundle, args.paths, args.format, args.output, args.batch_size, args.explain
+    )
 
 
 # Entry-point groups through which other packages of this distribution (the lab) extend the CLI.
@@ -257,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--format", default="table", choices=["table", "csv", "jsonl"])
     score.add_argument("--output", help="write to this file instead of standard output")
     score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument(
+        "--explain",
+        metavar="OUT_DIR",
+        help="also write one PNG per image to OUT_DIR: input | rebuild | heat map over the input "
+        "(yellow = as unusual as the threshold, red = twice that)",
+    )
     score.set_defaults(func=_cmd_score)
 
     # Listed for --help only: main() hands `serve` and its flags to the service's own parser.

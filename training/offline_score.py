@@ -15,6 +15,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from models.bundle import ONNX_INPUT, ONNX_SCORE, Bundle, load_bundle, load_image_file
+from service.batcher import Evidence
+from service.explain import overlay_grid
 from training.data import IMAGE_SUFFIXES
 
 
@@ -40,8 +42,22 @@ def expand_paths(paths: Iterable[str]) -> list[Path]:
     return out
 
 
-def score_files(bundle: Bundle, files: list[Path], batch_size: int = 64) -> list[FileScore]:
+def score_files(
+    bundle: Bundle, files: list[Path], batch_size: int = 64, explain_dir: Path | None = None
+) -> list[FileScore]:
+    """explain_dir: also write one overlay PNG per image there (input | rebuild | heat map)."""
     import onnxruntime as ort
+
+    spec_explain = bundle.manifest.explain
+    if explain_dir is not None:
+        if spec_explain is None:
+            raise ValueError(
+                f"{bundle.root} has no evidence outputs (made before explanations): re-export it to use --explain"
+            )
+        explain_dir.mkdir(parents=True, exist_ok=True)
+        outputs = [ONNX_SCORE, spec_explain.rebuild_output, spec_explain.map_output]
+    else:
+        outputs = [ONNX_SCORE]
 
     # CPU: offline scoring must run anywhere; the service is where CUDA is chosen when present.
     session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
@@ -62,10 +78,16 @@ def score_files(bundle: Bundle, files: list[Path], batch_size: int = 64) -> list
             except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
                 results.append(FileScore(str(path), None, None, f"not a readable image: {exc}"))
         if arrays:
-            scores = session.run([ONNX_SCORE], {ONNX_INPUT: np.stack(arrays)})[0]
-            for slot, score in zip(slots, scores, strict=True):
+            batch = np.stack(arrays)
+            ran = session.run(outputs, {ONNX_INPUT: batch})
+            for k, (slot, score) in enumerate(zip(slots, ran[0], strict=True)):
                 results[slot].score = float(score)
                 results[slot].flagged = bool(score > threshold)
+                if explain_dir is not None:
+                    assert spec_explain is not None
+                    evidence = Evidence(ran[1][k], ran[2][k])
+                    name = f"{slot:05d}_{Path(results[slot].path).stem}.png"
+                    overlay_grid(batch[k], evidence, spec_explain).save(explain_dir / name)
     return results
 
 
@@ -90,11 +112,18 @@ def write_results(results: list[FileScore], fmt: str, out: Path | None) -> None:
                 handle.write(f"{r.path:<{width}}  {score:>12}  {r.error or r.flagged}\n")
 
 
-def run_score_command(bundle_path: str, paths: list[str], fmt: str, out: str | None, batch_size: int) -> int:
+def run_score_command(
+    bundle_path: str,
+    paths: list[str],
+    fmt: str,
+    out: str | None,
+    batch_size: int,
+    explain_dir: str | None = None,
+) -> int:
     bundle = load_bundle(bundle_path)
     files = expand_paths(paths)
     if not files:
         raise FileNotFoundError("no image files found in the given paths")
-    results = score_files(bundle, files, batch_size)
+    results = score_files(bundle, files, batch_size, Path(explain_dir) if explain_dir else None)
     write_results(results, fmt, Path(out) if out else None)
     return 1 if any(r.error for r in results) else 0
