@@ -24,6 +24,7 @@ from service.middleware import RequestContextMiddleware
 from service.runtime import Detector, lower_this_thread_priority, resolve_providers
 from service.settings import Settings
 from service.state import ServiceState
+from service.v2 import router as v2_router
 
 log = logging.getLogger("dede.service")
 
@@ -48,6 +49,7 @@ def create_app(
     app.state.service = state
     app.include_router(router)
     app.include_router(probes)
+    app.include_router(v2_router)
     if settings.metrics_port is None:
         app.include_router(metrics_router)
     app.add_exception_handler(ServiceError, _service_error_response)
