@@ -362,6 +362,8 @@ async def models(state: State, _: ApiKey) -> dict:
         "decoder_preset": manifest.decoder.preset,
         "score": manifest.decoder.score,
         "max_batch_size": state.settings.max_batch_size,
+        "max_images_per_request": state.settings.max_images_per_request,
+        "max_upload_bytes": state.settings.max_upload_bytes,
         "onnx_sha256": onnx_sha,
     }
     return {"models": [info]}

@@ -71,6 +71,8 @@ class ModelInfo(BaseModel):
     decoder_preset: str
     score: str
     max_batch_size: int
+    max_images_per_request: int  # a client chunks its images to these two
+    max_upload_bytes: int
     onnx_sha256: str
 
 

@@ -135,9 +135,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from training.offline_score import run_score_command
 
-    return run_score_command(
-        args.bundle, args.paths, args.format, args.output, args.batch_size, args.explain
-    )
+    return run_score_command(args.bundle, args.paths, args.format, args.output, args.batch_size, args.explain)
 
 
 # Entry-point groups through which other packages of this distribution (the lab) extend the CLI.
@@ -267,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.set_defaults(func=_cmd_score)
 
+    # Listed for --help only: main() hands `detect` to the client's own parser, before any import of
+    # torch, so that the client runs where only `dede[client]` is installed.
+    sub.add_parser(
+        "detect",
+        add_help=False,
+        help="score image files with a running service: dede detect URL FILES... (`dede detect --help`)",
+    )
+
     # Listed for --help only: main() hands `serve` and its flags to the service's own parser.
     sub.add_parser(
         "serve",
@@ -295,6 +301,10 @@ def _load_plugin(plugin: EntryPoint) -> object | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["detect"]:
+        from dede.detect_cli import run as detect
+
+        return detect(argv[1:])
     parser = build_parser()
     if argv[:1] == ["serve"]:
         args = argparse.Namespace(func=lambda _: serve(argv[1:]))
