@@ -361,6 +361,8 @@ async def models(state: State, _: ApiKey) -> dict:
         "encoder": manifest.encoder.model_dump(mode="json"),
         "decoder_preset": manifest.decoder.preset,
         "score": manifest.decoder.score,
+        "calibration": manifest.threshold.model_dump(mode="json"),
+        "explains": manifest.explain is not None,
         "max_batch_size": state.settings.max_batch_size,
         "max_images_per_request": state.settings.max_images_per_request,
         "max_upload_bytes": state.settings.max_upload_bytes,

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from models.bundle import Bundle, load_bundle
 from service.api import metrics_router, probes, router
 from service.batcher import Batcher
+from service.console import router as console_router
 from service.decode_workers import DecodeWorkers
 from service.errors import ServiceError
 from service.metrics import Metrics
@@ -50,6 +51,7 @@ def create_app(
     app.include_router(router)
     app.include_router(probes)
     app.include_router(v2_router)
+    app.include_router(console_router)
     if settings.metrics_port is None:
         app.include_router(metrics_router)
     app.add_exception_handler(ServiceError, _service_error_response)

@@ -70,6 +70,8 @@ class ModelInfo(BaseModel):
     encoder: dict
     decoder_preset: str
     score: str
+    calibration: dict  # the manifest's threshold entry: FPR target, n, source, score quantiles, ...
+    explains: bool  # whether /detect?explain=true works with this bundle
     max_batch_size: int
     max_images_per_request: int  # a client chunks its images to these two
     max_upload_bytes: int
