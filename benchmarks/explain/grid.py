@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.bundle and not args.quick:
         parser.error("give --bundle or --quick")
+    from lab.attacks.triggers import white_square
     from models.bundle import load_bundle
     from training.data import data_dir, load_npz
     from training.offline_score import score_files
-    from training.triggers import white_square
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ and under TYPE_CHECKING):
   training  imports models and service (the offline half; service for torch-free decoding and serving);
   deploy    imports models and service (scale-out wraps the online half);
   lab       may import all of them (the research harness);
+  dede      imports nothing of ours (the client: httpx only; `training`'s CLI may import it);
   nothing   imports the lab (the `dede` command line finds the lab's commands through entry points);
   and no package module takes part in an import cycle.
 """
@@ -19,13 +20,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-OURS = ("models", "training", "lab", "service", "deploy", "benchmarks")
+OURS = ("models", "training", "lab", "service", "deploy", "dede", "benchmarks")
 ALLOWED = {
     "models": {"models"},
     "service": {"models", "service"},
-    "training": {"models", "service", "training"},
+    "training": {"models", "service", "training", "dede"},
     "deploy": {"models", "service", "deploy"},
     "lab": {"models", "service", "training", "lab"},
+    "dede": {"dede"},
     "benchmarks": set(OURS),  # measurements may use anything, and nothing imports them
 }
 
@@ -121,7 +123,7 @@ def test_the_cli_finds_the_lab_through_entry_points_only() -> None:
     assert {"fit", "calibrate", "export", "score", "serve", "lab", "demo", "attack"} <= set(commands)
 
 
-@pytest.mark.parametrize("package", ["models", "training", "lab", "service", "deploy"])
+@pytest.mark.parametrize("package", ["models", "training", "lab", "service", "deploy", "dede"])
 def test_every_package_says_which_room_it_is(package: str) -> None:
     init = REPO / package / "__init__.py"
     doc = ast.get_docstring(ast.parse(init.read_text())) if init.is_file() else None
