@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import data_dir, load_npz
     from training.offline_score import score_files
 
+    provenance = run_record()  # before this run rewrites its own committed outputs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{bundle.threshold:.6g}",
                 ]
             )
-    record = {"bundle": bundle.manifest.model_name, "threshold": bundle.threshold, "run": run_record()}
+    record = {"bundle": bundle.manifest.model_name, "threshold": bundle.threshold, "run": provenance}
     (out / "grid.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out / 'grid.png'} and {out / 'scores.csv'}")
     return 0
