@@ -125,9 +125,9 @@ class ExplainSpec(_Strict):
     """How the graph's evidence outputs read, so the service can show them without torch.
 
     The graph's `discrepancy_map` [N, h, w] divided by `map_scale` gives the normalized map, in
-    which 1.0 means "as unusual as the threshold": for a score that sums the map, `map_scale` is
-    the threshold spread evenly over the cells that count (a map of 1.0 everywhere scores exactly
-    the threshold); for a score that takes the map's maximum, it is the threshold itself.
+    which 1.0 means "as unusual as the threshold". `dede export` sets `map_scale` from the clean
+    calibration images: the (1 - FPR target) quantile of their counted cells, so a cell at 1.0 is
+    exceeded by clean images as rarely as the threshold is by clean scores (training/evidence.py).
     """
 
     rebuild_output: str = ONNX_REBUILD
@@ -135,7 +135,9 @@ class ExplainSpec(_Strict):
     rebuild_dtype: Literal["uint8"] = "uint8"  # pixel space, same layout as the input
     map_shape: tuple[int, int]  # (h, w): cells over the image, row-major (patches, feature cells)
     map_scale: float = Field(gt=0)
-    map_reduction: Literal["sum", "max", "mean"]  # how the map's cells become the score
+    # How the map's cells become the score; "none": the score is not computed from these cells (the
+    # feature score: the map is then the pixel-space evidence of the same rebuild).
+    map_reduction: Literal["sum", "max", "mean", "none"]
     map_cells_counted: int = Field(gt=0)  # cells that can be non-zero (the masked patches)
     description: str = ""  # what one cell holds, for a reader
 

@@ -29,8 +29,10 @@ from models.bundle import (
     load_bundle,
     write_manifest,
 )
+from models.detector import error_patch_size
 from models.encoders import onnx_with_outputs
 from models.feature_taps import stage_discrepancy
+from training.evidence import EVIDENCE_OUTPUTS, EvidenceError, add_evidence_outputs, explain_fields
 from training.fit import FittedRun
 from training.scoring import score_run
 
@@ -414,6 +416,15 @@ def export_bundle(
         export_onnx(run, onnx_path, score_kind)
         threshold = calibration["threshold"]
         parity = verify_parity(onnx_path, run, parity_images, threshold["value"], score_kind)
+        # Explanations: rebuild and discrepancy map appended after the score (training/evidence.py).
+        add_evidence_outputs(onnx_path, identity.input_spec(), error_patch_size(run.decoder), run.visible)
+        try:
+            explain, map_parity = explain_fields(
+                onnx_path, parity_images, score_kind, threshold["fpr_target"], run.visible
+            )
+        except EvidenceError as exc:
+            raise ExportError(f"{exc}; bundle not written") from exc
+        parity.update(map_parity)
         fields = {
             "model_name": model_name,
             "model_version": model_version,
@@ -429,7 +440,8 @@ def export_bundle(
                 "feature": _feature_spec(run) if score_kind == "feature" else None,
             },
             "threshold": threshold,
-            "onnx_outputs": [ONNX_SCORE, ONNX_RECONSTRUCTION],
+            "onnx_outputs": [ONNX_SCORE, ONNX_RECONSTRUCTION, *EVIDENCE_OUTPUTS],
+            "explain": explain,
             "opset": OPSET,
             "tools": _tool_versions(),
             "parity": parity,
