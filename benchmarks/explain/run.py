@@ -2,7 +2,8 @@
 `lab` decoder, random weights: cost does not depend on the weights) exported as the service exports
 it, then, side by side in one process and interleaved round by round:
 
-  score_only_graph  a graph without the evidence outputs (a bundle from before explanations), score
+  score_only_graph  the export's graph without the evidence outputs (a bundle from before
+                    explanations), asked for the score
   explain_off       the graph with them, asked for the score alone (what /detect does by default)
   explain_on        the graph asked for all three outputs, plus the PNG data URIs (`explanation`)
 
@@ -37,15 +38,18 @@ HTTP_IMAGES = 8
 
 
 def build_bundles(root: Path) -> tuple[Path, Path]:
-    """(explaining bundle, score-only bundle) with the same weights."""
-    import onnx
+    """(explaining bundle, score-only bundle) with the same weights: the export's own graph (score
+    and reconstruction), then the same with the evidence outputs appended (training/evidence.py)."""
+    import shutil
+
     import torch
 
-    from models.bundle import ONNX_INPUT, ONNX_NAME, ONNX_SCORE, write_manifest
+    from models.bundle import ONNX_INPUT, ONNX_NAME, ONNX_RECONSTRUCTION, ONNX_SCORE, write_manifest
     from models.decoder import DeDeDecoder, fixed_visible_patches, preset_config
-    from models.detector import Detector, DetectorHead, ExplainingDetector
+    from models.detector import Detector, DetectorHead
     from models.encoders import load_encoder
-    from training.export import OUTPUTS, _export_torch, _tool_versions
+    from training.evidence import EVIDENCE_OUTPUTS, add_evidence_outputs
+    from training.export import _export_torch, _tool_versions
 
     torch.manual_seed(0)
     encoder = load_encoder("random:cifar_resnet18", width=16)
@@ -54,14 +58,14 @@ def build_bundles(root: Path) -> tuple[Path, Path]:
     head = DetectorHead(
         DeDeDecoder(config, encoder.identity.embedding_dim), visible, encoder.mean, encoder.std
     )
-    module = ExplainingDetector(Detector(encoder.module, head)).eval()
+    module = Detector(encoder.module, head).eval()
     threshold = 100.0
-    counted = config.num_patches - len(visible)
+    spec = encoder.identity.input_spec()
     fields = {
         "model_name": "explain-cost",
         "model_version": "1",
         "created_at": "2026-01-01T00:00:00Z",
-        "input": encoder.identity.input_spec().model_dump(mode="json"),
+        "input": spec.model_dump(mode="json"),
         "encoder": encoder.identity.model_dump(mode="json"),
         "decoder": {
             "preset": "lab",
@@ -81,29 +85,26 @@ def build_bundles(root: Path) -> tuple[Path, Path]:
         "tools": _tool_versions(),
     }
     explaining, plain = root / "explaining", root / "score_only"
-    explaining.mkdir(), plain.mkdir()
+    plain.mkdir()
     example = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    _export_torch(module, (example,), explaining / ONNX_NAME, [ONNX_INPUT])
+    _export_torch(module, (example,), plain / ONNX_NAME, [ONNX_INPUT])
+    shutil.copytree(plain, explaining)
+    write_manifest(plain, {**fields, "onnx_outputs": [ONNX_SCORE, ONNX_RECONSTRUCTION]})
+    add_evidence_outputs(explaining / ONNX_NAME, spec, config.patch_size, visible)
     side = config.image_size // config.patch_size
     write_manifest(
         explaining,
         {
             **fields,
-            "onnx_outputs": OUTPUTS,
+            "onnx_outputs": [ONNX_SCORE, ONNX_RECONSTRUCTION, *EVIDENCE_OUTPUTS],
             "explain": {
                 "map_shape": (side, side),
-                "map_scale": threshold / counted,
+                "map_scale": threshold / (config.num_patches - len(visible)),
                 "map_reduction": "sum",
-                "map_cells_counted": counted,
+                "map_cells_counted": config.num_patches - len(visible),
             },
         },
     )
-    graph = onnx.load(str(explaining / ONNX_NAME))
-    kept = [o for o in graph.graph.output if o.name == ONNX_SCORE]
-    del graph.graph.output[:]
-    graph.graph.output.extend(kept)
-    onnx.save(graph, str(plain / ONNX_NAME))
-    write_manifest(plain, fields)
     return explaining, plain
 
 
