@@ -311,7 +311,12 @@ async def _add_explanations(
     def render() -> list[dict]:
         return [explanation(evidence, spec, with_arrays) for _, evidence in pending]
 
-    rendered = await asyncio.get_running_loop().run_in_executor(state.decode_pool, render)
+    spec_in = state.bundle.manifest.input
+    if len(pending) * spec_in.height * spec_in.width <= state.settings.inline_decode_max_pixels:
+        # Small images, as for decoding: rendering takes less than the hop to a thread and back.
+        rendered = render()
+    else:
+        rendered = await asyncio.get_running_loop().run_in_executor(state.decode_pool, render)
     for (result, _), shown in zip(pending, rendered, strict=True):
         result["explanation"] = shown
 
