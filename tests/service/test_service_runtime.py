@@ -155,7 +155,11 @@ def test_a_graph_that_does_not_match_the_manifest_is_refused(tmp_path: Path) -> 
 def _thread_nice_values() -> dict[int, int]:
     values = {}
     for task in Path("/proc/self/task").iterdir():
-        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        try:
+            stat = (task / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread of an earlier test (a client's pool) ended while the list was read
+        fields = stat.rsplit(")", 1)[1].split()
         values[int(task.name)] = int(fields[16])  # field 19 of stat: nice
     return values
 
