@@ -38,8 +38,9 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from models.bundle import ONNX_INPUT, ONNX_SCORE
-from service.api import _decode, _reserve, require_api_key
+from service.api import _reserve, require_api_key
 from service.batcher import BatcherClosed, InferenceFailed, ScoredImage
+from service.decode_step import decode_inline, decode_request, plan_decode
 from service.decoding import ImageRejected
 from service.errors import ServiceError
 from service.state import ServiceState
@@ -229,7 +230,9 @@ async def _run_request(request: Request, state: ServiceState, started: float) ->
         if input_name == ONNX_INPUT:
             arrays = list(_uint8_images(data, shape, spec.height, spec.width))
         else:
-            decoded = await _decode(state, _bytes_elements(data, count))
+            # The same decode step as /detect: structure checks, then in process or in the workers.
+            plan = plan_decode(state, _bytes_elements(data, count))
+            decoded = decode_inline(state, plan) if plan.inline(state) else await decode_request(state, plan)
             rejected = [(i, item) for i, item in enumerate(decoded) if isinstance(item, ImageRejected)]
             if rejected:
                 state.metrics.images.labels("error").inc(count)
