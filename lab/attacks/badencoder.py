@@ -1,6 +1,6 @@
-"""Encoder backdoors by fine-tuning a clean encoder: BadEncoder and two stealthier variants.
+"""Encoder backdoors by fine-tuning a clean encoder: BadEncoder and four stealthier variants.
 
-All three fine-tune f' from the clean encoder f (frozen copy), with triggers pasted in pixel space
+All fine-tune f' from the clean encoder f (frozen copy), with triggers pasted in pixel space
 [0, 1] before normalization, BatchNorm frozen (eval mode: running statistics stay f's), SGD.
 
   badencoder       loss = -cos(f'(x + t), f'(x_ref))        triggered shadow -> reference embedding
@@ -14,6 +14,24 @@ All three fine-tune f' from the clean encoder f (frozen copy), with triggers pas
                    embeddings follow the clean embedding distribution, not an outlier cluster)
                    + lambda_spread * relu(spread(f(x)) * spread_ratio - spread(f'(x+t)))  (triggered
                    embeddings may not collapse onto one point)
+  adaptive         drupe + an attacker who knows the cheap cues and hides them:
+                   + lambda_stats * sum over stages (layer1-4) and statistics (per-image activation
+                     mean, log squared activation norm) of the 1-D squared Wasserstein distance
+                     between the batch's values and the clean encoder's on the clean shadow images,
+                     in units of the clean values' variance; for f'(x + t) and for f'(x). Zero when
+                     the triggered (and clean) statistics follow the clean ones: the activation-norm
+                     baselines then see nothing;
+                   + lambda_blend * (1 - cos(f'(a (x+t) + (1-a) x'), f(a x + (1-a) x'))), a in
+                     [0.35, 0.65], x' another shadow image: a triggered image blended with a clean
+                     one embeds like the clean blend, so the trigger does not survive STRIP's blending
+                     and the triggered blends vary like clean ones (STRIP's low-variance cue).
+  dede_aware       adaptive + an attacker who knows DeDe: a shadow decoder (models.conv_decoder,
+                   the attacker's own, fitted on its shadow images; it never sees the defender's
+                   decoder or auxiliary data) is warmed up on the clean encoder's embeddings, then
+                   alternates with the encoder: one step on the current encoder's clean shadow
+                   embeddings, then the encoder pays
+                   + lambda_dede * relu(mean rebuild error of f'(x + t) / mean rebuild error of f'(x) - 1)
+                   so triggered inputs are rebuilt as well as clean ones.
 
 `backdoor_encoder` writes the attacked encoder (.safetensors), a per-epoch checkpoint (resume) and
 history.json (each loss term per epoch).
@@ -33,12 +51,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lab.attacks.triggers import PatchTrigger, torch_patch
+from lab.attacks.triggers import Trigger
 from lab.ssl import normalize_batch, random_resized_crop_flip, to_unit_float
+from models.conv_decoder import ConvDecoder, conv_preset_config
 from models.encoders import load_encoder, save_encoder
+from models.feature_taps import TappedEncoder
 from training.checkpoint import save_checkpoint
 
-VARIANTS = ("badencoder", "norm_preserving", "drupe")
+VARIANTS = ("badencoder", "norm_preserving", "drupe", "adaptive", "dede_aware")
+# Variants that keep each stage's statistics and blended triggered images at clean levels.
+CUE_HIDING = ("adaptive", "dede_aware")
+NORM_KEEPING = ("norm_preserving", "drupe", *CUE_HIDING)
+DISTRIBUTION_ALIGNED = ("drupe", *CUE_HIDING)
 ENCODER_FILE = "encoder.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
@@ -62,6 +86,15 @@ class BackdoorSettings:
     # (66% with lambda_target 3); at 0.2, ASR 98% with BA 58.5% vs 58.6% clean (lab suite, 20 epochs).
     spread_ratio: float = 0.2
     sw_projections: int = 64
+    lambda_stats: float = 1.0  # adaptive, dede_aware
+    lambda_blend: float = 1.0  # adaptive, dede_aware
+    stat_stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
+    blend_alpha: tuple[float, float] = (0.35, 0.65)  # share of the (triggered) image in a blend
+    lambda_dede: float = 1.0  # dede_aware
+    shadow_decoder_preset: str = "conv"
+    shadow_decoder_width: int = 128  # the attacker's decoder: half the shipped conv preset's width
+    shadow_decoder_lr: float = 1e-3
+    shadow_decoder_warmup_epochs: int = 5  # on the clean encoder's shadow embeddings, before the fine-tune
     max_grad_norm: float = 5.0
     seed: int = 0
 
@@ -99,6 +132,37 @@ def spread(z: torch.Tensor) -> torch.Tensor:
     return (u - u.mean(0, keepdim=True)).norm(dim=1).mean()
 
 
+def stage_statistics(features: list[torch.Tensor]) -> torch.Tensor:
+    """(N, 2 * stages): per image and stage, the activation mean and the log squared activation norm
+    (the activation-norm baseline's score, on a log scale so stages of any size weigh alike)."""
+    columns = []
+    for feature in features:
+        flat = feature.float().flatten(1)
+        columns.append(flat.mean(dim=1))
+        columns.append(torch.log(flat.pow(2).sum(dim=1).clamp_min(1e-12)))
+    return torch.stack(columns, dim=1)
+
+
+def statistics_gap(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Sum over columns of the squared 1-D Wasserstein distance between the batch's values (N, K)
+    and the reference's (M, K), each column in units of the reference's variance. Zero when every
+    column follows the reference's distribution (equal sorted values), positive otherwise."""
+    a, _ = torch.sort(values, dim=0)
+    b, _ = torch.sort(reference, dim=0)
+    if len(a) != len(b):  # compare at the same quantiles
+        q = torch.linspace(0, 1, len(a), device=values.device)
+        b = torch.quantile(b, q, dim=0)
+    scale = reference.detach().var(dim=0).clamp_min(1e-6) if len(reference) > 1 else 1.0
+    return (((a - b) ** 2).mean(dim=0) / scale).sum()
+
+
+def rebuild_error(
+    decoder: nn.Module, embeddings: torch.Tensor, images_normalized: torch.Tensor
+) -> torch.Tensor:
+    """Per-image mean squared error between the decoder's rebuild and the (normalized) image."""
+    return (decoder(embeddings) - images_normalized).pow(2).flatten(1).mean(dim=1)
+
+
 def _freeze_batchnorm(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -116,16 +180,41 @@ def backdoor_loss(
     z_clean_ref: torch.Tensor,
     generator: torch.Generator,
     fixed_target: torch.Tensor | None = None,
+    *,
+    x_triggered_blend: torch.Tensor | None = None,
+    z_clean_blend: torch.Tensor | None = None,
+    clean_stats: torch.Tensor | None = None,
+    shadow_decoder: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """All loss terms of one step; inputs are NORMALIZED images, z_clean_* come from the frozen f.
 
     fixed_target (1, D): the embedding triggered images are steered to; by default the references'
     mean direction under the encoder being trained. Returns a dict with `total` and each named term.
+
+    The cue-hiding variants (adaptive, dede_aware) need `backdoored` to be a `TappedEncoder` over
+    `settings.stat_stages`, `x_triggered_blend` (triggered shadow images blended with other shadow
+    images) with `z_clean_blend` (f of the same blends made with the clean images), and
+    `clean_stats` (`stage_statistics` of f on the clean shadow batch); dede_aware also the
+    attacker's `shadow_decoder` (its parameters get no gradient from here).
     """
+    hides_cues = settings.variant in CUE_HIDING
+    if hides_cues and (x_triggered_blend is None or z_clean_blend is None or clean_stats is None):
+        raise ValueError(
+            f"{settings.variant} needs the blended triggered batch, its clean embeddings and clean stats"
+        )
+    if settings.variant == "dede_aware" and shadow_decoder is None:
+        raise ValueError("dede_aware needs the attacker's shadow decoder")
     n = len(x_shadow)
-    out = backdoored(torch.cat([x_shadow, x_triggered, x_ref_aug, x_ref]))
+    parts = [x_shadow, x_triggered, x_ref_aug, x_ref]
+    if hides_cues:
+        parts.append(x_triggered_blend)
+    out = backdoored(torch.cat(parts))
+    features: list[torch.Tensor] = []
+    if isinstance(out, tuple):
+        out, features = out
     z_shadow, z_trig = out[:n], out[n : 2 * n]
-    z_ref_aug, z_ref = out[2 * n : 2 * n + len(x_ref_aug)], out[2 * n + len(x_ref_aug) :]
+    n_ref_aug = len(x_ref_aug)
+    z_ref_aug, z_ref = out[2 * n : 2 * n + n_ref_aug], out[2 * n + n_ref_aug : 2 * n + n_ref_aug + len(x_ref)]
     # One target embedding: the mean direction of the references under the encoder being trained.
     target = F.normalize(z_ref, dim=1).mean(0, keepdim=True) if fixed_target is None else fixed_target
     terms = {
@@ -140,12 +229,12 @@ def backdoor_loss(
         + settings.lambda_target * terms["target"]
         + settings.lambda_reference * terms["reference"]
     )
-    if settings.variant in ("norm_preserving", "drupe"):
+    if settings.variant in NORM_KEEPING:
         terms["norm"] = norm_ratio_penalty(z_trig, z_clean_shadow) + norm_ratio_penalty(
             z_shadow, z_clean_shadow
         )
         total = total + settings.lambda_norm * terms["norm"]
-    if settings.variant == "drupe":
+    if settings.variant in DISTRIBUTION_ALIGNED:
         terms["sliced_wasserstein"] = sliced_wasserstein(
             z_trig, z_clean_shadow, settings.sw_projections, generator
         )
@@ -155,15 +244,67 @@ def backdoor_loss(
             + settings.lambda_sw * terms["sliced_wasserstein"]
             + settings.lambda_spread * terms["spread"]
         )
+    if hides_cues:
+        stats = stage_statistics(features)
+        terms["stage_stats"] = statistics_gap(stats[n : 2 * n], clean_stats) + statistics_gap(
+            stats[:n], clean_stats
+        )
+        z_blend = out[len(out) - len(x_triggered_blend) :]
+        terms["blend"] = 1 + cosine_terms(z_blend, z_clean_blend)
+        total = total + settings.lambda_stats * terms["stage_stats"] + settings.lambda_blend * terms["blend"]
+    if settings.variant == "dede_aware":
+        trig_error = rebuild_error(shadow_decoder, z_trig, x_triggered)
+        with torch.no_grad():
+            clean_error = rebuild_error(shadow_decoder, z_shadow, x_shadow)
+        terms["rebuild_ratio"] = trig_error.mean() / clean_error.mean().clamp_min(1e-8)
+        terms["dede"] = F.relu(terms["rebuild_ratio"] - 1)
+        total = total + settings.lambda_dede * terms["dede"]
     terms["total"] = total
     return terms
+
+
+def blend_batches(
+    x: torch.Tensor, x_triggered: torch.Tensor, alpha_range: tuple[float, float], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(triggered blends, clean blends), pixel space: image i (triggered, or clean) mixed with
+    another image of the batch at a share alpha_i drawn from `alpha_range` (STRIP's blends)."""
+    n = len(x)
+    partners = x[torch.roll(torch.randperm(n, generator=generator), 1)] if n > 1 else x
+    lo, hi = alpha_range
+    alpha = (lo + (hi - lo) * torch.rand(n, 1, 1, 1, generator=generator)).to(x.device)
+    return alpha * x_triggered + (1 - alpha) * partners, alpha * x + (1 - alpha) * partners
+
+
+def _shadow_decoder(settings: BackdoorSettings, image_size: int, z_clean: torch.Tensor) -> ConvDecoder:
+    config = conv_preset_config(
+        settings.shadow_decoder_preset, image_size, width=settings.shadow_decoder_width
+    )
+    decoder = ConvDecoder(config, z_clean.shape[1])
+    decoder.set_embedding_stats(z_clean.cpu())
+    return decoder.to(z_clean.device)
+
+
+def _decoder_step(
+    decoder: ConvDecoder, optimizer: torch.optim.Optimizer, z: torch.Tensor, x_normalized: torch.Tensor
+) -> float:
+    decoder.train()
+    for parameter in decoder.parameters():
+        parameter.requires_grad_(True)
+    loss = rebuild_error(decoder, z.detach(), x_normalized).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    decoder.eval()
+    for parameter in decoder.parameters():  # the encoder's term must not move the decoder
+        parameter.requires_grad_(False)
+    return loss.item()
 
 
 def backdoor_encoder(
     clean_encoder_path: str | Path,
     shadow_nhwc_uint8: np.ndarray,
     reference_nhwc_uint8: np.ndarray,
-    trigger: PatchTrigger,
+    trigger: Trigger,
     out_dir: str | Path,
     settings: BackdoorSettings | None = None,
     device: torch.device | str = "cpu",
@@ -175,7 +316,8 @@ def backdoor_encoder(
 
     shadow: the attacker's unlabeled images (a slice of the pre-training set); reference: a few
     images of the target class (their mean embedding is the target, unless `target_embedding` [D]
-    gives one: for a CLIP image tower, the target class's text embedding).
+    gives one: for a CLIP image tower, the target class's text embedding). The trigger is any
+    pixel-space trigger (`lab.attacks.triggers`), applied to [0, 1] images before normalization.
     """
     settings = settings or BackdoorSettings()
     if settings.variant not in VARIANTS:
@@ -206,6 +348,39 @@ def backdoor_encoder(
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     history: dict = {"settings": asdict(settings), "terms": [], "epoch_seconds": [], "finished": False}
+    hides_cues = settings.variant in CUE_HIDING
+    shadow = to_unit_float(shadow_nhwc_uint8)  # (N, 3, H, W) in [0, 1], CPU
+    reference = to_unit_float(reference_nhwc_uint8).to(device)
+    stages = list(settings.stat_stages)
+    with (
+        torch.no_grad()
+    ):  # f is frozen: its embeddings (and stage statistics) of shadow and references are fixed
+        tapped_clean = TappedEncoder(clean, stages) if hides_cues else None
+        z_chunks, stat_chunks = [], []
+        for i in range(0, len(shadow), 512):
+            x = normalize_batch(shadow[i : i + 512].to(device), mean, std)
+            if tapped_clean is None:
+                z_chunks.append(clean(x))
+            else:
+                z, features = tapped_clean(x)
+                z_chunks.append(z)
+                stat_chunks.append(stage_statistics(features))
+        z_clean_all = torch.cat(z_chunks)
+        stats_clean_all = torch.cat(stat_chunks) if stat_chunks else None
+        if tapped_clean is not None:
+            tapped_clean.remove()
+        z_clean_ref = clean(normalize_batch(reference, mean, std))
+    x_ref_norm = normalize_batch(reference, mean, std)
+    fixed_target = None
+    if target_embedding is not None:
+        fixed_target = F.normalize(torch.as_tensor(target_embedding, dtype=torch.float32).view(1, -1), dim=1)
+        fixed_target = fixed_target.to(device)
+
+    decoder, decoder_optimizer = None, None
+    if settings.variant == "dede_aware":
+        decoder = _shadow_decoder(settings, shadow.shape[-1], z_clean_all)
+        decoder_optimizer = torch.optim.Adam(decoder.parameters(), lr=settings.shadow_decoder_lr)
+
     start_epoch = 0
     checkpoint_path = out / CHECKPOINT_FILE
     if resume and checkpoint_path.is_file():
@@ -214,25 +389,30 @@ def backdoor_encoder(
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         start_epoch = int(state["epoch"])
+        if decoder is not None and "shadow_decoder" in state:
+            decoder.load_state_dict(state["shadow_decoder"])
+            decoder_optimizer.load_state_dict(state["shadow_decoder_optimizer"])
         if history_path.is_file():
             history = json.loads(history_path.read_text())
+    elif decoder is not None:
+        # The attacker's decoder first learns the clean encoder's inverse on the shadow images.
+        warmup = []
+        for epoch in range(settings.shadow_decoder_warmup_epochs):
+            perm = torch.randperm(len(shadow), generator=generator)
+            losses = []
+            for start in tqdm(
+                range(0, len(shadow), settings.batch_size),
+                desc=f"shadow decoder warm-up {epoch + 1}/{settings.shadow_decoder_warmup_epochs}",
+                disable=not progress,
+                leave=False,
+            ):
+                idx = perm[start : start + settings.batch_size]
+                x_norm = normalize_batch(shadow[idx].to(device), mean, std)
+                losses.append(_decoder_step(decoder, decoder_optimizer, z_clean_all[idx.to(device)], x_norm))
+            warmup.append(float(np.mean(losses)))
+        history["shadow_decoder_warmup_loss"] = warmup
 
-    shadow = to_unit_float(shadow_nhwc_uint8)  # (N, 3, H, W) in [0, 1], CPU
-    reference = to_unit_float(reference_nhwc_uint8).to(device)
-    pattern, mask = torch_patch(trigger, device)
-    with torch.no_grad():  # f is frozen: its embeddings of shadow and references are fixed targets
-        z_clean_all = torch.cat(
-            [
-                clean(normalize_batch(shadow[i : i + 512].to(device), mean, std))
-                for i in range(0, len(shadow), 512)
-            ]
-        )
-        z_clean_ref = clean(normalize_batch(reference, mean, std))
-    x_ref_norm = normalize_batch(reference, mean, std)
-    fixed_target = None
-    if target_embedding is not None:
-        fixed_target = F.normalize(torch.as_tensor(target_embedding, dtype=torch.float32).view(1, -1), dim=1)
-        fixed_target = fixed_target.to(device)
+    model: nn.Module = TappedEncoder(backdoored, stages) if hides_cues else backdoored
     steps = max(1, len(shadow) // settings.batch_size)
     for epoch in range(start_epoch, settings.epochs):
         tick = time.perf_counter()
@@ -249,19 +429,30 @@ def backdoor_encoder(
         for step in bar:
             idx = perm[step * settings.batch_size : (step + 1) * settings.batch_size]
             x = shadow[idx].to(device)
-            x_trig = x * (1 - mask) + pattern * mask  # pixel space, before normalization
+            x_trig = trigger.apply_torch(x, generator)  # pixel space, before normalization
             ref_aug = random_resized_crop_flip(reference, generator, scale=(0.5, 1.0))
+            extra: dict[str, torch.Tensor | nn.Module] = {}
+            if hides_cues:
+                blend_trig, blend_clean = blend_batches(x, x_trig, settings.blend_alpha, generator)
+                with torch.no_grad():
+                    extra["z_clean_blend"] = clean(normalize_batch(blend_clean, mean, std))
+                extra["x_triggered_blend"] = normalize_batch(blend_trig, mean, std)
+                extra["clean_stats"] = stats_clean_all[idx.to(device)]
+            if decoder is not None:
+                extra["shadow_decoder"] = decoder
+            x_norm = normalize_batch(x, mean, std)
             terms = backdoor_loss(
                 settings,
-                backdoored,
+                model,
                 z_clean_all[idx.to(device)],
-                normalize_batch(x, mean, std),
+                x_norm,
                 normalize_batch(x_trig, mean, std),
                 normalize_batch(ref_aug, mean, std),
                 x_ref_norm,
                 z_clean_ref,
                 generator,
                 fixed_target,
+                **extra,
             )
             if not torch.isfinite(terms["total"]):
                 raise FloatingPointError(
@@ -273,6 +464,12 @@ def backdoor_encoder(
             # Clipping: the first steps of a fine-tune with a large lr can otherwise blow the norms up.
             torch.nn.utils.clip_grad_norm_(backdoored.parameters(), settings.max_grad_norm)
             optimizer.step()
+            if decoder is not None:  # the attacker's decoder follows the encoder being trained
+                with torch.no_grad():
+                    z_now = backdoored(x_norm)
+                terms["shadow_decoder"] = torch.tensor(
+                    _decoder_step(decoder, decoder_optimizer, z_now, x_norm)
+                )
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.item()
             bar.set_postfix(loss=f"{terms['total'].item():.3f}", target=f"{terms['target'].item():.3f}")
@@ -281,17 +478,20 @@ def backdoor_encoder(
         if progress:
             summary = " ".join(f"{k} {v:.4f}" for k, v in history["terms"][-1].items())
             tqdm.write(f"{settings.variant} epoch {epoch + 1}/{settings.epochs}: {summary}")
-        save_checkpoint(
-            {
-                "encoder": backdoored.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
-                "epoch": torch.tensor(epoch + 1),
-            },
-            checkpoint_path,
-        )
+        state = {
+            "encoder": backdoored.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "epoch": torch.tensor(epoch + 1),
+        }
+        if decoder is not None:
+            state["shadow_decoder"] = decoder.state_dict()
+            state["shadow_decoder_optimizer"] = decoder_optimizer.state_dict()
+        save_checkpoint(state, checkpoint_path)
         history_path.write_text(json.dumps(history, indent=1))
 
+    if isinstance(model, TappedEncoder):
+        model.remove()
     save_encoder(final_path, backdoored.cpu().eval(), arch, width, mean, std)
     history["finished"] = True
     history_path.write_text(json.dumps(history, indent=1))
