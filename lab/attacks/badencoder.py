@@ -276,9 +276,10 @@ def blend_batches(
 
 
 def _shadow_decoder(settings: BackdoorSettings, image_size: int, z_clean: torch.Tensor) -> ConvDecoder:
-    config = conv_preset_config(
-        settings.shadow_decoder_preset, image_size, width=settings.shadow_decoder_width
-    )
+    width = settings.shadow_decoder_width
+    # min_width must not exceed width: the first stage takes `width` channels from the projection.
+    min_width = min(width, conv_preset_config(settings.shadow_decoder_preset, image_size).min_width)
+    config = conv_preset_config(settings.shadow_decoder_preset, image_size, width=width, min_width=min_width)
     decoder = ConvDecoder(config, z_clean.shape[1])
     decoder.set_embedding_stats(z_clean.cpu())
     return decoder.to(z_clean.device)

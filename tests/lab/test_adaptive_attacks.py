@@ -1,0 +1,247 @@
+"""The cue-hiding attackers' loss terms (lab.attacks.badencoder) and a smoke-size run of every
+fine-tune attack with every trigger family, on a tiny encoder and generated images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lab.attacks.badencoder import (
+    VARIANTS,
+    BackdoorSettings,
+    backdoor_encoder,
+    backdoor_loss,
+    blend_batches,
+    norm_ratio_penalty,
+    rebuild_error,
+    stage_statistics,
+    statistics_gap,
+)
+from lab.attacks.triggers import make_trigger
+from models.architectures import build_architecture
+from models.conv_decoder import ConvDecoder, conv_preset_config
+from models.encoders import load_encoder, save_encoder
+from models.feature_taps import TappedEncoder
+
+STAGES = ["layer1", "layer2", "layer3", "layer4"]
+
+
+def smooth_images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    """uint8 [n, size, size, 3]: blocky colour fields plus noise (cheap, image-like)."""
+    rng = np.random.default_rng(seed)
+    images = np.kron(rng.random((n, 4, 4, 3)), np.ones((1, size // 4, size // 4, 1)))
+    return (np.clip(images + rng.normal(0, 0.03, images.shape), 0, 1) * 255).astype(np.uint8)
+
+
+def tiny_encoder(images: np.ndarray) -> torch.nn.Module:
+    """A random width-4 CIFAR ResNet whose BatchNorm statistics are set on the images (a fresh
+    encoder in eval mode maps every image to nearly the same embedding)."""
+    torch.manual_seed(0)
+    module = build_architecture("cifar_resnet18", 4)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    module.train()
+    with torch.no_grad():
+        module((torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.45) / 0.25)
+    return module.eval()
+
+
+# --- the terms ---------------------------------------------------------------------------------
+
+
+def test_statistics_gap_is_zero_for_the_same_distribution_and_positive_otherwise() -> None:
+    clean = torch.randn(64, 8)
+    assert statistics_gap(clean[torch.randperm(64)], clean) < 1e-10  # same values, any order
+    assert statistics_gap(clean + 0.5, clean) > 0.2  # shifted
+    assert statistics_gap(clean * 2, clean) > 0.2  # wider
+    # In units of the reference's variance: scaling both changes nothing.
+    assert torch.isclose(statistics_gap(10 * (clean + 0.5), 10 * clean), statistics_gap(clean + 0.5, clean))
+    # Different batch sizes are compared at the same quantiles: every other sorted value is close.
+    assert statistics_gap(clean.sort(0).values[::2], clean) < 0.1 * statistics_gap(clean + 0.5, clean)
+
+
+def test_stage_statistics_are_the_activation_mean_and_log_squared_norm() -> None:
+    features = [torch.rand(5, 4, 8, 8), torch.rand(5, 16, 2, 2)]
+    stats = stage_statistics(features)
+    assert stats.shape == (5, 4)
+    assert torch.allclose(stats[:, 0], features[0].flatten(1).mean(1))
+    assert torch.allclose(stats[:, 3], torch.log(features[1].pow(2).flatten(1).sum(1)))
+
+
+def test_norm_penalty_is_zero_at_clean_norms_and_grows_either_way() -> None:
+    z = torch.randn(16, 8)
+    direction = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
+    same_norms = direction * z.norm(dim=1, keepdim=True)
+    assert norm_ratio_penalty(same_norms, z) < 1e-10  # direction may differ, the norm may not
+    assert norm_ratio_penalty(3 * z, z) > 1 and norm_ratio_penalty(z / 3, z) > 1
+
+
+def test_blend_batches_mix_triggered_and_clean_with_the_same_partner() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 16, 16)
+    x_trig = make_trigger("patch", (16, 16)).apply_torch(x)
+    blend_trig, blend_clean = blend_batches(x, x_trig, (0.4, 0.6), g)
+    difference = blend_trig - blend_clean  # = alpha * (x_trig - x): only the trigger's pixels
+    trigger_pixels = (x_trig != x).any(dim=1, keepdim=True).expand_as(x)
+    assert (difference[~trigger_pixels].abs() < 1e-6).all()
+    share = difference[trigger_pixels] / (x_trig - x)[trigger_pixels]
+    assert ((share > 0.39) & (share < 0.61)).all()
+
+
+def _loss_inputs(variant: str, with_decoder: bool = False) -> tuple:
+    images = smooth_images(16)
+    clean = tiny_encoder(images)
+    backdoored = TappedEncoder(tiny_encoder(images), STAGES)
+    backdoored.encoder.requires_grad_(True)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x_trig = make_trigger("checker", (16, 16)).apply_torch(x)
+    g = torch.Generator().manual_seed(0)
+    blend_trig, blend_clean = blend_batches(x, x_trig, (0.35, 0.65), g)
+    tapped_clean = TappedEncoder(clean, STAGES)
+    with torch.no_grad():
+        z_clean, features = tapped_clean(x)
+        z_blend = clean(blend_clean)
+    tapped_clean.remove()
+    decoder = None
+    if with_decoder:
+        decoder = ConvDecoder(conv_preset_config("conv_tiny", 16), z_clean.shape[1]).eval()
+        decoder.set_embedding_stats(z_clean)
+        decoder.requires_grad_(False)
+    settings = BackdoorSettings(variant=variant)
+    kwargs = {
+        "x_triggered_blend": blend_trig,
+        "z_clean_blend": z_blend,
+        "clean_stats": stage_statistics(features),
+        "shadow_decoder": decoder,
+    }
+    args = (settings, backdoored, z_clean, x, x_trig, x[:2], x[:2], z_clean[:2], g)
+    return args, kwargs, backdoored, decoder
+
+
+def test_adaptive_loss_has_every_term_and_its_gradients_reach_the_encoder() -> None:
+    args, kwargs, backdoored, _ = _loss_inputs("adaptive")
+    terms = backdoor_loss(*args, **kwargs)
+    for name in (
+        "clean",
+        "target",
+        "reference",
+        "norm",
+        "sliced_wasserstein",
+        "spread",
+        "stage_stats",
+        "blend",
+    ):
+        assert torch.isfinite(terms[name]), name
+    # The backdoored copy equals the clean encoder here: its clean statistics match the clean ones,
+    # while the triggered inputs' statistics differ, so the stage term is positive.
+    assert terms["stage_stats"] > 0
+    for name in ("stage_stats", "blend"):
+        backdoored.zero_grad()
+        terms = backdoor_loss(*args, **kwargs)
+        terms[name].backward()
+        grads = [p.grad for p in backdoored.encoder.parameters() if p.grad is not None]
+        assert grads and sum(float(g.abs().sum()) for g in grads) > 0, name
+
+
+def test_stage_term_is_zero_when_triggered_statistics_equal_clean_ones() -> None:
+    args, kwargs, _, _ = _loss_inputs("adaptive")
+    settings, backdoored, z_clean, x, _x_trig, *rest = args
+    # Triggered inputs = the clean images: every statistic equals the clean encoder's.
+    terms = backdoor_loss(settings, backdoored, z_clean, x, x.clone(), *rest, **kwargs)
+    assert terms["stage_stats"] < 1e-6
+    assert terms["norm"] < 1e-6
+
+
+def test_blend_term_is_zero_when_blends_embed_like_clean_blends() -> None:
+    args, kwargs, backdoored, _ = _loss_inputs("adaptive")
+    with torch.no_grad():
+        kwargs["z_clean_blend"] = backdoored(kwargs["x_triggered_blend"])[0]
+    assert backdoor_loss(*args, **kwargs)["blend"].abs() < 1e-5
+
+
+def test_dede_aware_term_moves_the_encoder_not_the_shadow_decoder() -> None:
+    args, kwargs, backdoored, decoder = _loss_inputs("dede_aware", with_decoder=True)
+    terms = backdoor_loss(*args, **kwargs)
+    assert terms["rebuild_ratio"] > 0 and terms["dede"] >= 0
+    backdoored.zero_grad()
+    trig_error = rebuild_error(decoder, backdoored(args[4])[0], args[4]).mean()
+    trig_error.backward()
+    assert all(p.grad is None for p in decoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backdoored.encoder.parameters())
+    with pytest.raises(ValueError, match="shadow decoder"):
+        backdoor_loss(*args, **{**kwargs, "shadow_decoder": None})
+
+
+# --- smoke-size runs -----------------------------------------------------------------------------
+
+
+def _clean_path(tmp_path: Path, images: np.ndarray) -> Path:
+    path = tmp_path / "clean.safetensors"
+    save_encoder(path, tiny_encoder(images), "cifar_resnet18", 4)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("variant", "trigger"),
+    [
+        ("adaptive", "patch"),
+        ("dede_aware", "checker"),
+        ("badencoder", "warp"),
+        ("badencoder", "noise@random"),
+    ],
+)
+def test_attack_smoke_run(tmp_path: Path, variant: str, trigger: str) -> None:
+    shadow, reference = smooth_images(32, seed=1), smooth_images(2, seed=2)
+    clean = _clean_path(tmp_path, shadow)
+    # The backdoor term weighs 5x here, so that a few steps on a tiny encoder show it move among
+    # the cue-hiding terms.
+    settings = BackdoorSettings(
+        variant=variant,
+        epochs=3,
+        batch_size=8,
+        lambda_target=5.0,
+        shadow_decoder_width=16,
+        shadow_decoder_warmup_epochs=1,
+    )
+    out = tmp_path / variant
+    path = backdoor_encoder(
+        clean, shadow, reference, make_trigger(trigger, (16, 16)), out, settings, progress=False
+    )
+    history = json.loads((out / "history.json").read_text())
+    terms = history["terms"]
+    assert history["finished"] and len(terms) == 3
+    assert all(np.isfinite(v) for epoch in terms for v in epoch.values())
+    # The backdoor term (triggered -> reference) falls; the total is noisy at this size.
+    assert terms[-1]["target"] < terms[0]["target"] - 0.02, (variant, trigger)
+    if variant in ("adaptive", "dede_aware"):
+        assert {"stage_stats", "blend", "norm"} <= set(terms[0])
+    if variant == "dede_aware":
+        assert "dede" in terms[0] and len(history["shadow_decoder_warmup_loss"]) == 1
+    assert load_encoder(str(path)).identity.embedding_dim == 32
+
+
+def test_dede_aware_resumes_with_its_shadow_decoder(tmp_path: Path) -> None:
+    shadow, reference = smooth_images(32, seed=1), smooth_images(2, seed=2)
+    clean = _clean_path(tmp_path, shadow)
+    trigger = make_trigger("patch", (16, 16))
+    base = {"variant": "dede_aware", "batch_size": 16, "shadow_decoder_width": 16}
+    backdoor_encoder(
+        clean, shadow, reference, trigger, tmp_path / "a", BackdoorSettings(epochs=1, **base), progress=False
+    )
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert "shadow_decoder" in state
+    (tmp_path / "a" / "encoder.safetensors").unlink()  # as if killed before the end of a longer run
+    backdoor_encoder(
+        clean, shadow, reference, trigger, tmp_path / "a", BackdoorSettings(epochs=2, **base), progress=False
+    )
+    history = json.loads((tmp_path / "a" / "history.json").read_text())
+    assert len(history["terms"]) == 2 and history["finished"]
+
+
+def test_variants_are_named() -> None:
+    assert {"adaptive", "dede_aware"} <= set(VARIANTS)
