@@ -6,7 +6,8 @@ dede pretrain simclr --data cifar10_train --out runs/simclr
 dede attack badencoder --encoder runs/simclr/encoder.safetensors --out runs/badencoder
 dede attack ctrl --data cifar10_train --out runs/ctrl
 dede eval --run runs/fit_dir --trigger patch --calibration tinyimagenet_val --out eval.json
-dede lab run --suite smoke|lab        dede lab report --suite lab
+dede attack adaptive --encoder ... --trigger checker@random --out runs/adaptive
+dede lab run --suite smoke|lab|lab-hard        dede lab report --suite lab
 dede demo                              dede fit ... --poison-rate 0.01 --trigger patch
 """
 
@@ -159,8 +160,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# The CLIP suites (lab/clip_suite.py); named here so that `--help` needs no torch import.
+# The suites (lab/suite.py, lab/clip_suite.py); named here so that `--help` needs no torch import.
+LAB_SUITE_NAMES = ("lab", "smoke", "lab-hard", "lab-hard-smoke")
 CLIP_SUITE_NAMES = ("clip", "clip-colours", "clip-smoke")
+ATTACK_NAMES = ("badencoder", "norm_preserving", "drupe", "adaptive", "dede_aware", "ctrl")
+TRIGGER_HELP = (
+    "trigger family: patch (10x10 white square), checker (6x6 black/white), noise (8x8 random "
+    "colours), blend (15%% of a fixed image), invisible (+-6/255 pattern), warp (WaNet-style field), "
+    "ctrl; a patch family with @random moves it per image (checker@random); or a .npz/.png patch file"
+)
 
 
 def _cmd_lab_run(args: argparse.Namespace) -> int:
@@ -208,9 +216,9 @@ def _poison_from_args(args: argparse.Namespace, size: tuple[int, int]):  # noqa:
     """`dede fit`'s poisoning transform (uint8 NCHW -> triggered), or None at --poison-rate 0."""
     if args.poison_rate <= 0:
         return None
-    from lab.attacks.triggers import load_trigger
+    from lab.attacks.triggers import make_trigger
 
-    return load_trigger(args.trigger, size).apply_uint8_nchw
+    return make_trigger(args.trigger, size).apply_uint8_nchw
 
 
 def _add_poison_options(fit: argparse.ArgumentParser) -> None:
@@ -224,7 +232,7 @@ def _add_poison_options(fit: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--trigger",
         default="patch",
-        help="trigger for --poison-rate: `patch` (10x10 white square) or a .npz/.png file",
+        help="trigger for --poison-rate: " + TRIGGER_HELP.removeprefix("trigger family: "),
     )
     fit.set_defaults(make_poison=_poison_from_args)
 
@@ -258,13 +266,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre.set_defaults(func=_cmd_pretrain)
 
     att = subparsers.add_parser("attack", help="make a backdoored encoder (lab use: to test detectors)")
-    att.add_argument("attack", choices=["badencoder", "norm_preserving", "drupe", "ctrl"])
+    att.add_argument("attack", choices=list(ATTACK_NAMES))
     att.add_argument("--encoder", help="the clean encoder to fine-tune (not for ctrl)")
     att.add_argument("--data", default="cifar10_train", help="shadow data (ctrl: the pre-training set)")
     att.add_argument("--out", required=True)
-    att.add_argument(
-        "--trigger", default="patch", help="`patch` or a trigger file (.npz pattern+mask, RGBA .png)"
-    )
+    att.add_argument("--trigger", default="patch", help=TRIGGER_HELP)
     att.add_argument("--target-class", type=int, default=0)
     att.add_argument("--n-reference", type=int, default=5)
     att.add_argument("--shadow", type=int, default=3000, help="number of shadow images")
@@ -284,7 +290,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="detection metrics of a fitted run against a trigger, with baselines"
     )
     ev.add_argument("--run", required=True, help="a fitted decoder run directory (`dede fit --out`)")
-    ev.add_argument("--trigger", default="patch", help="patch, ctrl, or a trigger file")
+    ev.add_argument("--trigger", default="patch", help=TRIGGER_HELP)
     ev.add_argument("--calibration", required=True, help="CLEAN auxiliary images for the threshold")
     ev.add_argument("--calibration-limit", type=int)
     ev.add_argument("--test", default="cifar10_test")
@@ -305,7 +311,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lab = subparsers.add_parser("lab", help="the backdoor lab: attacks, decoders, detection report")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     run = lab_sub.add_parser("run", help="run (or resume) a suite; finished stages are cached")
-    run.add_argument("--suite", choices=["lab", "smoke", *CLIP_SUITE_NAMES], default="smoke")
+    run.add_argument("--suite", choices=[*LAB_SUITE_NAMES, *CLIP_SUITE_NAMES], default="smoke")
     run.add_argument("--device")
     run.add_argument("--skip", nargs="*", help="stage-name prefixes to leave out now, e.g. simclr_ctrl")
     report_dir_help = (
@@ -315,6 +321,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--report-dir", help=report_dir_help)
     run.set_defaults(func=_cmd_lab_run)
     rep = lab_sub.add_parser("report", help="rebuild results.json and REPORT.md from the cache")
-    rep.add_argument("--suite", choices=["lab", "smoke"], default="lab")
+    rep.add_argument("--suite", choices=list(LAB_SUITE_NAMES), default="lab")
     rep.add_argument("--report-dir", help=report_dir_help)
     rep.set_defaults(func=_cmd_lab_report)

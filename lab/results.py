@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from lab.evaluate import detection_metrics, downstream_after_filtering
-from lab.suite import ENCODERS, REPO_ROOT, Lab
+from lab.suite import REPO_ROOT, Lab
 
 
 def _git_commit() -> str:
@@ -58,8 +58,8 @@ def collect_results(lab: Lab, session_seconds: float) -> dict:
         "detection": {},
         "not_run": [],
     }
-    for name in ENCODERS:
-        entry: dict = {}
+    for name in lab.encoder_names():
+        entry: dict = {"trigger": lab.trigger_name(name)}
         source = (
             "simclr_clean" if name == "clean" else ("simclr_ctrl" if name == "ctrl" else f"attack_{name}")
         )
@@ -67,7 +67,7 @@ def collect_results(lab: Lab, session_seconds: float) -> dict:
             entry["training"] = stages[source]["result"]
         if f"probe_{name}" in stages:
             entry["probe"] = stages[f"probe_{name}"]["result"]
-        if entry:
+        if len(entry) > 1:
             results["encoders"][name] = entry
         else:
             results["not_run"].append(f"encoder {name}")
@@ -101,6 +101,19 @@ def collect_results(lab: Lab, session_seconds: float) -> dict:
                     )
             per_method[method] = metrics
         results["detection"][f"{name}/{aux}"] = per_method
+    results["cues"] = {}
+    for name in c.cue_encoders:
+        if f"cues_{name}" not in stages:
+            results["not_run"].append(f"cues {name}")
+            continue
+        results["cues"][name] = {
+            method: detection_metrics(
+                splits["calibration"], splits["clean"], splits["triggered"], c.fpr_target
+            )
+            for method, splits in lab.load_cues(name).items()
+        }
+    if c.cue_encoders:
+        return results
     if not any(preset == "paper" for _, _, preset, _ in c.extra_decoders):
         results["not_run"].append("DeDe with the `paper` decoder preset (not in this suite's config)")
     for name, aux, preset, _ in c.extra_decoders:

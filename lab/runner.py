@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from lab.attacks.badencoder import VARIANTS as FINETUNE_ATTACKS
 from lab.clip_report import write_clip_report
 from lab.clip_suite import (
     CLIP_ENCODERS,
@@ -23,6 +22,7 @@ from lab.clip_suite import (
     controlled_decoders,
     decoder_label,
 )
+from lab.cue_report import write_cue_report
 from lab.report import write_report
 from lab.results import collect_results
 from lab.suite import REPO_ROOT, SUITES, Lab
@@ -49,10 +49,20 @@ def run_suite(
         return not any(name.startswith(prefix) for prefix in skip)
 
     lab.stage_simclr_clean()
-    for variant in FINETUNE_ATTACKS:
-        if allowed(f"attack_{variant}"):
-            lab.stage_attack(variant)
-    for name in ("clean", *FINETUNE_ATTACKS):
+    if config.cue_encoders:
+        # The cue suites (lab-hard): each attack, then at once its probe and decoder-free cues, so
+        # a run cut short by its time budget still reports every attack that finished.
+        for name in config.cue_encoders:
+            if name != "clean" and allowed(f"attack_{name}"):
+                lab.stage_attack(name)
+            if lab.encoder_path(name).is_file() and allowed(f"probe_{name}"):
+                lab.stage_probe(name)
+            if lab.encoder_path(name).is_file() and allowed(f"cues_{name}"):
+                lab.stage_cues(name)
+    for name in lab.attack_specs:
+        if allowed(f"attack_{name}"):
+            lab.stage_attack(name)
+    for name in ("clean", *lab.attack_specs):
         if lab.encoder_path(name).is_file() and allowed(f"probe_{name}"):
             lab.stage_probe(name)
     for name, aux in config.detections:
@@ -74,14 +84,27 @@ def run_suite(
             lab.stage_scores(name, aux, preset, with_baselines=False)
 
     results = collect_results(lab, time.time() - started)
-    write_report(lab, results, report_dir or default_report_dir(lab))
+    _write(lab, results, report_dir or default_report_dir(lab))
     return results
 
 
+def _write(lab: Lab, results: dict, out_dir: Path) -> None:
+    if lab.config.cue_encoders:
+        write_cue_report(lab, results, out_dir)
+    else:
+        write_report(lab, results, out_dir)
+
+
+# Suites whose report is committed, and where; the others (smoke, in CI) write beside their runs.
+COMMITTED_LAB_REPORTS = {
+    "lab": Path("benchmarks/detection"),
+    "lab-hard": Path("benchmarks/detection/attacks"),
+}
+
+
 def default_report_dir(lab: Lab) -> Path:
-    """The lab suite's report is committed; other suites (smoke, in CI) write beside their runs."""
-    if lab.config.name == "lab":
-        return REPO_ROOT / "benchmarks" / "detection"
+    if lab.config.name in COMMITTED_LAB_REPORTS:
+        return REPO_ROOT / COMMITTED_LAB_REPORTS[lab.config.name]
     return lab.root / "report"
 
 
@@ -90,7 +113,7 @@ def rebuild_report(suite: str, report_dir: Path | None = None) -> dict:
 
     lab = Lab(SUITES[suite], progress=False)
     results = collect_results(lab, 0.0)
-    write_report(lab, results, report_dir or default_report_dir(lab))
+    _write(lab, results, report_dir or default_report_dir(lab))
     return results
 
 

@@ -29,11 +29,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lab.attacks.badencoder import VARIANTS as FINETUNE_ATTACKS
 from lab.attacks.badencoder import BackdoorSettings, backdoor_encoder
 from lab.attacks.ctrl import poison_with_ctrl
 from lab.attacks.triggers import Trigger, make_trigger
-from lab.baselines import baseline_scores
+from lab.baselines import baseline_scores, cue_scores
 from lab.probe import embed_nchw, probe_report, train_linear_probe
 from lab.ssl import pretrain_simclr
 from models.architectures import CIFAR_MEAN, CIFAR_STD
@@ -43,7 +42,8 @@ from training.data import data_dir, load_npz
 from training.fit import FittedRun
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ENCODERS = ("clean", *FINETUNE_ATTACKS, "ctrl")
+# The lab suite's encoders (other suites: `Lab.encoder_names`).
+ENCODERS = ("clean", "badencoder", "norm_preserving", "drupe", "ctrl")
 AUX_SETTINGS = ("ood", "id")
 DEDE_SCORE_KINDS = ("sse", "max_patch")
 BASELINE_METHODS = ("knn_distance", "strip", "embedding_norm")
@@ -125,6 +125,7 @@ class SuiteConfig:
         ("drupe", "patch"),
     )
     with_ctrl: bool = True
+    probe_gtsrb: bool = True  # the GTSRB transfer probe beside the CIFAR-10 one
     # Encoders whose decoder-free cues (embedding and activation norms, activation means, kNN,
     # STRIP) are scored on the OOD calibration set and the test sets, without a decoder.
     cue_encoders: tuple[str, ...] = ()
@@ -204,7 +205,9 @@ SUITES["lab-hard"] = SuiteConfig(
     gtsrb_test=2000,
     n_test=1000,
     n_calibration=500,
+    ood_sources=1200,  # 200 calibration + 1,000 decoder / kNN sources (x5 views)
     ood_calibration_sources=200,
+    probe_gtsrb=False,
     attacks=_HARD_ATTACKS,
     with_ctrl=False,
     detections=(("adaptive", "ood"), ("dede_aware", "ood")),
@@ -361,6 +364,7 @@ def ood_views(tiny_nhwc: np.ndarray, with_crops: bool) -> np.ndarray:
 
 
 def trigger_for(encoder_name: str) -> Trigger:
+    """The trigger of the lab suite's historic encoders (white square; CTRL's frequency trigger)."""
     return make_trigger("ctrl" if encoder_name == "ctrl" else "patch", (32, 32))
 
 
@@ -372,6 +376,21 @@ class Lab:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.progress = progress
         self.data = load_lab_data(config)
+        # encoder name -> (backdoor variant, trigger family) of every fine-tune attack
+        self.attack_specs = {encoder_name(v, t): (v, t) for v, t in config.attacks}
+
+    def trigger_name(self, name: str) -> str:
+        """The trigger family an encoder's triggered test images carry (`patch` for the clean one)."""
+        if name == "ctrl":
+            return "ctrl"
+        return self.attack_specs.get(name, ("", "patch"))[1]
+
+    def trigger_for(self, name: str) -> Trigger:
+        return make_trigger(self.trigger_name(name), (32, 32))
+
+    def encoder_names(self) -> tuple[str, ...]:
+        """Every encoder of this suite, clean first."""
+        return ("clean", *self.attack_specs, *(("ctrl",) if self.config.with_ctrl else ()))
 
     # --- encoders -------------------------------------------------------------------------------
 
@@ -424,19 +443,21 @@ class Lab:
             ),
         )
 
-    def stage_attack(self, variant: str) -> dict:
+    def stage_attack(self, name: str) -> dict:
+        """The fine-tune attack named `name` (`encoder_name(variant, trigger)` of config.attacks)."""
         c, d = self.config, self.data
+        variant, trigger = self.attack_specs[name]
 
         def run() -> dict:
             settings = BackdoorSettings(
                 variant=variant, epochs=c.attack_epochs, batch_size=c.attack_batch, seed=c.seed
             )
-            out = self.encoder_path(variant).parent
+            out = self.encoder_path(name).parent
             path = backdoor_encoder(
                 self.encoder_path("clean"),
                 d.train_x[d.splits["shadow"]],
                 d.train_x[d.splits["reference"]],
-                make_trigger("patch", (32, 32)),
+                make_trigger(trigger, (32, 32)),
                 out,
                 settings,
                 device=self.device,
@@ -445,13 +466,15 @@ class Lab:
             history = json.loads((out / "history.json").read_text())
             return {
                 "encoder": str(path.relative_to(self.root)),
+                "variant": variant,
+                "trigger": trigger,
                 "settings": history["settings"],
                 "final_terms": history["terms"][-1],
                 "compute_seconds": float(sum(history["epoch_seconds"])),
                 "n_shadow": int(len(d.splits["shadow"])),
             }
 
-        return self.cache.run(f"attack_{variant}", run)
+        return self.cache.run(f"attack_{name}", run)
 
     def stage_ctrl(self) -> dict:
         c = self.config
@@ -477,7 +500,7 @@ class Lab:
 
         def run() -> dict:
             encoder = load_encoder(str(self.encoder_path(name)))
-            trigger = trigger_for(name)
+            trigger = self.trigger_for(name)
             train_x, train_y = d.train_x, d.train_y
             if c.probe_train is not None:  # the train file is sorted by class: a random subset
                 pick = np.sort(np.random.default_rng(c.seed + 4).permutation(len(train_x))[: c.probe_train])
@@ -496,6 +519,8 @@ class Lab:
                 triggered_pred=probe.predict(trig_z),
                 labels=d.test_y,
             )
+            if not c.probe_gtsrb:
+                return {"cifar10": cifar, "trigger": self.trigger_name(name)}
             g_train_x, g_train_y, g_test_x, g_test_y = d.gtsrb
             g_probe = train_linear_probe(
                 embed_nchw(encoder, to_input(g_train_x)), g_train_y, c.probe_epochs, seed=c.seed
@@ -508,7 +533,7 @@ class Lab:
             g_target = int(np.bincount(ref_pred).argmax())
             gtsrb = probe_report(g_probe, g_test_z, g_test_y, g_trig_z, g_target)
             gtsrb["target_rule"] = "the GTSRB class the reference images of the target are classified as"
-            return {"cifar10": cifar, "gtsrb": gtsrb}
+            return {"cifar10": cifar, "gtsrb": gtsrb, "trigger": self.trigger_name(name)}
 
         return self.cache.run(f"probe_{name}", run)
 
@@ -534,7 +559,7 @@ class Lab:
         def run() -> dict:
             encoder = load_encoder(str(self.encoder_path(name)))
             fit_images, _ = self.aux_sets(aux)
-            trigger = trigger_for(name)
+            trigger = self.trigger_for(name)
             poison_rate = c.id_poison_rate if aux == "id" else 0.0
             settings = FitSettings(
                 preset=preset, epochs=epochs, seed=c.seed, data_source=f"lab:{aux}", poison_rate=poison_rate
@@ -560,7 +585,7 @@ class Lab:
         d = self.data
         clean = to_input(d.test_x)
         non_target = np.flatnonzero(d.test_y != self.config.target_class)
-        return clean, trigger_for(name).apply_uint8_nchw(clean[non_target]), non_target
+        return clean, self.trigger_for(name).apply_uint8_nchw(clean[non_target]), non_target
 
     def stage_scores(self, name: str, aux: str, preset: str, with_baselines: bool = True) -> dict:
         """DeDe scores of one decoder (both score kinds) and, with_baselines, the baselines' scores,
@@ -609,6 +634,26 @@ class Lab:
             return save_score_table(self.root, out, feature_score_table(fitted, preset, sets))
 
         return self.cache.run(stage, run)
+
+    def stage_cues(self, name: str) -> dict:
+        """The decoder-free cues of one encoder (`lab.baselines.cue_scores`: embedding norm, kNN
+        distance, STRIP, each stage's activation norm and mean) on the OOD calibration set, the
+        clean test set and the triggered test set; kNN and STRIP use the OOD auxiliary images."""
+        c = self.config
+        out = self.root / "scores" / "cues" / f"{name}.npz"
+
+        def run() -> dict:
+            fit_images, calibration = self.aux_sets("ood")
+            clean, triggered, _ = self.test_sets(name)
+            sets = (("calibration", calibration), ("clean", clean), ("triggered", triggered))
+            encoder = load_encoder(str(self.encoder_path(name)))
+            arrays = cue_scores(encoder, sets, fit_images, c.knn_k, c.strip_blends, c.seed)
+            return {**save_score_table(self.root, out, arrays), "trigger": self.trigger_name(name)}
+
+        return self.cache.run(f"cues_{name}", run)
+
+    def load_cues(self, name: str) -> dict[str, dict[str, np.ndarray]]:
+        return load_score_tables(self.root / "scores" / "cues", name)
 
     def load_scores(self, name: str, aux: str) -> dict[str, dict[str, np.ndarray]]:
         """Every method's score arrays for (encoder, aux), merged over the presets that ran."""
