@@ -86,7 +86,9 @@ class BackdoorSettings:
     # (66% with lambda_target 3); at 0.2, ASR 98% with BA 58.5% vs 58.6% clean (lab suite, 20 epochs).
     spread_ratio: float = 0.2
     sw_projections: int = 64
-    lambda_stats: float = 1.0  # adaptive, dede_aware
+    # adaptive, dede_aware. At 1.0 (lab-hard, white square) the stage term dominated: over the first
+    # two epochs it rose 10.7 -> 14.2 while the clean term fell -0.87 -> -0.71 (BA at risk).
+    lambda_stats: float = 0.3
     lambda_blend: float = 1.0  # adaptive, dede_aware
     stat_stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
     blend_alpha: tuple[float, float] = (0.35, 0.65)  # share of the (triggered) image in a blend
