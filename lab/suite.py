@@ -180,11 +180,11 @@ SUITES: dict[str, SuiteConfig] = {
 # average 6-10) and a SimCLR step took 7-14 s instead of 0.5 s, so the lab's 40-epoch encoder (and
 # 20-epoch fine-tunes on 5k shadow images) could not finish in the time there was. Same
 # architecture and data; fewer pre-training images and epochs, fewer shadow images.
-_HARD_ATTACKS = (
+_HARD_ATTACKS = (  # in the order they run: the most informative first
     ("adaptive", "patch"),
-    ("dede_aware", "patch"),
     ("badencoder", "checker"),
     ("badencoder", "blend"),
+    ("dede_aware", "patch"),
     ("badencoder", "invisible"),
     ("badencoder", "warp"),
     ("badencoder", "noise@random"),
