@@ -102,7 +102,7 @@ def _markdown(lab: Lab, results: dict, figures: dict[str, list[str]]) -> str:
         f"Goal: ASR >= {ASR_BAR:.0%}, BA within {BA_POINTS:.0f} points of the clean encoder "
         f"({pct(clean_ba)}).",
         "",
-        "| encoder | variant | trigger | BA | ASR | goal | fine-tune s |",
+        "| encoder | variant | trigger | BA | ASR | goal | training s |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, entry in results["encoders"].items():
@@ -145,6 +145,13 @@ def _markdown(lab: Lab, results: dict, figures: dict[str, list[str]]) -> str:
         lines += ["", "## The cue-hiding attacks against the bar", ""]
         for name in hiding:
             per = results["cues"][name]
+            _, asr = _ba_asr(results["encoders"].get(name, {}))
+            if asr is None or asr < ASR_BAR:
+                lines.append(
+                    f"- {name}: the backdoor did not take (ASR {pct(asr)} < {ASR_BAR:.0%}): that its cues "
+                    "are low says nothing about a working cue-hiding attack."
+                )
+                continue
             over = [
                 f"{m} {fmt(cue_strength(per[m]['auroc']))}"
                 for m in MAIN_CUES
