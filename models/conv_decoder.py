@@ -89,7 +89,8 @@ class ConvDecoder(nn.Module):
         self.register_buffer("embedding_std", torch.ones(embedding_dim))
         g, width = config.grid, config.width
         self.project = nn.Sequential(nn.Linear(embedding_dim, width * g * g), nn.GELU())
-        channels = [max(config.min_width, width // 2**i) for i in range(config.stages + 1)]
+        floor = min(config.min_width, width)  # a width below min_width keeps its width throughout
+        channels = [max(floor, width // 2**i) for i in range(config.stages + 1)]
         self.stages = nn.Sequential(*(_stage(channels[i], channels[i + 1]) for i in range(config.stages)))
         self.to_pixels = nn.Conv2d(channels[-1], 3, kernel_size=3, padding=1)
 

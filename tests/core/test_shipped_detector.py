@@ -57,6 +57,8 @@ def test_conv_decoder_rebuilds_at_every_size_from_a_standardised_embedding() -> 
     assert torch.isfinite(standardised).all()  # the constant dimension is not blown up
     with pytest.raises(ValueError, match="too small"):
         conv_preset_config("conv", 6)
+    narrow = ConvDecoder(conv_preset_config("conv", 32, width=8), 16).eval()  # below min_width
+    assert narrow(torch.randn(2, 16)).shape == (2, 3, 32, 32)
 
 
 def test_the_stage_rule_picks_depths_one_half_three_quarters_and_the_end() -> None:
