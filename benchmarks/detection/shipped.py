@@ -194,10 +194,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--case", action="append", required=True, help="NAME=ENCODER[@TRIGGER][#PRESET]")
+    parser.add_argument("--case", action="append", default=[], help="NAME=ENCODER[@TRIGGER][#PRESET]")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "detection" / "shipped"))
     parser.add_argument("--runs", default=str(REPO_ROOT / "runs" / "shipped"))
     args = parser.parse_args()
+    if not args.case:  # only REPORT.md again, from the committed results.json
+        out = Path(args.out)
+        (out / "REPORT.md").write_text(report(json.loads((out / "results.json").read_text())))
+        return
 
     tiny, _ = load_npz(data_dir() / "tinyimagenet_val.npz")
     train, _ = load_npz(data_dir() / "cifar10_train.npz")
@@ -228,9 +232,12 @@ def report(results: dict) -> str:
     lines = [
         "# The shipped detector on backdoored encoders",
         "",
-        f"Made by `{results.get('command', '')}` at commit `{results.get('commit', '')}` on "
-        f"{results.get('machine', {}).get('processor', '')} ({results.get('machine', {}).get('cpus', '')} cores), "
-        f"{results.get('finished', results.get('date', ''))}. Every DeDe figure comes through the exported bundle "
+        f"Made by `{results.get('command', '')}` at commit `{results.get('commit', '')}`"
+        f"{' (with uncommitted changes)' if results.get('dirty') else ''} on "
+        f"{results.get('machine', {}).get('cpu', '')} ({results.get('machine', {}).get('cores', '')} cores), "
+        f"finished {results.get('finished_at', '')}, load average at the end {results.get('load_average')} "
+        "(the machine was shared: wall-clock fit budgets then buy fewer steps). "
+        "Every DeDe figure comes through the exported bundle "
         "(ONNX Runtime); the fit is `dede fit`'s defaults on 2,000 Tiny-ImageNet images. Calibration at 1% FPR: "
         "*ood* on clean Tiny-ImageNet, *id* on clean CIFAR-10 train, *unl. x%* robust on an unlabelled CIFAR-10 "
         "sample with x% triggered. TPR / realised FPR on 2,000 clean and 2,000 triggered CIFAR-10 test images.",
