@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.detector import DetectorHead
+from models.feature_taps import stage_module
 from training.fit import FittedRun
 
 
@@ -129,16 +130,3 @@ def feature_space_scores(
     return {
         name: np.concatenate(chunks) if chunks else np.zeros(0, np.float32) for name, chunks in out.items()
     }
-
-
-def stage_module(encoder: torch.nn.Module, stage: str) -> torch.nn.Module:
-    """The module named `stage`, or else the only one whose dotted name ends with it."""
-    modules = dict(encoder.named_modules())
-    if stage in modules:
-        return modules[stage]
-    ending = [name for name in modules if name.endswith(f".{stage}")]
-    if len(ending) == 1:
-        return modules[ending[0]]
-    if ending:
-        raise ValueError(f"stage {stage!r} is ambiguous in this encoder: {', '.join(ending)}")
-    raise ValueError(f"the encoder has no stage named {stage}; it has {', '.join(list(modules)[1:8])}, ...")

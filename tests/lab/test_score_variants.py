@@ -13,9 +13,9 @@ from lab.score_variants import (
     feature_space_scores,
     score_parts,
     score_run_several_masks,
-    stage_module,
 )
 from models.bundle import InputSpec
+from models.feature_taps import stage_module
 from training.data import load_images
 from training.fit import load_run
 from training.scoring import score_run
