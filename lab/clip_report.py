@@ -3,11 +3,10 @@ encoder, from the cached stages of lab/clip_suite.py (nothing is trained here)."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lab.figures import fmt, pct, roc_figure, score_histogram
+from lab.figures import fmt, pct, roc_figure, score_histogram, write_report_files
 from models.decoder import TOKEN_GRID
 
 if TYPE_CHECKING:
@@ -24,8 +23,7 @@ def default_method(lab: ClipLab) -> str:
 def write_clip_report(lab: ClipLab, results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = _figures(lab, results, out_dir)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
-    (out_dir / "REPORT.md").write_text(_markdown(lab, results, figures))
+    write_report_files(out_dir, results, _markdown(lab, results, figures))
 
 
 def _figures(lab: ClipLab, results: dict, out_dir: Path) -> dict[str, list[str]]:

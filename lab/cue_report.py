@@ -8,11 +8,10 @@ strength") beside the raw AUROC; the issue's bar (<= 0.75) is read on that stren
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lab.figures import fmt, pct, roc_figure, score_histogram
+from lab.figures import fmt, pct, roc_figure, score_histogram, write_report_files
 
 if TYPE_CHECKING:
     from lab.suite import Lab
@@ -38,8 +37,7 @@ def cue_strength(auroc: float) -> float:
 def write_cue_report(lab: Lab, results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = _figures(lab, results, out_dir)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
-    (out_dir / "REPORT.md").write_text(_markdown(lab, results, figures))
+    write_report_files(out_dir, results, _markdown(lab, results, figures))
 
 
 def _figures(lab: Lab, results: dict, out_dir: Path) -> dict[str, list[str]]:

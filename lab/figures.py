@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +57,9 @@ def score_histogram(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_report_files(out_dir: Path, results: dict, markdown: str) -> None:
+    """What every lab report writes: results.json (every figure) and REPORT.md beside it."""
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    (out_dir / "REPORT.md").write_text(markdown)

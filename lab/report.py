@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lab.figures import fmt, pct, roc_figure, score_histogram
+from lab.figures import fmt, pct, roc_figure, score_histogram, write_report_files
 
 if TYPE_CHECKING:
     from lab.suite import Lab
@@ -31,8 +31,7 @@ def default_dede_method(lab: Lab) -> str:
 def write_report(lab: Lab, results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = _figures(lab, results, out_dir)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
-    (out_dir / "REPORT.md").write_text(_markdown(lab, results, figures))
+    write_report_files(out_dir, results, _markdown(lab, results, figures))
 
 
 # ----------------------------------------------------------------------------------------------
