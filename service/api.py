@@ -15,7 +15,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from models.bundle import ONNX_NAME
 from service.batcher import BatcherClosed, InferenceFailed, QueueFull, Reservation, ScoredImage
@@ -23,6 +23,7 @@ from service.decode_step import decode_inline, decode_request, plan_decode, requ
 from service.decoding import ImageRejected
 from service.errors import ServiceError, unavailable
 from service.explain import explanation
+from service.metrics import ready_workers
 from service.schemas import DetectResponse, ErrorResponse, ModelsResponse
 from service.state import ServiceState, service_state
 from service.uploads import Upload, read_uploads
@@ -340,9 +341,16 @@ async def healthz() -> dict:
 
 @probes.get("/readyz", summary="Readiness: bundle verified, session loaded, warmed up, not draining")
 async def readyz(state: State) -> Response:
+    workers = state.settings.workers
     if state.ready and not state.draining:
-        return JSONResponse({"ready": True})
-    reason = "draining: shutting down" if state.draining else state.not_ready_reason
+        if workers <= 1:
+            return JSONResponse({"ready": True})
+        ready = ready_workers()  # several processes on this port: every one of them must be ready
+        if ready >= workers:
+            return JSONResponse({"ready": True, "workers": workers})
+        reason = f"{ready} of {workers} workers ready"
+    else:
+        reason = "draining: shutting down" if state.draining else state.not_ready_reason
     headers = {"Retry-After": str(state.settings.retry_after_s)}
     return JSONResponse({"ready": False, "reason": reason}, status_code=503, headers=headers)
 
@@ -383,4 +391,4 @@ async def _metrics_key(request: Request, state: State) -> None:
 
 @metrics_router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(_metrics_key)])
 async def metrics(state: State) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -4,7 +4,9 @@ Entry points (for `dede serve` and `python -m service`):
     run(settings: Settings | None = None) -> None
         Serve until stopped. `None` reads every setting from DEDE_* environment variables.
         Exits with a one-line message (status 1) if the bundle is missing, fails verification, or
-        holds a graph ONNX Runtime cannot serve as the manifest describes.
+        holds a graph ONNX Runtime cannot serve as the manifest describes. With DEDE_WORKERS > 1
+        (or auto choosing more than one) the service runs as several processes on one port
+        (`service.workers`), each of them `serve`.
     main(argv: list[str] | None = None) -> None
         Parse `--bundle DIR --port N ...` (one flag per setting, overriding DEDE_* variables),
         then `run`. To give another CLI the same flags without importing the server stack:
@@ -133,11 +135,26 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 
 
 def run(settings: Settings | None = None) -> None:
-    """Serve the bundle named by `settings` (default: from DEDE_* environment variables)."""
+    """Serve the bundle named by `settings` (default: from DEDE_* environment variables), in one
+    process or, with more than one worker (DEDE_WORKERS), in several (`service.workers`)."""
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
-    ops_socket = None
-    if settings.metrics_port is not None:
+    from service.workers import resolve_workers, run_workers
+
+    workers = resolve_workers(settings)
+    if workers > 1:
+        run_workers(serve, settings.model_copy(update={"workers": workers}), workers)
+    else:
+        serve(settings)
+
+
+def serve(
+    settings: Settings, main_socket: socket.socket | None = None, ops_socket: socket.socket | None = None
+) -> None:
+    """One serving process. main_socket / ops_socket: listening sockets bound by a supervisor
+    (`service.workers`); without them this process binds DEDE_PORT (and DEDE_METRICS_PORT) itself."""
+    configure_logging(settings.log_level, settings.log_format)
+    if ops_socket is None and settings.metrics_port is not None:
         ops_socket = _listening_socket(settings.host, settings.metrics_port)
     try:
         bundle = load_bundle(settings.bundle)
@@ -166,7 +183,7 @@ def run(settings: Settings | None = None) -> None:
         ops.start()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            server.run()
+            server.run(sockets=[main_socket] if main_socket is not None else None)
     finally:
         if ops is not None:
             ops.stop()

@@ -1,11 +1,19 @@
 """Prometheus metrics, prefix `dede_`, in a registry of their own per app.
 
 One registry per app (not the global default) lets tests build several apps in one process.
-The service runs one worker process per replica (one ORT session per process); scale out with
-replicas behind a load balancer, so no multiprocess collector is needed.
+With several worker processes (DEDE_WORKERS, `service.workers`) prometheus_client's multiprocess
+mode is on (PROMETHEUS_MULTIPROC_DIR, set before this module is imported): each worker writes its
+values to files there, and `exposition` merges them, so that any worker answers /metrics for all:
+counters and histograms summed, queue depth and requests in flight summed over the live workers,
+`dede_ready` the minimum over them (1 only when every live worker is ready).
 """
 
 from __future__ import annotations
+
+import contextlib
+import glob
+import os
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -15,7 +23,9 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
+    generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Seconds: from half a millisecond (a tiny model's batch) to ten seconds (a stuck queue).
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -24,6 +34,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _SCORE_MULTIPLES = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 10.0)
 
 IMAGE_OUTCOMES = ("clean", "flagged", "error")
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -94,18 +105,66 @@ class Metrics:
         self.score = Histogram(
             "dede_score", "Detection scores of answered images", buckets=_score_buckets(threshold), registry=r
         )
-        self.queue_depth = Gauge("dede_queue_depth", "Images waiting for the model", registry=r)
-        self.in_flight = Gauge("dede_requests_in_flight", "/detect requests being served", registry=r)
-        self.ready = Gauge("dede_ready", "1 when the service takes work, else 0", registry=r)
+        self.queue_depth = Gauge(
+            "dede_queue_depth", "Images waiting for the model", registry=r, multiprocess_mode="livesum"
+        )
+        self.in_flight = Gauge(
+            "dede_requests_in_flight",
+            "/detect requests being served",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.ready = Gauge(
+            "dede_ready",
+            "1 when the service (every worker) takes work, else 0",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.model_info = Gauge(
             "dede_model_info",
             "The model being served (value is always 1)",
             ["name", "version", "provider", "threshold"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         for outcome in IMAGE_OUTCOMES:
             self.images.labels(outcome)  # export zeros from the start so rates work at once
 
+    def exposition(self) -> bytes:
+        """The /metrics body: this registry, or with several workers every worker's values merged."""
+        if os.environ.get(MULTIPROCESS_ENV):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)
+            return generate_latest(merged)
+        return generate_latest(self.registry)
+
     def set_model(self, name: str, version: str, provider: str, threshold: float) -> None:
-        self.model_info.clear()
+        if not os.environ.get(MULTIPROCESS_ENV):  # a worker sets it once; clear() is single-process only
+            self.model_info.clear()
         self.model_info.labels(name, version, provider, repr(threshold)).set(1)
+
+
+def ready_workers(path: str | None = None) -> int:
+    """How many live worker processes report `dede_ready` 1, from the multiprocess metric files."""
+    path = path or os.environ.get(MULTIPROCESS_ENV)
+    if not path:
+        return 0
+    count = 0
+    for file in glob.glob(os.path.join(path, "gauge_livemin_*.db")):
+        pid = int(Path(file).stem.rsplit("_", 1)[1])
+        if not _alive(pid):
+            continue
+        with contextlib.suppress(OSError, ValueError):  # a file being written or removed right now
+            for metric in MultiProcessCollector.merge([file], accumulate=False):
+                if metric.name == "dede_ready" and any(s.value == 1 for s in metric.samples):
+                    count += 1
+    return count
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a killed worker not yet reaped by the supervisor is a zombie: dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat.rpartition(b")")[2].split()[0] not in (b"Z", b"X")

@@ -70,6 +70,14 @@ class Settings(BaseSettings):
         "connection is closed",
     )
 
+    workers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="serving processes on the one port, each with its own ONNX Runtime session, decode "
+        "threads and batcher (0: auto, one per core up to 8 on CUDA, one per two cores on a CPU); with "
+        "more than one, /metrics sums every worker and /readyz is ready only when all are",
+    )
     execution_providers: Annotated[list[str], NoDecode] = Field(
         ["auto"], description="ONNX Runtime providers in order (auto, cuda, tensorrt, cpu)"
     )
