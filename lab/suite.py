@@ -175,42 +175,33 @@ SUITES: dict[str, SuiteConfig] = {
         root="runs/lab-smoke",
     ),
 }
-# The trigger families and the cue-hiding attackers (lab/attacks), at a reduced scale with its own
-# clean encoder: when this suite was first run, the 2 CPU cores were shared with other jobs (load
-# average 6-10) and a SimCLR step took 7-14 s instead of 0.5 s, so the lab's 40-epoch encoder (and
-# 20-epoch fine-tunes on 5k shadow images) could not finish in the time there was. Same
-# architecture and data; fewer pre-training images and epochs, fewer shadow images.
+# The trigger families and the cue-hiding attackers (lab/attacks) at the lab suite's scale, with
+# its own clean encoder. A first run at a reduced scale (8 pre-training epochs on 8,000 images, 10
+# attack epochs on 2,000 shadow images; kNN 36.7%, BA 41%) was too weak for the attacks to take:
+# BadEncoder with the checker trigger reached cosine 0.99 to its target embedding, but the probe of
+# so weak an encoder put that target in airplane for only 29% of the triggered images.
 _HARD_ATTACKS = (  # in the order they run: the most informative first
+    ("badencoder", "patch"),
     ("adaptive", "patch"),
+    ("dede_aware", "patch"),
     ("badencoder", "checker"),
     ("badencoder", "blend"),
-    ("dede_aware", "patch"),
-    ("badencoder", "invisible"),
     ("badencoder", "warp"),
+    ("badencoder", "invisible"),
     ("badencoder", "noise@random"),
     ("badencoder", "noise"),
     ("badencoder", "checker@random"),
     ("adaptive", "checker"),
     ("adaptive", "blend"),
-    ("badencoder", "patch"),
 )
 SUITES["lab-hard"] = SuiteConfig(
     name="lab-hard",
-    simclr_images=8000,
-    simclr_epochs=8,
-    knn_every=4,
-    shadow_images=2000,
-    attack_epochs=10,
-    probe_train=3000,
-    gtsrb_test=2000,
-    n_test=1000,
-    n_calibration=500,
-    ood_sources=1200,  # 200 calibration + 1,000 decoder / kNN sources (x5 views)
-    ood_calibration_sources=200,
     probe_gtsrb=False,
     attacks=_HARD_ATTACKS,
     with_ctrl=False,
-    detections=(("adaptive", "ood"), ("dede_aware", "ood")),
+    # DeDe on these encoders is scored by the shipped pipeline (benchmarks/detection/shipped.py:
+    # `dede fit` defaults, calibrate, export, ONNX Runtime), not by the lab's decoder presets.
+    detections=(),
     extra_decoders=(),
     cue_encoders=("clean", *(encoder_name(v, t) for v, t in _HARD_ATTACKS)),
     root="runs/lab-hard",
