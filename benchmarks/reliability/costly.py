@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
 import shlex
 import signal
 import statistics
@@ -42,7 +41,7 @@ import numpy as np
 from benchmarks.provenance import REPO_ROOT, run_record
 from benchmarks.reliability.load import Workload, make_workload, open_loop, percentiles_ms
 from benchmarks.serving.loadgen import CONTENT_TYPE, closed_loop, multipart_body
-from benchmarks.serving.server import BenchServer, open_benchmark_bundle
+from benchmarks.serving.server import BenchServer, open_benchmark_bundle, tree_cpu_seconds
 from service.settings import Settings
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "service"))
@@ -54,7 +53,6 @@ COMMAND = "python -m benchmarks.reliability.costly"
 GOALS = {"answer_s": 1.0, "server_cpu_s": 1.0, "cpu_after_answer_s": 0.05, "p99_ratio": 2.0}
 GOALS |= {"throughput_ratio": 0.95, "sigterm_extra_s": 2.0, "accepted_lost": 0}
 SERVER_DEFAULTS = {"access_log": "false", "log_level": "warning"}
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 # Inside every structure limit, but costly enough to be decoded by a worker process under the budget.
 AT_LIMIT = {
@@ -69,31 +67,6 @@ def hostile_files() -> dict[str, bytes]:
 
 
 # -- CPU of the server and everything it started -------------------------------------------------------
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-
-
-def tree_cpu_s(root: int) -> float:
-    """User + system CPU of `root` and every process below it, with the CPU of their children already
-    reaped (a killed decode worker's CPU lands in its fork server's cutime/cstime)."""
-    parents: dict[int, int] = {}
-    stats: dict[int, list[str]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
-            parents[int(entry.name)] = int(fields[1])
-            stats[int(entry.name)] = fields
-    tree, grew = {root}, True
-    while grew:
-        below = {p for p, parent in parents.items() if parent in tree} - tree
-        tree |= below
-        grew = bool(below)
-    ticks = sum(sum(int(x) for x in stats[p][11:15]) for p in tree if p in stats)
-    return ticks / _TICKS
 
 
 def _post(url: str, data: bytes, timeout: float = 60) -> tuple[int | str, float]:
@@ -147,18 +120,18 @@ def pillow_alone(data: bytes, cap_s: float) -> dict:
 
 def classes_part(server: BenchServer, files: dict[str, bytes], args: argparse.Namespace) -> dict:
     pid = server.process.pid
-    idle_before = tree_cpu_s(pid)
+    idle_before = tree_cpu_seconds(pid)
     time.sleep(2.0)
-    idle_per_s = (tree_cpu_s(pid) - idle_before) / 2.0
+    idle_per_s = (tree_cpu_seconds(pid) - idle_before) / 2.0
     rows = {}
     for name, data in files.items():
         answers = []
         for _ in range(args.repeats):
-            before = tree_cpu_s(pid)
+            before = tree_cpu_seconds(pid)
             status, wall = _post(server.url, data)
-            answered = tree_cpu_s(pid)
+            answered = tree_cpu_seconds(pid)
             time.sleep(1.0)
-            after = tree_cpu_s(pid)
+            after = tree_cpu_seconds(pid)
             answers.append(
                 {
                     "status": status,
@@ -285,13 +258,13 @@ def throughput_part(servers: dict[str, BenchServer], workload: Workload, args: a
         # Alternate which goes first: load from elsewhere drifts, and each gets both halves of a round.
         order = list(servers.items()) if turn % 2 == 0 else list(reversed(servers.items()))
         for name, server in order:
-            before = tree_cpu_s(server.process.pid)
+            before = tree_cpu_seconds(server.process.pid)
             load = asyncio.run(
                 closed_loop(
                     server.url, workload.bodies, workload.images_per_request, args.clients, args.seconds
                 )
             )
-            spent = tree_cpu_s(server.process.pid) - before
+            spent = tree_cpu_seconds(server.process.pid) - before
             served = load.images_per_s * (args.seconds + 1.0)  # its 1 s warm-up is served too
             measured[name].append(load.images_per_s)
             cpu_ms[name].append(round(1000 * spent / max(1.0, served), 4))

@@ -47,6 +47,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of `root` and its live descendants, with the children each of them has reaped
+    (cutime/cstime): a worker that ended still counts."""
+    parents: dict[int, int] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
+            stats[int(entry)] = fields
+            parents[int(entry)] = int(fields[1])
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in tree:
+                tree.add(pid)
+                frontier.append(pid)
+    ticks = sum(sum(int(stats[pid][i]) for i in (11, 12, 13, 14)) for pid in tree if pid in stats)
+    return ticks / _TICKS_PER_S
+
+
 class BenchServer:
     def __init__(self, bundle: Path, log_path: Path, cwd: Path = REPO_ROOT, **settings: object) -> None:
         """`cwd`: the checkout whose `service` runs (another commit's worktree, for side-by-side runs)."""
@@ -82,9 +109,9 @@ class BenchServer:
         raise RuntimeError(f"server not ready after {timeout_s} s; see {self.log_path}")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of the server process (all its threads) so far."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+        """User + system CPU of the server: its process and every live descendant (workers, decode
+        processes), plus what its reaped children used."""
+        return tree_cpu_seconds(self.process.pid)
 
     def metric_sums(self) -> dict[str, float]:
         """Counts and sums of the batch-size and queue-wait histograms, for per-point deltas."""
