@@ -3,8 +3,9 @@
 ONNX Runtime's default (`DEDE_INTRA_OP_THREADS=0`) and `os.cpu_count()` both see every core of the
 host, not the container's `--cpus` quota: a 2-CPU container on a 64-core host would start 64
 inference threads that fight over 2 CPUs of quota and get throttled. So, unless the variables are
-already set, this sets DEDE_INTRA_OP_THREADS and DEDE_DECODE_THREADS from the cgroup quota and the
-CPU affinity, whichever is smaller, and then replaces itself with `python -m service ARGS...`.
+already set, this sets DEDE_WORKERS (the service's auto rule, applied to the usable CPUs),
+DEDE_INTRA_OP_THREADS and DEDE_DECODE_THREADS (per worker) from the cgroup quota and the CPU
+affinity, whichever is smaller, and then replaces itself with `python -m service ARGS...`.
 """
 
 from __future__ import annotations
@@ -48,17 +49,37 @@ def usable_cpus(root: Path = CGROUP_ROOT) -> int:
     return max(1, cpus)
 
 
-def thread_settings(cpus: int) -> dict[str, str]:
-    """One inference thread per usable CPU; decoding gets up to 4 threads, as the service's default."""
-    return {"DEDE_INTRA_OP_THREADS": str(cpus), "DEDE_DECODE_THREADS": str(max(1, min(4, cpus)))}
+def worker_count(cpus: int, environ: dict[str, str] | os._Environ[str]) -> int:
+    """DEDE_WORKERS when set to a number of processes, else the service's auto rule for these CPUs
+    (CUDA when DEDE_EXECUTION_PROVIDERS names it, as the GPU deployments do)."""
+    from service.workers import auto_workers
+
+    explicit = environ.get("DEDE_WORKERS", "").strip()
+    if explicit.isdigit() and int(explicit) > 0:
+        return int(explicit)
+    cuda = "cuda" in environ.get("DEDE_EXECUTION_PROVIDERS", "").lower()
+    return auto_workers(provider_is_cuda=cuda, cpu_count=cpus)
+
+
+def thread_settings(cpus: int, workers: int = 1) -> dict[str, str]:
+    """Per worker process: the usable CPUs shared among the workers for inference; decoding gets up
+    to 4 threads, as the service's default."""
+    share = max(1, cpus // workers)
+    return {
+        "DEDE_WORKERS": str(workers),
+        "DEDE_INTRA_OP_THREADS": str(share),
+        "DEDE_DECODE_THREADS": str(max(1, min(4, share))),
+    }
 
 
 def main() -> None:
     cpus = usable_cpus()
-    for name, value in thread_settings(cpus).items():
+    workers = worker_count(cpus, os.environ)
+    for name, value in thread_settings(cpus, workers).items():
         os.environ.setdefault(name, value)  # an explicit setting always wins
     print(
-        f"dede entrypoint: {cpus} usable CPU(s); intra-op threads {os.environ['DEDE_INTRA_OP_THREADS']}, "
+        f"dede entrypoint: {cpus} usable CPU(s); workers {os.environ['DEDE_WORKERS']}, per worker "
+        f"intra-op threads {os.environ['DEDE_INTRA_OP_THREADS']}, "
         f"decode threads {os.environ['DEDE_DECODE_THREADS']}",
         file=sys.stderr,
         flush=True,

@@ -74,8 +74,20 @@ def test_threads_follow_the_quota_not_the_host(tmp_path: Path) -> None:
     (tmp_path / "cpu.max").write_text("150000 100000\n")  # --cpus 1.5 -> 2 whole CPUs at most
     cpus = entrypoint.usable_cpus(tmp_path)
     assert 1 <= cpus <= 2
-    assert entrypoint.thread_settings(2) == {"DEDE_INTRA_OP_THREADS": "2", "DEDE_DECODE_THREADS": "2"}
+    assert entrypoint.thread_settings(2) == {
+        "DEDE_WORKERS": "1",
+        "DEDE_INTRA_OP_THREADS": "2",
+        "DEDE_DECODE_THREADS": "2",
+    }
     assert entrypoint.thread_settings(16)["DEDE_DECODE_THREADS"] == "4"
+    # Several workers share the CPUs: threads are per worker.
+    assert entrypoint.thread_settings(16, workers=8)["DEDE_INTRA_OP_THREADS"] == "2"
+    # The service's auto rule on the usable CPUs (not the host's): CUDA when the providers name it.
+    assert entrypoint.worker_count(2, {}) == 1
+    assert entrypoint.worker_count(8, {}) == 4
+    assert entrypoint.worker_count(16, {"DEDE_EXECUTION_PROVIDERS": "cuda,cpu"}) == 8
+    assert entrypoint.worker_count(16, {"DEDE_WORKERS": "3"}) == 3
+    assert entrypoint.worker_count(16, {"DEDE_WORKERS": "0"}) == 8
     (tmp_path / "cpu.max").write_text("garbage")
     assert entrypoint.usable_cpus(tmp_path) >= 1  # a strange cgroup file never stops the service
 
