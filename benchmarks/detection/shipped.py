@@ -2,7 +2,8 @@
 defaults, every figure through the exported bundle (ONNX Runtime), beside the decoder-free
 baselines.
 
-For each case `NAME=ENCODER[@TRIGGER][#PRESET]` (TRIGGER: `patch`, the default, or a trigger file;
+For each case `NAME=ENCODER[@TRIGGER][#PRESET]` (TRIGGER: a trigger family of lab/attacks/triggers.py,
+`patch` by default, e.g. `checker`, `blend`, `warp`, `noise@random`, or a trigger file;
 PRESET: the decoder preset, `dede fit`'s default unless given, e.g. `#lab` for the MAE decoder under
 the same step and time budget):
   fit        `dede fit` defaults on 2,000 Tiny-ImageNet images (out of distribution for CIFAR-10);
@@ -37,7 +38,7 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.provenance import REPO_ROOT, run_record
-from lab.attacks.triggers import load_trigger
+from lab.attacks.triggers import make_trigger
 from lab.baselines import baseline_scores
 from lab.evaluate import auprc, auroc
 from models.bundle import ONNX_INPUT, ONNX_SCORE, InputSpec, prepare_array
@@ -98,7 +99,7 @@ def run_case(
     started = time.time()
     encoder = load_encoder(encoder_path)
     spec = encoder.identity.input_spec()
-    trigger = load_trigger(trigger_spec, (spec.height, spec.width))
+    trigger = make_trigger(trigger_spec, (spec.height, spec.width))
     fit_images = _nchw(data["tiny"][:N_FIT], spec)
     ood_cal = _nchw(data["tiny_crops"], spec)
     id_cal = _nchw(data["train"][:N_CAL], spec)
