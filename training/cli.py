@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -93,7 +94,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     make_poison = getattr(args, "make_poison", None)
     poison = make_poison(args, (h, w)) if make_poison is not None else None
     path = fit_decoder(encoder, images, Path(args.out), settings, args.device, not args.no_resume, poison)
-    print(f"fitted decoder: {path}  (validation losses: {Path(args.out) / 'log.csv'})")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: the first process speaks for all
+        print(f"fitted decoder: {path}  (validation losses: {Path(args.out) / 'log.csv'})")
     return 0
 
 
@@ -174,7 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    fit = sub.add_parser("fit", help="train the DeDe decoder for a frozen encoder on auxiliary images")
+    fit = sub.add_parser(
+        "fit",
+        help="train the DeDe decoder for a frozen encoder on auxiliary images",
+        description="Train the DeDe decoder for a frozen encoder on auxiliary images. Runs as it is "
+        "on one device, or data-parallel under torchrun, one process per GPU: "
+        "`torchrun --nproc_per_node=N -m training.cli fit ...` (the same flags; --batch-size stays "
+        "the global batch; rank 0 alone writes --out).",
+    )
     add_encoder_arguments(fit)
     fit.add_argument(
         "--data",
@@ -214,10 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
         "ResNet), none, or comma-separated module names",
     )
     fit.add_argument("--epochs", type=int, help="a step budget in passes over the images instead")
-    fit.add_argument("--batch-size", type=int, default=128)
+    fit.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="global batch size (default 128); under torchrun it is split among the processes, so "
+        "the same steps see the same images whatever their number",
+    )
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present)")
+    fit.add_argument(
+        "--device",
+        help="cuda, cuda:1 or cpu (default: cuda when present); under torchrun each process takes "
+        "cuda:LOCAL_RANK (backend nccl), or the CPU with --device cpu (backend gloo)",
+    )
     fit.add_argument("--out", required=True, help="run directory (checkpoints, loss log, decoder)")
     fit.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     fit.set_defaults(func=_cmd_fit)

@@ -40,6 +40,7 @@ from models.encoders import LoadedEncoder, encoder_from_args
 from models.feature_taps import TappedEncoder, default_stages, stage_discrepancy
 from training import DEFAULT_PRESET
 from training.checkpoint import save_checkpoint
+from training.distributed import Distributed
 
 RUN_FILE = "run.json"
 CHECKPOINT = "checkpoint.pt"
@@ -65,12 +66,14 @@ def embed_images(
     device: torch.device,
     batch_size: int = 256,
     desc: str = "embed",
+    progress: bool = True,
 ) -> np.ndarray:
     """uint8 [N, 3, H, W] -> float32 embeddings [N, D], in batches with a progress bar."""
     if encoder.module is not None:
         encoder.module.to(device)
     out = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=not progress):
         batch = torch.from_numpy(images[start : start + batch_size]).to(device)
         out.append(encoder.embed(batch).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, encoder.identity.embedding_dim), np.float32)
@@ -86,7 +89,7 @@ class FitSettings:
     max_steps: int | None = None  # None: the preset's (DEFAULT_MAX_STEPS)
     max_minutes: float | None = 12.0  # wall-clock budget of the training loop; None: no limit
     epochs: int | None = None  # an alternative step budget: passes over the training split
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: split among the processes of a distributed fit
     lr: float = 1e-3
     weight_decay: float = 1e-6
     warmup_steps: int = 100
@@ -165,12 +168,15 @@ def training_loss(
     x: torch.Tensor,
     z: torch.Tensor,
     visible: torch.Tensor | None,
+    forward: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Mean squared error per pixel, in normalized pixel space, over what the score compares: every
-    pixel for the conv decoder, the masked patches for the MAE one."""
+    pixel for the conv decoder, the masked patches for the MAE one. `forward`, when given, runs the
+    decoder instead of calling it directly (its DistributedDataParallel wrapper)."""
+    run = forward if forward is not None else decoder
     if isinstance(decoder, ConvDecoder):
-        return (decoder(z).float() - x).pow(2).mean()
-    pred = decoder(x, z, visible)
+        return (run(z).float() - x).pow(2).mean()
+    pred = run(x, z, visible)
     return masked_training_loss(pred.float(), x, visible, decoder.config.patch_size)
 
 
@@ -202,16 +208,41 @@ def fit_decoder(
     slightly poisoned auxiliary set). A held-out share of the images gives the validation loss
     (at the test-time mask: what the detector scores) and, once fitted, the clean statistics of
     the feature score. Checkpoints at every validation; `resume` continues a killed run.
+
+    Under `torchrun` (WORLD_SIZE > 1) every process runs this with the same arguments: each takes a
+    disjoint shard of every global batch of `settings.batch_size`, the decoder's gradients are
+    averaged (DistributedDataParallel), rank 0 alone writes the run directory and decides when to
+    stop (training/distributed.py).
     """
     settings = settings or FitSettings()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dev = pick_device(device)
+    ddp = Distributed.from_environment(device)
+    try:
+        return _fit_decoder(encoder, images, run_dir, settings, ddp, device, resume, poison)
+    finally:
+        ddp.close()
+
+
+def _fit_decoder(
+    encoder: LoadedEncoder,
+    images: np.ndarray,
+    run_dir: Path,
+    settings: FitSettings,
+    ddp: Distributed,
+    device: str | None,
+    resume: bool,
+    poison: Callable[[np.ndarray], np.ndarray] | None,
+) -> Path:
+    if ddp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dev = ddp.device(device) if ddp.enabled else pick_device(device)
     torch.manual_seed(settings.seed)
     height, width = encoder.identity.input_size
     if height != width:
         raise RunError(f"the decoder needs square inputs; the encoder takes {height}x{width}")
     if len(images) < 2:
         raise RunError(f"fitting needs auxiliary images; got {len(images)}")
+    if settings.batch_size < ddp.world_size:
+        raise RunError(f"a batch of {settings.batch_size} cannot be split among {ddp.world_size} processes")
     config = decoder_config(settings.preset, height, settings.config_overrides)
     views = settings.views or default_views(height)
 
@@ -244,34 +275,66 @@ def fit_decoder(
         },
         "status": "fitting",
     }
+    if ddp.enabled:
+        run_info["fit"]["distributed"] = {
+            "world_size": ddp.world_size,
+            "backend": ddp.backend,
+            "per_rank_batch": ddp.shard_sizes(settings.batch_size),
+        }
     run_file = run_dir / RUN_FILE
-    if resume and run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if (
-            previous.get("decoder_config") != run_info["decoder_config"]
-            or previous.get("encoder") != encoder.load_args
-        ):
-            raise RunError(f"{run_dir} holds a run with another encoder or decoder config; use a new --out")
-        if previous.get("status") == "fitted" and (run_dir / DECODER_FILE).exists():
-            return run_dir / DECODER_FILE
-    _write_json(run_file, run_info)
+    embeddings_path = run_dir / EMBEDDINGS_FILE
+    checkpoint_path = run_dir / CHECKPOINT
+    wanted = len(train_idx) * views + len(val_idx)
+    # Rank 0 reads and writes the run directory and tells the others what it found: they never
+    # look at files that rank 0 may be rewriting.
+    start = {"error": None, "fitted": False, "embeddings": False, "checkpoint": False}
+    if ddp.is_main:
+        if resume and run_file.exists():
+            previous = json.loads(run_file.read_text())
+            if (
+                previous.get("decoder_config") != run_info["decoder_config"]
+                or previous.get("encoder") != encoder.load_args
+            ):
+                start["error"] = (
+                    f"{run_dir} holds a run with another encoder or decoder config; use a new --out"
+                )
+            elif previous.get("status") == "fitted" and (run_dir / DECODER_FILE).exists():
+                start["fitted"] = True
+        if start["error"] is None and not start["fitted"]:
+            _write_json(run_file, run_info)
+            start["embeddings"] = bool(
+                resume and embeddings_path.exists() and len(np.load(embeddings_path, mmap_mode="r")) == wanted
+            )
+            start["checkpoint"] = bool(resume and checkpoint_path.exists())
+            if not start["checkpoint"] and (run_dir / LOG_FILE).exists():
+                (run_dir / LOG_FILE).unlink()
+    start = ddp.broadcast(start)
+    if start["error"]:
+        raise RunError(start["error"])
+    if start["fitted"]:
+        return run_dir / DECODER_FILE
 
     train_images = augmented_views(images[train_idx], views, settings.seed + 1)
     val_images = np.ascontiguousarray(images[val_idx])
-    embeddings_path = run_dir / EMBEDDINGS_FILE
-    wanted = len(train_images) + len(val_images)
-    if resume and embeddings_path.exists() and len(np.load(embeddings_path, mmap_mode="r")) == wanted:
+    if start["embeddings"]:
         embeddings = np.load(embeddings_path)
     else:
+        everything = np.concatenate([train_images, val_images])
+        part = ddp.shard(len(everything)) if ddp.enabled else slice(None)
         embeddings = embed_images(
-            encoder, np.concatenate([train_images, val_images]), dev, desc=f"embed aux images ({views} views)"
+            encoder, everything[part], dev, desc=f"embed aux images ({views} views)", progress=ddp.is_main
         )
-        np.save(embeddings_path, embeddings)
+        embeddings = ddp.gather_rows(embeddings, len(everything))
+        if ddp.is_main:
+            np.save(embeddings_path, embeddings)
     train_z, val_z = embeddings[: len(train_images)], embeddings[len(train_images) :]
 
     decoder = build_decoder(config, encoder.identity.embedding_dim).to(dev)
     if isinstance(decoder, ConvDecoder):
         decoder.set_embedding_stats(torch.from_numpy(train_z).to(dev))
+    if ddp.enabled and dev.type == "cuda":
+        # batch statistics over the global batch, as one process computes them (CUDA only in torch)
+        decoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(decoder)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     warmup = min(settings.warmup_steps, max(1, max_steps // 10))
 
@@ -283,16 +346,21 @@ def fit_decoder(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     progress = {"step": 0, "best_val": math.inf, "best_step": 0, "stale": 0, "elapsed": 0.0}
     best_state = None
-    checkpoint_path = run_dir / CHECKPOINT
-    if resume and checkpoint_path.exists():
+    if start["checkpoint"]:  # every rank resumes from rank 0's checkpoint
         state = torch.load(checkpoint_path, map_location=dev, weights_only=True)
         decoder.load_state_dict(state["decoder"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         best_state = state["best_decoder"]
         progress = {k: state["progress"][k] for k in progress}
-    elif (run_dir / LOG_FILE).exists():
-        (run_dir / LOG_FILE).unlink()
+    forward = None  # the decoder itself; its DistributedDataParallel wrapper under a launcher
+    if ddp.enabled:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            decoder,
+            device_ids=[dev.index] if dev.type == "cuda" else None,
+            # the MAE decoder's encoder half idles at the test-time mask (no visible patch at 32 px)
+            find_unused_parameters=isinstance(decoder, DeDeDecoder),
+        )
 
     images_t, z_t = torch.from_numpy(train_images), torch.from_numpy(train_z)
     val_images_t, val_z_t = torch.from_numpy(val_images), torch.from_numpy(val_z)
@@ -306,33 +374,50 @@ def fit_decoder(
     generator = torch.Generator()
     stop_reason = "step budget reached"
     started = time.time() - progress["elapsed"]
-    bar = tqdm(total=max_steps, initial=progress["step"], desc="fit decoder", unit="step")
+    bar = tqdm(
+        total=max_steps, initial=progress["step"], desc="fit decoder", unit="step", disable=not ddp.is_main
+    )
     total, count = 0.0, 0
     while progress["step"] < max_steps:
         step = progress["step"]
-        decoder.train()
+        (forward or decoder).train()
         generator.manual_seed(settings.seed * 1_000_003 + step)  # resumable: the step fixes the batch
         idx = torch.randint(0, len(images_t), (settings.batch_size,), generator=generator)
+        visible = _training_visible(decoder, len(idx), test_visible, generator)
+        if ddp.enabled:  # this rank's shard of the global batch (and of its masks)
+            part = ddp.shard(len(idx))
+            idx, visible = idx[part], None if visible is None else visible[part]
         x = normalize(images_t[idx].to(dev))
         z = z_t[idx].to(dev)
-        visible = _training_visible(decoder, len(idx), test_visible, generator)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = training_loss(decoder, x, z, visible)
+            loss = training_loss(decoder, x, z, visible, forward)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if ddp.enabled:
+            # DDP averages the ranks' gradients; weighting each shard's mean by its share of the
+            # batch makes that the gradient of the global batch's mean, as one process computes it
+            share = len(idx) / settings.batch_size
+            (loss * (share * ddp.world_size)).backward()
+            total, count = total + loss.item() * share, count + 1
+        else:
+            loss.backward()
+            total, count = total + loss.item(), count + 1
         optimizer.step()
         scheduler.step()
-        total, count = total + loss.item(), count + 1
         progress["step"] = step + 1
         bar.update(1)
         last = progress["step"] == max_steps
         if progress["step"] % settings.eval_every and not last:
             continue
-        val_loss = _val_loss(decoder, val_images_t, val_z_t, normalize, test_visible, dev)
+        if ddp.enabled:
+            val_loss = _val_loss_sharded(decoder, val_images_t, val_z_t, normalize, test_visible, dev, ddp)
+            total = ddp.sum(total)[0]
+        else:
+            val_loss = _val_loss(decoder, val_images_t, val_z_t, normalize, test_visible, dev)
         progress["elapsed"] = time.time() - started
-        _append_log(
-            run_dir / LOG_FILE, progress["step"], total / max(1, count), val_loss, progress["elapsed"]
-        )
+        if ddp.is_main:
+            _append_log(
+                run_dir / LOG_FILE, progress["step"], total / max(1, count), val_loss, progress["elapsed"]
+            )
         total, count = 0.0, 0
         bar.set_postfix(val=f"{val_loss:.4f}", best=f"{min(val_loss, progress['best_val']):.4f}")
         if math.isnan(val_loss) or val_loss < progress["best_val"] * (1 - PLATEAU_GAIN):
@@ -340,23 +425,26 @@ def fit_decoder(
             best_state = {k: v.detach().clone() for k, v in decoder.state_dict().items()}
         else:
             progress["stale"] += 1
-        save_checkpoint(
-            {
-                "decoder": decoder.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "best_decoder": best_state,
-                "progress": progress,
-            },
-            checkpoint_path,
-        )
-        if progress["stale"] >= settings.patience:
-            stop_reason = (
-                f"validation plateau (no {PLATEAU_GAIN:.1%} gain in {settings.patience} evaluations)"
+        if ddp.is_main:
+            save_checkpoint(
+                {
+                    "decoder": decoder.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "best_decoder": best_state,
+                    "progress": progress,
+                },
+                checkpoint_path,
             )
-            break
-        if settings.max_minutes is not None and progress["elapsed"] > 60 * settings.max_minutes:
-            stop_reason = f"time budget of {settings.max_minutes:g} minutes reached"
+        stop = None
+        if progress["stale"] >= settings.patience:
+            stop = f"validation plateau (no {PLATEAU_GAIN:.1%} gain in {settings.patience} evaluations)"
+        elif settings.max_minutes is not None and progress["elapsed"] > 60 * settings.max_minutes:
+            stop = f"time budget of {settings.max_minutes:g} minutes reached"
+        if ddp.enabled:  # rank 0's clock and verdict: every rank stops at the same step
+            progress, stop = ddp.broadcast((progress, stop))
+        if stop is not None:
+            stop_reason = stop
             break
     bar.close()
     if best_state is not None:
@@ -370,20 +458,41 @@ def fit_decoder(
         "minutes": round(progress["elapsed"] / 60, 2),
         "converged": stop_reason.startswith("validation plateau"),
     }
-    print(
-        f"fit stopped after {summary['steps']} steps ({summary['minutes']:.1f} min): {stop_reason}; "
-        f"best validation loss {progress['best_val']:.4f} at step {progress['best_step']}"
-    )
-
     decoder_path = run_dir / DECODER_FILE
-    save_file({k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}, str(decoder_path))
-    stats = feature_statistics(encoder, decoder, val_images, settings.feature_stages, dev)
-    if stats is not None:
-        _write_json(run_dir / FEATURE_STATS_FILE, stats)
-    run_info["status"] = "fitted"
-    run_info["result"] = summary
-    _write_json(run_file, run_info)
+    if ddp.is_main:
+        print(
+            f"fit stopped after {summary['steps']} steps ({summary['minutes']:.1f} min): {stop_reason}; "
+            f"best validation loss {progress['best_val']:.4f} at step {progress['best_step']}"
+        )
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}, str(decoder_path)
+        )
+        stats = feature_statistics(encoder, decoder, val_images, settings.feature_stages, dev)
+        if stats is not None:
+            _write_json(run_dir / FEATURE_STATS_FILE, stats)
+        run_info["status"] = "fitted"
+        run_info["result"] = summary
+        _write_json(run_file, run_info)
+    ddp.barrier()  # no rank returns before rank 0 has written the fitted run
     return decoder_path
+
+
+def _val_loss_sharded(
+    decoder: DeDeDecoder | ConvDecoder,
+    images: torch.Tensor,
+    embeddings: torch.Tensor,
+    normalize: torch.nn.Module,
+    test_visible: torch.Tensor,
+    dev: torch.device,
+    ddp: Distributed,
+) -> float:
+    """`_val_loss` of a distributed fit: each rank scores its share of the validation images, and
+    the sums over ranks give the same mean on every rank."""
+    part = ddp.shard(len(images))
+    n = len(images[part])
+    local = _val_loss(decoder, images[part], embeddings[part], normalize, test_visible, dev) if n else 0.0
+    total, count = ddp.sum(local * n, n)
+    return total / count if count else float("nan")
 
 
 @torch.no_grad()
