@@ -377,6 +377,19 @@ def _base_checkout(ref: str, scratch: Path) -> Path:
     return path
 
 
+def _base_bundle(base_root: Path, scratch: Path) -> Path:
+    """The stand-in graph made by the base commit's own test helper: a newer manifest (fields added
+    since) is refused by an older service, while the graph, and so every score, is the same."""
+    out = scratch / "base-synthetic"
+    maker = (
+        "import sys; from pathlib import Path; sys.path.insert(0, 'tests/service'); "
+        "from synthetic_bundle import make_synthetic_bundle; "
+        f"make_synthetic_bundle(Path({str(out)!r}), extra_work=6, width_hidden=512)"
+    )
+    subprocess.run([sys.executable, "-c", maker], cwd=base_root, check=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -400,9 +413,11 @@ def main(argv: list[str] | None = None) -> None:
             note=args.note,
         )
 
-        def start(name: str, cwd: Path = REPO_ROOT, **settings: object) -> BenchServer:
+        def start(
+            name: str, cwd: Path = REPO_ROOT, bundle: Path | None = None, **settings: object
+        ) -> BenchServer:
             server = BenchServer(
-                bundle_path, scratch_dir / f"{name}.log", cwd=cwd, **SERVER_DEFAULTS, **settings
+                bundle or bundle_path, scratch_dir / f"{name}.log", cwd=cwd, **SERVER_DEFAULTS, **settings
             )
             server.wait_ready()
             return server
@@ -434,7 +449,11 @@ def main(argv: list[str] | None = None) -> None:
             print("throughput ...", flush=True)
             base_root = _base_checkout(args.base_ref, scratch_dir)
             try:
-                servers = {"base": start("base", cwd=base_root), "this": start("this-throughput")}
+                base_bundle = _base_bundle(base_root, scratch_dir) if args.synthetic else bundle_path
+                servers = {
+                    "base": start("base", cwd=base_root, bundle=base_bundle),
+                    "this": start("this-throughput"),
+                }
                 try:
                     section["throughput"] = throughput_part(servers, workload, args)
                     section["throughput"]["base_commit"] = subprocess.run(
