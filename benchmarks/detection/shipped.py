@@ -223,6 +223,7 @@ def main() -> None:
         results["cases"][name] = run_case(
             name, encoder_path, trigger or "patch", Path(args.runs), data, preset or None
         )
+        results["cases"][name]["run"] = run_record()  # each case keeps its own command and commit
         results.update(run_record())
         results_path.write_text(json.dumps(results, indent=1, default=float) + "\n")
     (out / "REPORT.md").write_text(report(results))
@@ -246,10 +247,18 @@ def report(results: dict) -> str:
     ]
     for name, case in results["cases"].items():
         fit = case.get("fit") or {}
+        run = case.get("run")
+        made = (
+            f"Made by `{run['command']}` at `{run['commit'][:12]}`, finished {run['finished_at']}, load "
+            f"average {run['load_average']}. "
+            if run
+            else ""
+        )
         lines += [
             f"## {name}",
             "",
-            f"Encoder `{case['encoder']}`, trigger `{case['trigger']}`, decoder `{case.get('preset')}`. "
+            made
+            + f"Encoder `{case['encoder']}`, trigger `{case['trigger']}`, decoder `{case.get('preset')}`. "
             f"Fit: {fit.get('steps')} steps in "
             f"{case['fit_wall_seconds'] / 60:.1f} min, stopped by {fit.get('stop_reason')}, best validation loss "
             f"{fit.get('best_val_loss', float('nan')):.4f}; feature stages {case['feature_stages']}; export parity "
