@@ -276,7 +276,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     att.add_argument("--shadow", type=int, default=3000, help="number of shadow images")
     att.add_argument("--epochs", type=int)
     att.add_argument("--batch-size", type=int, default=128)
-    att.add_argument("--lr", type=float, default=0.05)
+    att.add_argument(
+        "--lr", type=float, help="SGD learning rate (default 0.05; 0.01 for adaptive, dede_aware)"
+    )
     att.add_argument("--rate", type=float, default=0.01, help="ctrl: poisoned share of the training set")
     att.add_argument("--magnitude", type=float, default=100.0, help="ctrl: DCT magnitude of the trigger")
     att.add_argument("--width", type=int, default=16, help="ctrl: encoder width")

@@ -73,7 +73,9 @@ class BackdoorSettings:
     variant: str = "badencoder"
     epochs: int = 10
     batch_size: int = 256
-    lr: float = 0.05
+    # None: 0.05, and 0.01 for the cue-hiding variants, whose extra terms pull hard in the first
+    # steps (at 0.05 the adaptive fine-tune of the lab suite's encoder lost its clean embeddings).
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lambda_target: float = 1.0  # triggered -> reference
@@ -99,6 +101,12 @@ class BackdoorSettings:
     shadow_decoder_warmup_epochs: int = 5  # on the clean encoder's shadow embeddings, before the fine-tune
     max_grad_norm: float = 5.0
     seed: int = 0
+
+
+def learning_rate(settings: BackdoorSettings) -> float:
+    if settings.lr is not None:
+        return settings.lr
+    return 0.01 if settings.variant in CUE_HIDING else 0.05
 
 
 def cosine_terms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -146,16 +154,20 @@ def stage_statistics(features: list[torch.Tensor]) -> torch.Tensor:
 
 
 def statistics_gap(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Sum over columns of the squared 1-D Wasserstein distance between the batch's values (N, K)
-    and the reference's (M, K), each column in units of the reference's variance. Zero when every
-    column follows the reference's distribution (equal sorted values), positive otherwise."""
+    """Sum over columns of log(1 + the squared 1-D Wasserstein distance between the batch's values
+    (N, K) and the reference's (M, K), in units of the reference's variance). Zero when every
+    column follows the reference's distribution (equal sorted values), positive otherwise.
+
+    The logarithm bounds the pull of a column that is far off: at the lab suite's scale the plain
+    sum reached 1e2-1e5 in the first epoch (triggered activations' log-norms far from clean ones),
+    its gradient swamped the clean term and the encoder was wrecked (probe BA 10%)."""
     a, _ = torch.sort(values, dim=0)
     b, _ = torch.sort(reference, dim=0)
     if len(a) != len(b):  # compare at the same quantiles
         q = torch.linspace(0, 1, len(a), device=values.device)
         b = torch.quantile(b, q, dim=0)
     scale = reference.detach().var(dim=0).clamp_min(1e-6) if len(reference) > 1 else 1.0
-    return (((a - b) ** 2).mean(dim=0) / scale).sum()
+    return torch.log1p(((a - b) ** 2).mean(dim=0) / scale).sum()
 
 
 def rebuild_error(
@@ -344,7 +356,7 @@ def backdoor_encoder(
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(
         backdoored.parameters(),
-        lr=settings.lr,
+        lr=learning_rate(settings),
         momentum=settings.momentum,
         weight_decay=settings.weight_decay,
     )
@@ -460,7 +472,7 @@ def backdoor_encoder(
             if not torch.isfinite(terms["total"]):
                 raise FloatingPointError(
                     f"{settings.variant}: the loss is {terms['total'].item()} at epoch {epoch + 1} step "
-                    f"{step + 1}; lower the learning rate (now {settings.lr})"
+                    f"{step + 1}; lower the learning rate (now {learning_rate(settings)})"
                 )
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
