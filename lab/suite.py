@@ -183,10 +183,10 @@ SUITES: dict[str, SuiteConfig] = {
 _HARD_ATTACKS = (  # in the order they run: the most informative first
     ("badencoder", "patch"),
     ("adaptive", "patch"),
-    ("dede_aware", "patch"),
     ("badencoder", "checker"),
     ("badencoder", "blend"),
     ("badencoder", "warp"),
+    ("dede_aware", "patch"),
     ("badencoder", "invisible"),
     ("badencoder", "noise@random"),
     ("badencoder", "noise"),
