@@ -79,23 +79,31 @@ def test_two_workers_sum_their_metrics_and_a_dead_one_is_replaced(
         async def scenario() -> list[httpx.Response]:
             return await asyncio.gather(*(send(i) for i in range(len(blobs))))
 
-        responses = asyncio.run(scenario())
-        assert [r.status_code for r in responses] == [200] * len(blobs)
-        for pixel, response in zip(pixels, responses, strict=True):
-            (result,) = response.json()["images"]
-            np.testing.assert_allclose(result["score"], expected_score(pixel.transpose(2, 0, 1)), rtol=1e-5)
-
-        per_worker = _count_by_pid(metrics_dir, "dede_images")
-        assert sum(per_worker.values()) == len(blobs)
+        # Which worker accepts a connection is the kernel's choice: send rounds until both served.
+        sent = 0
+        for _ in range(4):
+            responses = asyncio.run(scenario())
+            sent += len(blobs)
+            assert [r.status_code for r in responses] == [200] * len(blobs)
+            for pixel, response in zip(pixels, responses, strict=True):
+                (result,) = response.json()["images"]
+                expected = expected_score(pixel.transpose(2, 0, 1))
+                np.testing.assert_allclose(result["score"], expected, rtol=1e-5)
+            per_worker = _count_by_pid(metrics_dir, "dede_images")
+            if sum(1 for v in per_worker.values() if v > 0) == 2:
+                break
+        assert sum(per_worker.values()) == sent
         assert sum(1 for v in per_worker.values() if v > 0) == 2, (
             f"one worker took every request: {per_worker}"
         )
         # Whichever worker answers /metrics reports the sum over both.
         for _ in range(6):
             text = httpx.get(server.url + "/metrics").text
-            assert _metric(text, 'dede_images_total{outcome="flagged"}') + _metric(
-                text, 'dede_images_total{outcome="clean"}'
-            ) == len(blobs)
+            assert (
+                _metric(text, 'dede_images_total{outcome="flagged"}')
+                + _metric(text, 'dede_images_total{outcome="clean"}')
+                == sent
+            )
             assert _metric(text, "dede_ready ") == 1.0
 
         # A worker killed outright: not ready until its replacement is, and no count is lost.
@@ -113,9 +121,11 @@ def test_two_workers_sum_their_metrics_and_a_dead_one_is_replaced(
         replaced = _worker_pids(server.process.pid)
         assert len(replaced) == 2 and victim not in replaced
         text = httpx.get(server.url + "/metrics").text
-        assert _metric(text, 'dede_images_total{outcome="flagged"}') + _metric(
-            text, 'dede_images_total{outcome="clean"}'
-        ) == len(blobs)
+        assert (
+            _metric(text, 'dede_images_total{outcome="flagged"}')
+            + _metric(text, 'dede_images_total{outcome="clean"}')
+            == sent
+        )
         assert "died with -9; starting a new one" in server.log()
     finally:
         assert server.terminate() == 0, server.log()[-3000:]
