@@ -40,6 +40,7 @@ from service.protocol import header_deadline_protocol
 from service.runtime import RuntimeLoadError
 from service.settings import Settings, add_settings_arguments, settings_from_args
 from service.state import ServiceState
+from service.workers import listening_socket, resolve_workers, run_workers
 
 log = logging.getLogger("dede.service")
 # After the drain: how long uvicorn waits for connections to close before cancelling their tasks.
@@ -122,25 +123,11 @@ class _OpsServer:
         self._socket.close()
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise SystemExit(f"dede serve: cannot listen on {host}:{port} (DEDE_METRICS_PORT): {exc}") from None
-    return sock
-
-
 def run(settings: Settings | None = None) -> None:
     """Serve the bundle named by `settings` (default: from DEDE_* environment variables), in one
     process or, with more than one worker (DEDE_WORKERS), in several (`service.workers`)."""
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
-    from service.workers import resolve_workers, run_workers
-
     workers = resolve_workers(settings)
     if workers > 1:
         run_workers(serve, settings.model_copy(update={"workers": workers}), workers)
@@ -155,7 +142,7 @@ def serve(
     (`service.workers`); without them this process binds DEDE_PORT (and DEDE_METRICS_PORT) itself."""
     configure_logging(settings.log_level, settings.log_format)
     if ops_socket is None and settings.metrics_port is not None:
-        ops_socket = _listening_socket(settings.host, settings.metrics_port)
+        ops_socket = listening_socket(settings.host, settings.metrics_port, "DEDE_METRICS_PORT")
     try:
         bundle = load_bundle(settings.bundle)
         detector = load_detector(bundle, settings)  # before uvicorn: a bad graph is one line, not a traceback

@@ -80,7 +80,8 @@ def worker_settings(settings: Settings, workers: int, cpu_count: int | None = No
     return settings.model_copy(update={"intra_op_threads": max(1, cores // workers)})
 
 
-def _bind(host: str, port: int, what: str) -> socket.socket:
+def listening_socket(host: str, port: int, what: str) -> socket.socket:
+    """A bound, listening socket; a port that cannot be had stops start-up with one line."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -132,9 +133,9 @@ class WorkerGroup:
     def run(self) -> int:
         """Serve until a signal, or a worker failing to start; the exit status."""
         settings = self.settings
-        main_socket = _bind(settings.host, settings.port, "DEDE_PORT")
+        main_socket = listening_socket(settings.host, settings.port, "DEDE_PORT")
         ops_socket = (
-            _bind(settings.host, settings.metrics_port, "DEDE_METRICS_PORT")
+            listening_socket(settings.host, settings.metrics_port, "DEDE_METRICS_PORT")
             if settings.metrics_port is not None
             else None
         )
