@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from models.bundle import ONNX_NAME
 from service.batcher import BatcherClosed, InferenceFailed, QueueFull, Reservation, ScoredImage
-from service.decode_step import decode_inline, decode_request, plan_decode, request_deadline, until_answered
+from service.decode_step import Abandonment, decode_inline, decode_request, plan_decode, request_deadline
 from service.decoding import ImageRejected
 from service.errors import ServiceError, unavailable
 from service.explain import explanation
@@ -179,24 +179,22 @@ async def detect(request: Request) -> Response:
         # Counted as on its way to the batcher only once its body is in: a slow client must not make
         # batches wait for it. Room in the queue is taken now, before decoding: a flood is refused
         # before any work is spent on it, and an image decoded is an image scored.
-        with _reserve(state, len(uploads)) as reservation, batcher.incoming():
-            decode_started = time.perf_counter()
-            # From here the request has a deadline, and is abandoned if its client goes away.
-            deadline = request_deadline(state)
-            plan = plan_decode(state, [upload.data for upload in uploads])
-            if plan.inline(state):
-                decoded = decode_inline(state, plan)  # thumbnails: nothing to wait for or cancel
-            else:
-                decoded = await until_answered(request, state, decode_request(state, plan), deadline)
-            decode_s = time.perf_counter() - decode_started
-            state.metrics.decode_time.observe(decode_s)
-            arrays = [item for item in decoded if isinstance(item, np.ndarray)]
-            if not arrays:
-                raise _all_rejected(state, uploads, decoded)
-            futures = reservation.submit(arrays, explain=explain)
-        outcomes = await until_answered(
-            request, state, asyncio.gather(*futures, return_exceptions=True), deadline
-        )
+        # From the reservation on, the request has a deadline, and is abandoned if its client goes away.
+        with Abandonment(request, state, request_deadline(state)) as abandonment:
+            with _reserve(state, len(uploads)) as reservation, batcher.incoming():
+                decode_started = time.perf_counter()
+                plan = plan_decode(state, [upload.data for upload in uploads])
+                if plan.inline(state):
+                    decoded = decode_inline(state, plan)  # thumbnails: nothing to wait for or cancel
+                else:
+                    decoded = await abandonment.guard(decode_request(state, plan))
+                decode_s = time.perf_counter() - decode_started
+                state.metrics.decode_time.observe(decode_s)
+                arrays = [item for item in decoded if isinstance(item, np.ndarray)]
+                if not arrays:
+                    raise _all_rejected(state, uploads, decoded)
+                futures = reservation.submit(arrays, explain=explain)
+            outcomes = await abandonment.guard(asyncio.gather(*futures, return_exceptions=True))
         body = _answer(state, uploads, decoded, outcomes, decode_s, started)
         if explain:
             await _add_explanations(state, body["images"], decoded, outcomes, with_arrays)

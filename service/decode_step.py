@@ -9,7 +9,7 @@ over a DEDE_* limit is refused there, before any pixel is decoded. The rest is r
     as before issue 21: cheap by construction, and the hand-off to a process would cost more;
   - above it: in a worker process (service/decode_workers.py), killed past DEDE_DECODE_BUDGET_S.
 
-`until_answered` runs a request's work against its deadline (DEDE_REQUEST_TIMEOUT_S) and the
+`Abandonment` runs a request's work against its deadline (DEDE_REQUEST_TIMEOUT_S) and the
 client's connection: when the client goes away or the deadline passes, the work is cancelled, so
 its images are neither decoded nor scored further (a worker decoding one of them is killed; images
 queued for the model are dropped by the batcher, their futures cancelled).
@@ -138,33 +138,90 @@ def request_deadline(state: ServiceState) -> float:
     return asyncio.get_running_loop().time() + state.settings.request_timeout_s
 
 
-async def until_answered(request: Request, state: ServiceState, work: Awaitable[T], deadline: float) -> T:
-    """`work`'s result; cancels it and raises `ServiceError` when the client disconnects (400
-    client_disconnected: nobody reads it) or the loop's clock passes `deadline` (504)."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request))
-    timeout = max(0.0, deadline - asyncio.get_running_loop().time())
-    try:
-        done, _ = await asyncio.wait({task, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        watch.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    if watch in done:
-        state.metrics.abandoned.labels("client_gone").inc()
-        raise ServiceError(400, "client_disconnected", "the client went away before its answer was ready")
-    state.metrics.abandoned.labels("deadline").inc()
-    timeout = state.settings.request_timeout_s
-    raise ServiceError(
-        504,
-        "deadline_exceeded",
-        f"the request was not answered within {timeout:g} s (DEDE_REQUEST_TIMEOUT_S); its images were "
-        "not scored",
-    )
+# A request answered this soon never needs its connection watched: the watch (a task reading the
+# connection) starts only if the request is still running by then. This bounds the work a client that
+# leaves can cost to this long, and spares every fast request a task and a wait (issue 21's
+# throughput goal: they were most of this module's per-request cost).
+WATCH_CONNECTION_AFTER_S = 0.05
+
+
+class Abandonment:
+    """One request's watch, from its deadline on: `guard(work)` awaits `work` in the request's own task
+    and cancels it, raising `ServiceError`, when the client disconnects (400 client_disconnected: nobody
+    reads the answer) or the loop's clock passes `deadline` (504). The same mechanism as
+    `asyncio.timeout`: a timer that cancels the task, told apart from any other cancellation by the
+    task's cancel count. Use as a context manager: leaving it stops the timers and the watch."""
+
+    def __init__(self, request: Request, state: ServiceState, deadline: float) -> None:
+        self._request, self._state = request, state
+        self._task = asyncio.current_task()
+        assert self._task is not None, "a request's watch belongs to the task that serves it"
+        self.reason: str | None = None  # "client_gone" or "deadline", once the request is abandoned
+        self._guarding = False
+        self._cancelling = 0
+        self._watch: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        self._timers = (
+            loop.call_at(deadline, self._abandon, "deadline"),
+            loop.call_later(WATCH_CONNECTION_AFTER_S, self._start_watch),
+        )
+
+    def __enter__(self) -> Abandonment:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+
+    async def guard(self, work: Awaitable[T]) -> T:
+        if self.reason is not None:
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise self._error()
+        assert self._task is not None
+        self._guarding, self._cancelling = True, self._task.cancelling()
+        try:
+            return await work
+        except asyncio.CancelledError:
+            # Ours (and only ours): the task's cancel count is back where it was before we cancelled.
+            if self.reason is not None and self._task.uncancel() <= self._cancelling:
+                raise self._error() from None
+            raise
+        finally:
+            self._guarding = False
+
+    def _start_watch(self) -> None:
+        self._watch = asyncio.ensure_future(_disconnected(self._request))
+        self._watch.add_done_callback(self._watch_done)
+
+    def _watch_done(self, watch: asyncio.Task[None]) -> None:
+        if watch.cancelled():
+            return
+        watch.exception()  # a broken connection (receive raised) is a client gone as well
+        self._abandon("client_gone")
+
+    def _abandon(self, reason: str) -> None:
+        if self.reason is not None:
+            return
+        self.reason = reason
+        self._state.metrics.abandoned.labels(reason).inc()
+        if self._guarding and self._task is not None:
+            self._task.cancel()
+
+    def _error(self) -> ServiceError:
+        if self.reason == "client_gone":
+            return ServiceError(
+                400, "client_disconnected", "the client went away before its answer was ready"
+            )
+        timeout = self._state.settings.request_timeout_s
+        return ServiceError(
+            504,
+            "deadline_exceeded",
+            f"the request was not answered within {timeout:g} s (DEDE_REQUEST_TIMEOUT_S); its images were "
+            "not scored",
+        )
 
 
 async def _disconnected(request: Request) -> None:

@@ -8,6 +8,7 @@ here are generous, to catch a hang, not to time anything.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -24,7 +26,9 @@ from costly import COSTLY_CLASSES, bmp_rle, jpeg_many_scans, jpeg_restart_broken
 from PIL import Image
 
 from models.bundle import InputSpec
+from service.decode_step import Abandonment
 from service.decoding import DecodeLimits, ImageRejected, decode_cost, decode_image
+from service.errors import ServiceError
 from service.structure import StructureLimits
 
 SPEC = InputSpec(height=32, width=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -301,3 +305,98 @@ def test_sigterm_with_costly_decodes_in_flight_exits_in_time_and_loses_no_good_r
     time.sleep(0.5)
     left = [describe(pid) for pid in workers if alive(pid)]
     assert not left, f"outlived the service: {left}"
+
+
+class _Connection:
+    """A request's receive channel: `gone` set means the client disconnected."""
+
+    def __init__(self) -> None:
+        self.gone = asyncio.Event()
+        self.receives = 0
+
+    async def receive(self) -> dict:
+        self.receives += 1
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+def _watched(coroutine_factory) -> tuple[object, dict, _Connection]:  # noqa: ANN001 - test helper
+    """Runs `coroutine_factory(abandonment, connection)` under an Abandonment with a 0.3 s deadline:
+    (what it returned or raised, the abandonment counts, the connection)."""
+    state = SimpleNamespace(
+        metrics=SimpleNamespace(abandoned=SimpleNamespace(labels=lambda reason: _Count(counts, reason))),
+        settings=SimpleNamespace(request_timeout_s=0.3),
+    )
+    counts: dict[str, int] = {}
+    connection = _Connection()
+
+    async def main() -> object:
+        deadline = asyncio.get_running_loop().time() + 0.3
+        with Abandonment(connection, state, deadline) as abandonment:  # type: ignore[arg-type]
+            try:
+                return await coroutine_factory(abandonment, connection)
+            except Exception as exc:  # noqa: BLE001 - the outcome is what the test looks at
+                return exc
+
+    return asyncio.run(main()), counts, connection
+
+
+class _Count:
+    def __init__(self, counts: dict[str, int], reason: str) -> None:
+        self.counts, self.reason = counts, reason
+
+    def inc(self) -> None:
+        self.counts[self.reason] = self.counts.get(self.reason, 0) + 1
+
+
+def test_a_request_answered_at_once_is_never_watched_nor_abandoned() -> None:
+    async def fast(abandonment: Abandonment, connection: _Connection) -> str:
+        return await abandonment.guard(asyncio.sleep(0, "scored"))
+
+    outcome, counts, connection = _watched(fast)
+    assert outcome == "scored" and counts == {} and connection.receives == 0
+
+
+def test_past_its_deadline_the_guarded_work_is_cancelled_with_a_504() -> None:
+    cancelled = []
+
+    async def slow(abandonment: Abandonment, connection: _Connection) -> object:
+        async def work() -> None:
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+
+        return await abandonment.guard(work())
+
+    outcome, counts, connection = _watched(slow)
+    assert isinstance(outcome, ServiceError) and outcome.status == 504 and cancelled == [True]
+    assert counts == {"deadline": 1} and connection.receives >= 1  # watched once it took a while
+
+
+def test_a_client_gone_cancels_the_guarded_work_and_the_next_guard_refuses_at_once() -> None:
+    async def leaves(abandonment: Abandonment, connection: _Connection) -> object:
+        asyncio.get_running_loop().call_later(0.1, connection.gone.set)
+        with contextlib.suppress(ServiceError):
+            await abandonment.guard(asyncio.sleep(5))
+        return await abandonment.guard(asyncio.sleep(0))
+
+    outcome, counts, _ = _watched(leaves)
+    assert isinstance(outcome, ServiceError) and outcome.status == 400 and counts == {"client_gone": 1}
+
+
+def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
+    async def shut_down(abandonment: Abandonment, connection: _Connection) -> object:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_later(0.05, task.cancel)
+        try:
+            await abandonment.guard(asyncio.sleep(5))
+        except asyncio.CancelledError:
+            task.uncancel()
+            return "cancelled"
+        return "not cancelled"
+
+    outcome, counts, _ = _watched(shut_down)
+    assert outcome == "cancelled" and counts == {}
