@@ -74,7 +74,13 @@ def costly_lines(section: dict) -> list[str]:
         idle = fire["idle"]
         lines += [
             f"Good requests ({fire['good_rate']} requests/s, open loop, {fire['seconds']} s a phase) alone, then "
-            f"with {fire['hostile_clients']} clients sending costly uploads: the issue's classes above (refused "
+            f"with {fire['hostile_clients']} clients sending costly uploads"
+            + (
+                " from a process of their own (the attacker's load generator off the good client's loop)"
+                if fire.get("issue_classes_paced", {}).get("hostile_in")
+                else " from the good client's own event loop"
+            )
+            + ": the issue's classes above (refused "
             "by their structure) one a second per client, then back to back (a flood of bodies up to 2.4 MB: "
             "what costs is receiving them), then the two files just inside the limits back to back (each "
             "keeps a decode worker busy up to its budget). Answers to the costly uploads in brackets.",
