@@ -95,6 +95,9 @@ class BackdoorSettings:
     stat_stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
     blend_alpha: tuple[float, float] = (0.35, 0.65)  # share of the (triggered) image in a blend
     lambda_dede: float = 1.0  # dede_aware
+    # Triggers with a noise mode (`near_miss`, WaNet's warp): near-miss triggered images keep their
+    # clean embedding, as WaNet's noise-mode images keep their labels (cross ratio 2 there; 1 here).
+    lambda_near_miss: float = 1.0
     shadow_decoder_preset: str = "conv"
     shadow_decoder_width: int = 128  # the attacker's decoder: half the shipped conv preset's width
     shadow_decoder_lr: float = 1e-3
@@ -199,6 +202,7 @@ def backdoor_loss(
     z_clean_blend: torch.Tensor | None = None,
     clean_stats: torch.Tensor | None = None,
     shadow_decoder: nn.Module | None = None,
+    x_near_miss: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """All loss terms of one step; inputs are NORMALIZED images, z_clean_* come from the frozen f.
 
@@ -209,7 +213,8 @@ def backdoor_loss(
     `settings.stat_stages`, `x_triggered_blend` (triggered shadow images blended with other shadow
     images) with `z_clean_blend` (f of the same blends made with the clean images), and
     `clean_stats` (`stage_statistics` of f on the clean shadow batch); dede_aware also the
-    attacker's `shadow_decoder` (its parameters get no gradient from here).
+    attacker's `shadow_decoder` (its parameters get no gradient from here). `x_near_miss`: the
+    shadow images under a near-miss of the trigger (its noise mode), kept at their clean embedding.
     """
     hides_cues = settings.variant in CUE_HIDING
     if hides_cues and (x_triggered_blend is None or z_clean_blend is None or clean_stats is None):
@@ -222,6 +227,8 @@ def backdoor_loss(
     parts = [x_shadow, x_triggered, x_ref_aug, x_ref]
     if hides_cues:
         parts.append(x_triggered_blend)
+    if x_near_miss is not None:
+        parts.append(x_near_miss)
     out = backdoored(torch.cat(parts))
     features: list[torch.Tensor] = []
     if isinstance(out, tuple):
@@ -258,6 +265,13 @@ def backdoor_loss(
             + settings.lambda_sw * terms["sliced_wasserstein"]
             + settings.lambda_spread * terms["spread"]
         )
+    if x_near_miss is not None:
+        z_near_miss = out[len(out) - len(x_near_miss) :]
+        out = out[: len(out) - len(x_near_miss)]
+        if features:
+            features = [f[: len(f) - len(x_near_miss)] for f in features]
+        terms["near_miss"] = cosine_terms(z_near_miss, z_clean_shadow)
+        total = total + settings.lambda_near_miss * terms["near_miss"]
     if hides_cues:
         stats = stage_statistics(features)
         terms["stage_stats"] = statistics_gap(stats[n : 2 * n], clean_stats) + statistics_gap(
@@ -455,6 +469,9 @@ def backdoor_encoder(
                 extra["clean_stats"] = stats_clean_all[idx.to(device)]
             if decoder is not None:
                 extra["shadow_decoder"] = decoder
+            near_miss = getattr(trigger, "near_miss", None)
+            if near_miss is not None and settings.lambda_near_miss > 0:
+                extra["x_near_miss"] = normalize_batch(near_miss(x, generator), mean, std)
             x_norm = normalize_batch(x, mean, std)
             terms = backdoor_loss(
                 settings,

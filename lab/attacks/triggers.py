@@ -197,13 +197,26 @@ class WarpTrigger(PixelTrigger):
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
         identity = torch.stack([gx, gy], dim=-1)
         grid = (identity + torch.from_numpy(self.flow).to(images.device, images.dtype)).clamp(-1, 1)
-        return F.grid_sample(
-            images,
-            grid.unsqueeze(0).expand(n, h, w, 2),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=True,
-        )
+        return _resample(images, grid.unsqueeze(0).expand(n, h, w, 2))
+
+    def near_miss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """WaNet's noise mode: the field plus independent noise of up to half a pixel per position
+        and image. The fine-tune keeps these at their clean embedding, so that the backdoor answers
+        this field only, not any slight resampling (without it, a warp backdoor also fires on
+        blurred or resized images: the clean embeddings suffer, and so does any rebuild of them)."""
+        n, _, h, w = images.shape
+        ys = torch.linspace(-1, 1, h, device=images.device, dtype=images.dtype)
+        xs = torch.linspace(-1, 1, w, device=images.device, dtype=images.dtype)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        identity = torch.stack([gx, gy], dim=-1).unsqueeze(0)
+        noise = (torch.rand(n, h, w, 2, generator=generator) * 2 - 1).to(images.device, images.dtype)
+        pixel = torch.tensor([2 / (w - 1), 2 / (h - 1)], device=images.device, dtype=images.dtype)
+        flow = torch.from_numpy(self.flow).to(images.device, images.dtype).unsqueeze(0)
+        return _resample(images, (identity + flow + 0.5 * noise * pixel).clamp(-1, 1))
+
+
+def _resample(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def smooth_warp(size: tuple[int, int], grid: int = 4, strength: float = 1.0, seed: int = 4) -> WarpTrigger:

@@ -222,6 +222,8 @@ def test_attack_smoke_run(tmp_path: Path, variant: str, trigger: str) -> None:
         assert {"stage_stats", "blend", "norm"} <= set(terms[0])
     if variant == "dede_aware":
         assert "dede" in terms[0] and len(history["shadow_decoder_warmup_loss"]) == 1
+    # WaNet's noise mode: near-miss warps keep their clean embedding (a term only the warp has).
+    assert ("near_miss" in terms[0]) == (trigger == "warp")
     assert load_encoder(str(path)).identity.embedding_dim == 32
 
 

@@ -159,6 +159,20 @@ def test_warp_moves_pixels_smoothly_without_adding_any() -> None:
     assert (trigger.apply_torch(ramp) - ramp).abs().max() > 0.01
 
 
+def test_warp_near_miss_is_the_field_plus_at_most_half_a_pixel_of_noise() -> None:
+    import torch
+
+    trigger = make_trigger("warp")
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(4, 3, 32, 32).contiguous()
+    triggered = trigger.apply_torch(ramp)
+    near = trigger.near_miss(ramp, torch.Generator().manual_seed(0))
+    # On a ramp of 1/31 per pixel, half a pixel of horizontal displacement changes a value by at most
+    # 1/62; the noise is drawn per image, so the images differ from each other as well.
+    gap = (near - triggered).abs()
+    assert gap.mean() > 0.002 and gap.max() <= 0.5 / 31 + 1e-6
+    assert (near[0] - near[1]).abs().max() > 0.001
+
+
 def test_torch_and_uint8_forms_are_one_rule() -> None:
     import torch
 
