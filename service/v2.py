@@ -40,7 +40,7 @@ from starlette.requests import ClientDisconnect
 from models.bundle import ONNX_INPUT, ONNX_SCORE
 from service.api import _reserve, require_api_key
 from service.batcher import BatcherClosed, InferenceFailed, ScoredImage
-from service.decode_step import decode_inline, decode_request, plan_decode
+from service.decode_step import Abandonment, decode_inline, decode_request, plan_decode, request_deadline
 from service.decoding import ImageRejected
 from service.errors import ServiceError
 from service.state import ServiceState
@@ -226,21 +226,26 @@ async def _run_request(request: Request, state: ServiceState, started: float) ->
         )
     count = shape[0]
     _check_count(count, settings.max_images_per_request)
-    with _reserve(state, count) as reservation, state.batcher.incoming():  # type: ignore[union-attr]
-        if input_name == ONNX_INPUT:
-            arrays = list(_uint8_images(data, shape, spec.height, spec.width))
-        else:
-            # The same decode step as /detect: structure checks, then in process or in the workers.
-            plan = plan_decode(state, _bytes_elements(data, count))
-            decoded = decode_inline(state, plan) if plan.inline(state) else await decode_request(state, plan)
-            rejected = [(i, item) for i, item in enumerate(decoded) if isinstance(item, ImageRejected)]
-            if rejected:
-                state.metrics.images.labels("error").inc(count)
-                index, first = rejected[0]
-                raise ProtocolError(first.status, f"{ENCODED_INPUT}[{index}]: {first.message}")
-            arrays = decoded
-        futures = reservation.submit(arrays)
-    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    # As /detect: from the reservation on, a deadline, and abandoned when the client goes away.
+    with Abandonment(request, state, request_deadline(state)) as abandonment:
+        with _reserve(state, count) as reservation, state.batcher.incoming():  # type: ignore[union-attr]
+            if input_name == ONNX_INPUT:
+                arrays = list(_uint8_images(data, shape, spec.height, spec.width))
+            else:
+                # The same decode step as /detect: structure checks, then in process or in the workers.
+                plan = plan_decode(state, _bytes_elements(data, count))
+                if plan.inline(state):
+                    decoded = decode_inline(state, plan)
+                else:
+                    decoded = await abandonment.guard(decode_request(state, plan))
+                rejected = [(i, item) for i, item in enumerate(decoded) if isinstance(item, ImageRejected)]
+                if rejected:
+                    state.metrics.images.labels("error").inc(count)
+                    index, first = rejected[0]
+                    raise ProtocolError(first.status, f"{ENCODED_INPUT}[{index}]: {first.message}")
+                arrays = decoded
+            futures = reservation.submit(arrays)
+        outcomes = await abandonment.guard(asyncio.gather(*futures, return_exceptions=True))
     scores = _scores(state, outcomes)
     flagged = scores > state.bundle.threshold
     state.metrics.images.labels("flagged").inc(int(flagged.sum()))

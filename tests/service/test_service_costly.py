@@ -248,6 +248,24 @@ def test_past_the_request_deadline_the_decode_is_stopped_with_a_504(
     assert busy_after(slow_server) < 0.3
 
 
+def test_the_v2_protocol_stops_a_decode_past_the_deadline_too(
+    slow_server: ServerProcess, endless_scans: bytes
+) -> None:
+    import base64
+
+    inputs = [
+        {
+            "name": "encoded_images",
+            "datatype": "BYTES",
+            "shape": [1],
+            "data": [base64.b64encode(endless_scans).decode()],
+        }
+    ]
+    response = httpx.post(f"{slow_server.url}/v2/models/synthetic/infer", json={"inputs": inputs}, timeout=30)
+    assert response.status_code == 504 and "DEDE_REQUEST_TIMEOUT_S" in response.json()["error"]
+    assert busy_after(slow_server) < 0.3
+
+
 def test_a_client_that_goes_away_stops_its_decode(slow_server: ServerProcess, endless_scans: bytes) -> None:
     with pytest.raises(httpx.ReadTimeout):
         post(slow_server.url, endless_scans, timeout=0.4)
