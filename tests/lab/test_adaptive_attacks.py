@@ -247,3 +247,12 @@ def test_dede_aware_resumes_with_its_shadow_decoder(tmp_path: Path) -> None:
 
 def test_variants_are_named() -> None:
     assert {"adaptive", "dede_aware"} <= set(VARIANTS)
+
+
+def test_cue_hiding_variants_weigh_the_target_more_at_their_lower_learning_rate() -> None:
+    from lab.attacks.badencoder import learning_rate, target_weight
+
+    plain, hiding = BackdoorSettings(variant="badencoder"), BackdoorSettings(variant="adaptive")
+    assert (learning_rate(plain), target_weight(plain)) == (0.05, 1.0)
+    assert (learning_rate(hiding), target_weight(hiding)) == (0.01, 4.0)
+    assert target_weight(BackdoorSettings(variant="adaptive", lambda_target=2.0)) == 2.0
