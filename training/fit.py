@@ -192,6 +192,32 @@ def _training_visible(
     return decoder.random_visible(n, generator)
 
 
+# Above this median cosine to their mean direction, (nearly) every auxiliary image has one embedding.
+COLLAPSED_COSINE = 0.99
+
+
+def embedding_spread(embeddings: np.ndarray) -> dict:
+    """How the auxiliary images' embeddings spread: each one's cosine to their mean direction.
+
+    A median near 1 means the encoder gives (nearly) every auxiliary image the same embedding: a
+    collapsed encoder, or a backdoor whose trigger these images carry. A warp (WaNet-style) backdoor
+    trained without its noise mode fires on any resampled image, and resized auxiliary images are
+    resampled (lab-hard: median 0.998, against 0.786 for the clean encoder). The decoder then
+    learns one image for every embedding, and no score built on it can tell triggered from clean.
+    """
+    z = np.asarray(embeddings, dtype=np.float64)
+    unit = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    mean = unit.mean(axis=0)
+    mean /= max(float(np.linalg.norm(mean)), 1e-12)
+    cosine = unit @ mean
+    median = float(np.median(cosine))
+    return {
+        "median_cosine_to_mean": round(median, 4),
+        "p10_cosine_to_mean": round(float(np.percentile(cosine, 10)), 4),
+        "collapsed": median > COLLAPSED_COSINE,
+    }
+
+
 def fit_decoder(
     encoder: LoadedEncoder,
     images: np.ndarray,
@@ -328,6 +354,15 @@ def _fit_decoder(
         if ddp.is_main:
             np.save(embeddings_path, embeddings)
     train_z, val_z = embeddings[: len(train_images)], embeddings[len(train_images) :]
+    spread = embedding_spread(embeddings)
+    if spread["collapsed"] and ddp.is_main:
+        print(
+            f"WARNING: the encoder gives nearly every auxiliary image the same embedding (median cosine "
+            f"{spread['median_cosine_to_mean']:.4f} to their mean direction): a collapsed encoder, or a "
+            "backdoor that these images trigger (a warp backdoor fires on resized images). The decoder "
+            "cannot learn to rebuild from such embeddings and the detector will not work: try auxiliary "
+            "images at the encoder's input size (crops, not resized), or another encoder."
+        )
 
     decoder = build_decoder(config, encoder.identity.embedding_dim).to(dev)
     if isinstance(decoder, ConvDecoder):
@@ -457,6 +492,7 @@ def _fit_decoder(
         "best_step": progress["best_step"],
         "minutes": round(progress["elapsed"] / 60, 2),
         "converged": stop_reason.startswith("validation plateau"),
+        "aux_embeddings": spread,
     }
     decoder_path = run_dir / DECODER_FILE
     if ddp.is_main:

@@ -276,3 +276,20 @@ def test_the_default_fit_stops_at_a_validation_plateau_on_a_small_real_set(tmp_p
     assert result["converged"] and result["stop_reason"].startswith("validation plateau"), result
     assert result["steps"] < 3000 and result["best_val_loss"] < 1.0
     assert load_run(tmp_path / "run").feature_stats["n_images"] == 60
+    assert set(result["aux_embeddings"]) == {"median_cosine_to_mean", "p10_cosine_to_mean", "collapsed"}
+
+
+def test_embedding_spread_tells_a_collapsed_encoder_from_a_spread_one() -> None:
+    from training.fit import embedding_spread
+
+    rng = np.random.default_rng(0)
+    spread = rng.random((500, 64))  # non-negative, as after a ReLU and pooling: cosines near 0.75
+    shared = rng.random(64)
+    collapsed = shared + 0.01 * rng.random((500, 64))  # one embedding, a little noise
+    assert (
+        not embedding_spread(spread)["collapsed"] and embedding_spread(spread)["median_cosine_to_mean"] < 0.9
+    )
+    assert embedding_spread(collapsed)["collapsed"]
+    # Scale does not matter (a warp backdoor inflated the norms 12x): only directions count.
+    varied_norms = collapsed * rng.uniform(1, 20, (500, 1))
+    assert embedding_spread(varied_norms) == embedding_spread(collapsed)
