@@ -192,6 +192,18 @@ def _training_visible(
     return decoder.random_visible(n, generator)
 
 
+def held_out_split(
+    n_images: int, settings: FitSettings, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(validation, training) indices of the auxiliary images, as `fit_decoder` draws them (`rng`:
+    the fit's generator at that point; by default a fresh one from the seed, as in a fit without
+    poisoning). The validation images are the clean held-out set every statistic is taken on."""
+    rng = rng if rng is not None else np.random.default_rng(settings.seed)
+    order = rng.permutation(n_images)
+    n_val = max(1, int(n_images * settings.val_fraction)) if n_images > 20 else 0
+    return np.sort(order[:n_val]), np.sort(order[n_val:])
+
+
 # Above this median cosine to their mean direction, (nearly) every auxiliary image has one embedding.
 COLLAPSED_COSINE = 0.99
 
@@ -277,9 +289,8 @@ def _fit_decoder(
         chosen = rng.choice(len(images), int(round(settings.poison_rate * len(images))), replace=False)
         images = images.copy()
         images[chosen] = poison(images[chosen])
-    order = rng.permutation(len(images))
-    n_val = max(1, int(len(images) * settings.val_fraction)) if len(images) > 20 else 0
-    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    val_idx, train_idx = held_out_split(len(images), settings, rng)
+    n_val = len(val_idx)
     steps_per_epoch = math.ceil(len(train_idx) / settings.batch_size)
     if settings.epochs:
         max_steps = settings.epochs * steps_per_epoch

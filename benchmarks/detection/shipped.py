@@ -47,7 +47,7 @@ from models.feature_taps import TappedEncoder
 from training.calibrate import calibrate, calibrate_run
 from training.data import data_dir, load_npz
 from training.export import export_bundle
-from training.fit import FitSettings, fit_decoder, load_run
+from training.fit import FitSettings, fit_decoder, held_out_split, load_run, stage_discrepancies
 from training.scoring import score_run
 
 TARGET_CLASS = 0
@@ -83,6 +83,33 @@ def _activation_norms(run, images: np.ndarray) -> dict[str, np.ndarray]:  # noqa
     finally:
         tapped.remove()
     return {f"activation_norm_{s}": np.concatenate(v) for s, v in out.items()}
+
+
+# A candidate rule, fixed on 2026-12-06 after the adaptive attack (whose stage-statistics term hides
+# the feature score: AUROC 0.533, pixel score 0.899) and before the DeDe-aware attack was scored: the
+# discrepancy at every depth, the input's pixels (depth 0) and the encoder's stages at 1/2, 3/4 and
+# 1, each d ** 0.25 standardised by median and 1.4826 MAD on the fit's clean held-out auxiliary
+# images (as the shipped stages are); the score is the MAX over depths, so that an attacker who
+# holds some depths at clean levels is still seen at the others. Measured here, not shipped.
+ALL_DEPTHS = "dede_all_depths_max (candidate)"
+
+
+def _all_depths_scores(
+    run, sets: dict[str, np.ndarray], fit_images: np.ndarray, settings: FitSettings
+) -> dict:  # noqa: ANN001
+    stages = run.feature_stats["stages"]
+    head = run.head("sse")
+
+    def roots(images: np.ndarray) -> np.ndarray:
+        pixel = score_run(run, images, "sse")
+        stage = stage_discrepancies(run.encoder, head, stages, images, torch.device("cpu"))
+        return np.sqrt(np.sqrt(np.column_stack([pixel, stage])))
+
+    val_idx, _ = held_out_split(len(fit_images), settings)
+    reference = roots(fit_images[val_idx])
+    centre = np.median(reference, axis=0)
+    scale = np.maximum(1.4826 * np.median(np.abs(reference - centre), axis=0), 1e-12)
+    return {k: ((roots(v) - centre) / scale).max(axis=1) for k, v in sets.items()}
 
 
 def _at(threshold: float, clean: np.ndarray, triggered: np.ndarray) -> dict:
@@ -131,6 +158,8 @@ def run_case(
     methods[f"dede_{run.default_score} (shipped)"] = {k: _bundle_scores(bundle, v) for k, v in sets.items()}
     if run.default_score != "sse":
         methods["dede_sse"] = {k: score_run(run, v, "sse") for k, v in sets.items()}
+    if run.feature_stats:
+        methods[ALL_DEPTHS] = _all_depths_scores(run, sets, fit_images, settings)
     norms = {k: _activation_norms(run, v) for k, v in sets.items()}
     for method in norms["clean"]:
         methods[method] = {k: norms[k][method] for k in sets}
