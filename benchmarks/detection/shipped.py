@@ -289,7 +289,7 @@ def report(results: dict) -> str:
             made
             + f"Encoder `{case['encoder']}`, trigger `{case['trigger']}`, decoder `{case.get('preset')}`. "
             f"Fit: {fit.get('steps')} steps in "
-            f"{case['fit_wall_seconds'] / 60:.1f} min, stopped by {fit.get('stop_reason')}, best validation loss "
+            f"{fit.get('minutes', case['fit_wall_seconds'] / 60):.1f} min, stopped by {fit.get('stop_reason')}, best validation loss "
             f"{fit.get('best_val_loss', float('nan')):.4f}; feature stages {case['feature_stages']}; export parity "
             f"{case['bundle_parity'].get('max_relative_diff_ort_vs_torch', float('nan')):.1e}.",
             "",
