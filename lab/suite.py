@@ -644,7 +644,7 @@ class Lab:
         return self.cache.run(f"cues_{name}", run)
 
     def load_cues(self, name: str) -> dict[str, dict[str, np.ndarray]]:
-        return load_score_tables(self.root / "scores" / "cues", name)
+        return load_score_tables(self.root / "scores" / "cues", name, variants=False)
 
     def load_scores(self, name: str, aux: str) -> dict[str, dict[str, np.ndarray]]:
         """Every method's score arrays for (encoder, aux), merged over the presets that ran."""
@@ -678,12 +678,14 @@ def save_score_table(root: Path, out: Path, arrays: dict[str, np.ndarray]) -> di
     }
 
 
-def load_score_tables(folder: Path, stem: str) -> dict[str, dict[str, np.ndarray]]:
-    """method -> column -> scores, merged over `<stem>.npz` and every `<stem>_<variant>.npz` in
-    `folder` (keys `method__column`)."""
+def load_score_tables(folder: Path, stem: str, variants: bool = True) -> dict[str, dict[str, np.ndarray]]:
+    """method -> column -> scores, merged over `<stem>.npz` and, with `variants`, every
+    `<stem>_<variant>.npz` in `folder` (keys `method__column`). Without: `<stem>.npz` alone, for
+    tables named after encoders, where `badencoder_warp` is another encoder, not a variant of
+    `badencoder`'s table."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for path in sorted(folder.glob(f"{stem}*.npz")):
-        if path.stem != stem and not path.stem.startswith(f"{stem}_"):
+        if path.stem != stem and not (variants and path.stem.startswith(f"{stem}_")):
             continue
         with np.load(path) as archive:
             for key in archive.files:

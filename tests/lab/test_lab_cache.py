@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lab.suite import StageCache
@@ -32,3 +33,15 @@ def test_failed_stage_runs_again(tmp_path: Path) -> None:
         cache.run("b", broken)
     assert not cache.done("b")
     assert cache.run("b", lambda: {"ok": True}) == {"ok": True}
+
+
+def test_an_encoders_cue_table_is_its_own_not_merged_with_encoders_named_after_it(tmp_path: Path) -> None:
+    from lab.suite import load_score_tables, save_score_table
+
+    folder = tmp_path / "scores" / "cues"
+    save_score_table(tmp_path, folder / "badencoder.npz", {"embedding_norm/clean": np.zeros(3)})
+    save_score_table(tmp_path, folder / "badencoder_warp.npz", {"embedding_norm/clean": np.ones(3)})
+    own = load_score_tables(folder, "badencoder", variants=False)
+    assert (own["embedding_norm"]["clean"] == 0).all()
+    merged = load_score_tables(folder, "badencoder")  # score tables: <stem>_<variant> files merge in
+    assert (merged["embedding_norm"]["clean"] == 1).all()
