@@ -32,6 +32,8 @@ N_IMAGES = 2000
 def native_crops(images_nhwc: np.ndarray, size: int) -> np.ndarray:
     """One crop of `size` px per image, at the four corners in turn: no pixel is resampled."""
     h, w = images_nhwc.shape[1:3]
+    if h < size or w < size:
+        raise SystemExit(f"the auxiliary images are {h}x{w}, smaller than the encoder's {size} px input")
     corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
     crops = []
     for index, image in enumerate(images_nhwc):

@@ -48,6 +48,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     run = load_run(args.run_dir)
+    if run.feature_stats is None or run.encoder.module is None:
+        raise SystemExit(
+            f"{args.run_dir}: the probe needs a torch encoder with tapped stages (a feature-score run)"
+        )
     spec = run.encoder.identity.input_spec()
     x, y = load_npz(data_dir() / "cifar10_test.npz")
     clean = prepare_array(x[np.flatnonzero(y != 0)[:N]], spec)
