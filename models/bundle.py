@@ -94,7 +94,7 @@ class DecoderSpec(_Strict):
     visible_patches: list[int]  # the fixed test-time mask: indices of the patches the decoder sees
     num_patches: int = Field(gt=0)
     # The feature score's stages and clean statistics (models/detector.py), when it is the score.
-    feature: dict[str, list[float] | list[str] | str | int] | None = None
+    feature: dict[str, list[int] | list[float] | list[str] | str | int] | None = None
 
     @model_validator(mode="after")
     def _indices_in_range(self) -> DecoderSpec:

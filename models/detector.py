@@ -11,10 +11,12 @@ Scores, all of them DeDe's reconstruction discrepancy between the input and its 
   sse        squared error summed over the (masked) pixels, in normalized pixel space (the method's);
   max_patch  the worst patch's squared error (a local trigger changes few patches, which a sum over
              the whole image can dilute);
-  feature    the discrepancy in the encoder's own feature maps: per stage, the mean squared
-             difference between the stage's maps of the input and of the rebuild; its fourth root
-             standardised by the median and MAD of the same figure on clean auxiliary images; the
-             mean over the stages (`models/feature_taps.py` says which stages, by a fixed rule).
+  feature    the discrepancy at several depths: the input's pixels against the rebuild's at full
+             resolution and average-pooled (`PIXEL_SCALE_FACTORS`), and the encoder's own feature
+             maps at chosen stages (`models/feature_taps.py` says which, by a fixed rule); per
+             depth the mean squared difference, its fourth root standardised by the median and MAD
+             of the same figure on clean auxiliary images; the max over depths (the default rule,
+             `max_all`) or the mean over the stages alone (the earlier rule, `mean_stages`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,25 @@ from models.feature_taps import TappedEncoder, stage_discrepancy
 
 PIXEL_SCORES = ("sse", "max_patch")
 SCORE_KINDS = (*PIXEL_SCORES, "feature")
+# The pixel depths of the feature score: full resolution and average-pooled by these factors of
+# the side (32, 16, 8, 4 px grids at CIFAR's size). The conv decoder rebuilds layout and colour, not
+# fine detail; a triggered image's rebuild shows the target's layout, which the coarse grids see
+# without the detail no rebuild has.
+PIXEL_SCALE_FACTORS = (1, 2, 4, 8)
+COMBINES = ("max", "mean")
+
+
+def pixel_scale_discrepancies(
+    x: torch.Tensor, rebuild: torch.Tensor, factors: tuple[int, ...]
+) -> torch.Tensor:
+    """Normalized images and their rebuilds -> (N, len(factors)): per factor, the mean squared
+    difference after k x k average pooling (k = 1: the pixels as they are)."""
+    diff = x.float() - rebuild.float()
+    columns = []
+    for k in factors:
+        pooled = diff if k == 1 else nn.functional.avg_pool2d(diff, kernel_size=k, stride=k)
+        columns.append(pooled.pow(2).flatten(1).mean(dim=1))
+    return torch.stack(columns, dim=1)
 
 
 class Normalize(nn.Module):
@@ -110,17 +131,20 @@ class Detector(nn.Module):
 
 
 class FeatureStandardiser(nn.Module):
-    """Per-stage discrepancies (N, S) -> the feature score (N,): mean over stages of
+    """Per-depth discrepancies (N, S) -> the feature score (N,): the max (or mean) over depths of
     (d ** 0.25 - centre) / scale, with centre and scale fixed on clean auxiliary images.
 
     The fourth root tames the discrepancies' long right tail as a logarithm would, but it is two
     correctly rounded square roots: ONNX Runtime's vectorised logarithm rounds differently for a
     batch of one image than for more, which would break "same bytes, same score, any batch"."""
 
-    def __init__(self, centre: list[float], scale: list[float]) -> None:
+    def __init__(self, centre: list[float], scale: list[float], combine: str = "mean") -> None:
         super().__init__()
         if not len(centre) == len(scale) > 0:
-            raise ValueError("feature statistics need one centre and one scale per stage")
+            raise ValueError("feature statistics need one centre and one scale per depth")
+        if combine not in COMBINES:
+            raise ValueError(f"feature statistics combine by one of {COMBINES}, not {combine!r}")
+        self.combine = combine
         self.register_buffer("centre", torch.tensor(centre, dtype=torch.float32).view(1, -1))
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, -1))
 
@@ -128,7 +152,8 @@ class FeatureStandardiser(nn.Module):
         return (torch.sqrt(torch.sqrt(discrepancies)) - self.centre) / self.scale
 
     def forward(self, discrepancies: torch.Tensor) -> torch.Tensor:
-        return self.standardised(discrepancies).mean(dim=1)
+        z = self.standardised(discrepancies)
+        return z.amax(dim=1) if self.combine == "max" else z.mean(dim=1)
 
 
 class FeatureDetector(nn.Module):
@@ -137,21 +162,30 @@ class FeatureDetector(nn.Module):
     The encoder runs twice: on the input (its embedding and stage maps) and on the rebuild (its
     stage maps); the rebuild is already in the encoder's normalized input space."""
 
-    def __init__(self, tapped: TappedEncoder, head: DetectorHead, standardiser: FeatureStandardiser) -> None:
+    def __init__(
+        self,
+        tapped: TappedEncoder,
+        head: DetectorHead,
+        standardiser: FeatureStandardiser,
+        pixel_factors: tuple[int, ...] = (),
+    ) -> None:
         super().__init__()
         self.tapped = tapped
         self.head = head
         self.standardiser = standardiser
+        self.pixel_factors = tuple(pixel_factors)
 
-    def stage_discrepancies(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images -> (per-stage discrepancies (N, S), rebuild)."""
+    def depth_discrepancies(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images -> (per-depth discrepancies (N, pixel factors + stages), rebuild)."""
         x = self.head.normalize(images)
         embedding, of_input = self.tapped(x)
         rebuild = self.head.rebuild(x, embedding)
         _, of_rebuild = self.tapped(rebuild)
         d = torch.stack([stage_discrepancy(a, b) for a, b in zip(of_input, of_rebuild, strict=True)], dim=1)
+        if self.pixel_factors:
+            d = torch.cat([pixel_scale_discrepancies(x, rebuild, self.pixel_factors), d], dim=1)
         return d, rebuild
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d, rebuild = self.stage_discrepancies(images)
+        d, rebuild = self.depth_discrepancies(images)
         return self.standardiser(d), rebuild

@@ -18,7 +18,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from models.bundle import BundleError
-from training import DEFAULT_PRESET
+from training import DEFAULT_FEATURE_RULE, DEFAULT_PRESET, FEATURE_RULE_NAMES
 
 USER_ERRORS: tuple[type[Exception], ...] = (BundleError, FileNotFoundError, ValueError)
 
@@ -83,6 +83,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         patience=args.patience,
         views=args.views,
         feature_stages=args.feature_stages,
+        feature_rule=args.feature_rule,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
@@ -221,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="encoder stages of the feature score: auto (relative depths 1/2, 3/4, 1: layer2-4 of a "
         "ResNet), none, or comma-separated module names",
+    )
+    fit.add_argument(
+        "--feature-rule",
+        default=DEFAULT_FEATURE_RULE,
+        choices=list(FEATURE_RULE_NAMES),
+        help="depths of the feature score and how they combine: max_all (default: the pixels at four "
+        "scales and the stages, max of their robust z-scores) or mean_stages (the stages alone, mean; "
+        "the earlier default)",
     )
     fit.add_argument("--epochs", type=int, help="a step budget in passes over the images instead")
     fit.add_argument(

@@ -9,8 +9,9 @@ encoder's normalized pixel space. Appended to the graph, after the score's own c
                    pixels, summed over the cell; 0 on the patches the decoder sees.
 
 For the pixel scores the map holds the score's own terms (`sse` is its sum, `max_patch` its
-maximum: the export checks both). The feature score compares the encoder's feature maps instead;
-its map here is the pixel-space evidence of the same rebuild, not a decomposition of the score.
+maximum: the export checks both). The feature score reads several depths (the pixels at four
+scales, the encoder's feature maps) and takes the max; its map here is the pixel-space evidence of
+the same rebuild, not a decomposition of the score.
 
 The map is normalised by clean calibration statistics: `map_scale` is the (1 - FPR target)
 quantile of the counted cells over the clean parity images, so 1.0 means "as unusual as the
@@ -140,7 +141,11 @@ def explain_fields(
         "description": (
             "per cell, squared difference of input and rebuild in normalized pixels; divided by map_scale, "
             f"the {1 - fpr_target:.4g} quantile of clean cells ({n} clean images)"
-            + ("" if reduction != "none" else "; the feature score itself is computed in feature space")
+            + (
+                ""
+                if reduction != "none"
+                else "; the feature score itself reads the depths that decoder.feature names"
+            )
         ),
     }
     return entry, figures

@@ -29,7 +29,7 @@ from models.bundle import (
     load_bundle,
     write_manifest,
 )
-from models.detector import error_patch_size
+from models.detector import error_patch_size, pixel_scale_discrepancies
 from models.encoders import onnx_with_outputs
 from models.feature_taps import stage_discrepancy
 from training.evidence import EVIDENCE_OUTPUTS, EvidenceError, add_evidence_outputs, explain_fields
@@ -48,11 +48,22 @@ SCORE_NAMES = {
     "max_patch": "max_patch_masked_normalized",
     "feature": "feature_robust_z_mean",
 }
+# The feature score that reads the pixels at several scales beside the stages and takes the max.
+DEPTHS_MAX_SCORE_NAME = "depths_robust_z_max"
+
+
+def score_name(run: FittedRun, score_kind: str) -> str:
+    """The manifest's name for the score this run ships as `score_kind`."""
+    if score_kind == "feature" and run.pixel_factors:
+        return DEPTHS_MAX_SCORE_NAME
+    return SCORE_NAMES[score_kind]
 
 
 def _feature_spec(run: FittedRun) -> dict:
     s = run.feature_stats
-    return {k: s[k] for k in ("stages", "centre", "scale", "n_images", "source", "rule")}
+    spec = {k: s[k] for k in ("stages", "centre", "scale", "n_images", "source", "rule")}
+    spec.update({k: s[k] for k in ("pixel_factors", "depths", "combine") if k in s})
+    return spec
 
 
 class ExportError(Exception):
@@ -131,16 +142,23 @@ class _RebuildHead(torch.nn.Module):
 
 
 class _FeatureTail(torch.nn.Module):
-    """(input's stage tensors..., rebuild's stage tensors...) -> feature score: the graph's end."""
+    """(input's stage tensors..., rebuild's stage tensors...[, images as float, rebuild]) -> feature
+    score: the graph's end. The images and the rebuild come last where the score reads pixels."""
 
     def __init__(self, run: FittedRun, stages: int) -> None:
         super().__init__()
         self.standardiser = run.standardiser()
+        self.normalize = run.head().normalize
+        self.pixel_factors = run.pixel_factors
         self.stages = stages
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        a, b = tensors[: self.stages], tensors[self.stages :]
+        a, b = tensors[: self.stages], tensors[self.stages : 2 * self.stages]
         d = torch.stack([stage_discrepancy(x, y) for x, y in zip(a, b, strict=True)], dim=1)
+        if self.pixel_factors:
+            images, rebuild = tensors[2 * self.stages :]
+            pixels = pixel_scale_discrepancies(self.normalize(images), rebuild, self.pixel_factors)
+            d = torch.cat([pixels, d], dim=1)
         return self.standardiser(d)
 
 
@@ -268,10 +286,15 @@ def _compose_onnx_encoder(
         )
         _, features = run.encoder.embed_with_features(example, stages)
         names = [f"a{i}" for i in range(len(stages))] + [f"b{i}" for i in range(len(stages))]
+        # distinct tensors: an input passed twice would be exported as one graph input
+        tail_example = tuple(f.clone() for f in features) + tuple(f.clone() for f in features)
+        pixels = bool(run.pixel_factors)
+        if pixels:
+            names += ["images", "rebuild"]
+            tail_example += (example.float(), torch.zeros(2, 3, *size))
         tail = _export_part(
             _FeatureTail(run, len(stages)),
-            # distinct tensors: an input passed twice would be exported as one graph input
-            tuple(f.clone() for f in features) + tuple(f.clone() for f in features),
+            tail_example,
             tmp / "tail.onnx",
             names,
             [ONNX_SCORE],
@@ -284,6 +307,8 @@ def _compose_onnx_encoder(
         rebuild_model = onnx.compose.add_prefix(rebuild_model, "rebuild/")
         tail = onnx.compose.add_prefix(tail, "tail/")
         feats_a, feats_b = [f"enc_a/{s}" for s in stages], [f"enc_b/{s}" for s in stages]
+        rebuilt = f"rebuild/{ONNX_RECONSTRUCTION}"
+        carried = ["images_passthrough"] if pixels else []  # the tail's pixel depths read them
         merged = onnx.compose.merge_models(
             prologue,
             enc_a,
@@ -294,20 +319,21 @@ def _compose_onnx_encoder(
             merged,
             rebuild_model,
             io_map=[(f"enc_a/{enc_out}", "rebuild/embedding"), ("images_passthrough", "rebuild/images")],
-            outputs=[*feats_a, f"rebuild/{ONNX_RECONSTRUCTION}", "rebuild/encoder_input"],
+            outputs=[*feats_a, rebuilt, "rebuild/encoder_input", *carried],
         )
         merged = onnx.compose.merge_models(
             merged,
             enc_b,
             io_map=[("rebuild/encoder_input", f"enc_b/{enc_in}")],
-            outputs=[*feats_a, f"rebuild/{ONNX_RECONSTRUCTION}", *feats_b],
+            outputs=[*feats_a, rebuilt, *feats_b, *carried],
         )
         merged = onnx.compose.merge_models(
             merged,
             tail,
             io_map=[(f, f"tail/a{i}") for i, f in enumerate(feats_a)]
-            + [(f, f"tail/b{i}") for i, f in enumerate(feats_b)],
-            outputs=[f"tail/{ONNX_SCORE}", f"rebuild/{ONNX_RECONSTRUCTION}"],
+            + [(f, f"tail/b{i}") for i, f in enumerate(feats_b)]
+            + ([("images_passthrough", "tail/images"), (rebuilt, "tail/rebuild")] if pixels else []),
+            outputs=[f"tail/{ONNX_SCORE}", rebuilt],
         )
         _rename_outputs(
             merged, {f"tail/{ONNX_SCORE}": ONNX_SCORE, f"rebuild/{ONNX_RECONSTRUCTION}": ONNX_RECONSTRUCTION}
@@ -434,7 +460,7 @@ def export_bundle(
             "decoder": {
                 "preset": run.info["preset"],
                 "config": run.config.to_dict(),
-                "score": SCORE_NAMES[score_kind],
+                "score": score_name(run, score_kind),
                 "visible_patches": run.visible,
                 "num_patches": run.num_cells,
                 "feature": _feature_spec(run) if score_kind == "feature" else None,

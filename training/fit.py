@@ -29,16 +29,18 @@ from models.conv_decoder import FAMILY as CONV_FAMILY
 from models.decoder import DecoderConfig, DeDeDecoder, fixed_visible_patches, preset_config
 from models.decoder import training_loss as masked_training_loss
 from models.detector import (
+    PIXEL_SCALE_FACTORS,
     Detector,
     DetectorHead,
     FeatureDetector,
     FeatureStandardiser,
     Normalize,
     error_patch_size,
+    pixel_scale_discrepancies,
 )
 from models.encoders import LoadedEncoder, encoder_from_args
 from models.feature_taps import TappedEncoder, default_stages, stage_discrepancy
-from training import DEFAULT_PRESET
+from training import DEFAULT_FEATURE_RULE, DEFAULT_PRESET, FEATURE_RULE_NAMES
 from training.checkpoint import save_checkpoint
 from training.distributed import Distributed
 
@@ -101,12 +103,25 @@ class FitSettings:
     data_source: str = ""
     poison_rate: float = 0.0
     feature_stages: str = "auto"  # "auto" (the fixed rule), "none", or comma-separated stage names
+    feature_rule: str = (
+        DEFAULT_FEATURE_RULE  # FEATURE_RULES: which depths the feature score reads, how combined
+    )
     config_overrides: dict | None = None
 
 
 DEFAULT_MAX_STEPS = {"conv": 3000, "conv_paper": 20000, "paper": 60000, "lab": 3000, "lab_wide": 3000}
 PLATEAU_GAIN = 0.005  # relative gain in validation loss that counts as progress
 FEATURE_STATS_FILE = "feature_stats.json"
+# The feature score's rules (models/detector.py): the depths it reads and how it combines them.
+#   max_all      the pixels at four scales and the stages; the max (any depth that departs from
+#                clean is evidence: an attacker who holds some depths at clean levels is seen at
+#                the others). The default.
+#   mean_stages  the stages alone; the mean (the earlier default, kept to compare and to reproduce).
+FEATURE_RULES = {
+    "max_all": (PIXEL_SCALE_FACTORS, "max"),
+    "mean_stages": ((), "mean"),
+}
+assert tuple(FEATURE_RULES) == FEATURE_RULE_NAMES  # the command line names them without torch
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -349,6 +364,9 @@ def _fit_decoder(
     if start["error"]:
         raise RunError(start["error"])
     if start["fitted"]:
+        if ddp.is_main:
+            _restate_feature_statistics(run_dir, encoder, images[val_idx], settings, dev)
+        ddp.barrier()
         return run_dir / DECODER_FILE
 
     train_images = augmented_views(images[train_idx], views, settings.seed + 1)
@@ -514,7 +532,9 @@ def _fit_decoder(
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}, str(decoder_path)
         )
-        stats = feature_statistics(encoder, decoder, val_images, settings.feature_stages, dev)
+        stats = feature_statistics(
+            encoder, decoder, val_images, settings.feature_stages, dev, settings.feature_rule
+        )
         if stats is not None:
             _write_json(run_dir / FEATURE_STATS_FILE, stats)
         run_info["status"] = "fitted"
@@ -522,6 +542,41 @@ def _fit_decoder(
         _write_json(run_file, run_info)
     ddp.barrier()  # no rank returns before rank 0 has written the fitted run
     return decoder_path
+
+
+def _recorded_rule(stats: dict) -> str:
+    """The rule a run's feature statistics were made by (runs before the rules had names: mean_stages)."""
+    name = stats.get("rule", "").split(":", 1)[0]
+    return name if name in FEATURE_RULES else "mean_stages"
+
+
+def _restate_feature_statistics(
+    run_dir: Path, encoder: LoadedEncoder, val_images: np.ndarray, settings: FitSettings, dev: torch.device
+) -> None:
+    """A fitted run asked for another feature rule: its clean statistics are made again from the
+    same held-out images (seconds); the decoder is not touched."""
+    stats_file = run_dir / FEATURE_STATS_FILE
+    if not stats_file.exists():
+        return  # the fit found no stage to tap: the run scores in pixels whatever the rule
+    if _recorded_rule(json.loads(stats_file.read_text())) == settings.feature_rule:
+        return
+    info = json.loads((run_dir / RUN_FILE).read_text())
+    decoder = build_decoder(config_from_dict(info["decoder_config"]), encoder.identity.embedding_dim)
+    decoder.load_state_dict(load_file(str(run_dir / DECODER_FILE)))
+    decoder.to(dev).eval()
+    stats = feature_statistics(
+        encoder,
+        decoder,
+        np.ascontiguousarray(val_images),
+        settings.feature_stages,
+        dev,
+        settings.feature_rule,
+    )
+    if stats is not None:
+        _write_json(stats_file, stats)
+        info["fit"]["feature_rule"] = settings.feature_rule
+        _write_json(run_dir / RUN_FILE, info)
+        print(f"feature statistics made again for the rule {settings.feature_rule}: {stats['rule']}")
 
 
 def _val_loss_sharded(
@@ -596,38 +651,55 @@ def feature_statistics(
     images: np.ndarray,
     feature_stages: str,
     device: torch.device,
+    feature_rule: str = DEFAULT_FEATURE_RULE,
 ) -> dict | None:
-    """Per-stage centre (median) and scale (1.4826 x MAD) of d ** 0.25 over clean held-out
-    auxiliary images, d the stage's feature discrepancy: what the feature score standardises with
-    (models/detector.py). None when the encoder has no stage to tap."""
+    """Per-depth centre (median) and scale (1.4826 x MAD) of d ** 0.25 over clean held-out
+    auxiliary images, d the depth's discrepancy (pixels at a scale, or a stage's feature maps): what
+    the feature score standardises with (models/detector.py). None when the encoder has no stage to
+    tap."""
+    if feature_rule not in FEATURE_RULES:
+        raise ValueError(f"unknown feature rule {feature_rule!r}: one of {', '.join(FEATURE_RULES)}")
+    pixel_factors, combine = FEATURE_RULES[feature_rule]
+    side = min(images.shape[2:]) if images.ndim == 4 else 0
+    pixel_factors = tuple(k for k in pixel_factors if k <= side // 2 or k == 1)
     stages = resolve_stages(encoder, feature_stages)
     if not stages or len(images) < 8:
         return None
     visible = fixed_visible_patches(decoder.config) if isinstance(decoder, DeDeDecoder) else []
     head = DetectorHead(decoder, visible, encoder.mean, encoder.std).to(device).eval()
-    roots = np.sqrt(np.sqrt(stage_discrepancies(encoder, head, stages, images, device)))
+    d = depth_discrepancies(encoder, head, stages, images, device, pixel_factors=pixel_factors)
+    roots = np.sqrt(np.sqrt(d))
     centre = np.median(roots, axis=0)
     scale = np.maximum(1.4826 * np.median(np.abs(roots - centre), axis=0), 1e-12 + 1e-6 * np.abs(centre))
+    depths = [f"pixels/{k}" for k in pixel_factors] + list(stages)
     return {
         "stages": stages,
+        "pixel_factors": list(pixel_factors),
+        "depths": depths,
+        "combine": combine,
         "centre": centre.tolist(),
         "scale": scale.tolist(),
         "n_images": int(len(images)),
         "source": "clean held-out auxiliary images (the fit's validation split)",
-        "rule": "per stage: d ** 0.25 standardised by median and 1.4826 MAD; score = mean over stages",
+        "rule": (
+            f"{feature_rule}: per depth ({', '.join(depths)}): d ** 0.25 standardised by median and "
+            f"1.4826 MAD; score = {combine} over depths"
+        ),
     }
 
 
 @torch.no_grad()
-def stage_discrepancies(
+def depth_discrepancies(
     encoder: LoadedEncoder,
     head: DetectorHead,
     stages: list[str],
     images: np.ndarray,
     device: torch.device,
     batch_size: int = 256,
+    pixel_factors: tuple[int, ...] = (),
 ) -> np.ndarray:
-    """uint8 [N, 3, H, W] -> per-stage feature discrepancies [N, S] (torch or ONNX encoder)."""
+    """uint8 [N, 3, H, W] -> per-depth discrepancies [N, pixel factors + stages]: the pixels'
+    at each pooling factor, then each stage's feature maps' (torch or ONNX encoder)."""
     out = []
     tapped = TappedEncoder(encoder.module, stages) if encoder.module is not None else None
     try:
@@ -636,12 +708,18 @@ def stage_discrepancies(
             x = head.normalize(batch)
             if tapped is not None:
                 z, of_input = tapped(x)
-                _, of_rebuild = tapped(head.rebuild(x, z))
+                rebuild = head.rebuild(x, z)
+                _, of_rebuild = tapped(rebuild)
             else:
                 z, of_input = encoder.embed_with_features(batch, stages)
-                of_rebuild = encoder.features_of_normalized(head.rebuild(x, z), stages)
-            d = [stage_discrepancy(a, b) for a, b in zip(of_input, of_rebuild, strict=True)]
-            out.append(torch.stack(d, dim=1).cpu().numpy())
+                rebuild = head.rebuild(x, z)
+                of_rebuild = encoder.features_of_normalized(rebuild, stages)
+            d = torch.stack(
+                [stage_discrepancy(a, b) for a, b in zip(of_input, of_rebuild, strict=True)], dim=1
+            )
+            if pixel_factors:
+                d = torch.cat([pixel_scale_discrepancies(x, rebuild, pixel_factors), d], dim=1)
+            out.append(d.cpu().numpy())
     finally:
         if tapped is not None:
             tapped.remove()
@@ -681,7 +759,9 @@ class FittedRun:
             raise RunError("the encoder is an ONNX black box: use run.head() with its embeddings")
         if score_kind != "feature":
             return Detector(self.encoder.module, self.head(score_kind)).eval()
-        return FeatureDetector(self.tapped(), self.head("sse"), self.standardiser()).eval()
+        return FeatureDetector(
+            self.tapped(), self.head("sse"), self.standardiser(), self.pixel_factors
+        ).eval()
 
     def head(self, score_kind: str = "sse") -> DetectorHead:
         return DetectorHead(
@@ -699,11 +779,16 @@ class FittedRun:
             self._tapped = TappedEncoder(self.encoder.module, self.feature_stats["stages"])
         return self._tapped
 
+    @property
+    def pixel_factors(self) -> tuple[int, ...]:
+        """The pixel depths of the feature score (none in runs fitted before they existed)."""
+        return tuple((self.feature_stats or {}).get("pixel_factors", ()))
+
     def standardiser(self) -> FeatureStandardiser:
         s = self.feature_stats
         if s is None:
             raise RunError(f"{self.run_dir} has no {FEATURE_STATS_FILE}")
-        return FeatureStandardiser(s["centre"], s["scale"])
+        return FeatureStandardiser(s["centre"], s["scale"], s.get("combine", "mean"))
 
 
 def load_run(run_dir: Path) -> FittedRun:

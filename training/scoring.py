@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.detector import Detector
-from training.fit import FittedRun, stage_discrepancies
+from training.fit import FittedRun, depth_discrepancies
 
 
 @torch.no_grad()
@@ -37,7 +37,9 @@ def score_run(
         stages = run.feature_stats["stages"] if run.feature_stats else []
         if not stages:
             run.standardiser()  # raises the clear error: no statistics for the feature score
-        d = stage_discrepancies(run.encoder, head, stages, images, torch.device("cpu"), batch_size)
+        d = depth_discrepancies(
+            run.encoder, head, stages, images, torch.device("cpu"), batch_size, run.pixel_factors
+        )
         with torch.no_grad():
             return run.standardiser()(torch.from_numpy(d.astype(np.float32))).numpy()
     scores = []

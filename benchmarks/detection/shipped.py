@@ -42,12 +42,13 @@ from lab.attacks.triggers import make_trigger
 from lab.baselines import baseline_scores
 from lab.evaluate import auprc, auroc
 from models.bundle import ONNX_INPUT, ONNX_SCORE, InputSpec, prepare_array
+from models.detector import PIXEL_SCALE_FACTORS
 from models.encoders import load_encoder
 from models.feature_taps import TappedEncoder
 from training.calibrate import calibrate, calibrate_run
 from training.data import data_dir, load_npz
 from training.export import export_bundle
-from training.fit import FitSettings, fit_decoder, held_out_split, load_run, stage_discrepancies
+from training.fit import FitSettings, depth_discrepancies, fit_decoder, held_out_split, load_run
 from training.scoring import score_run
 
 TARGET_CLASS = 0
@@ -85,31 +86,48 @@ def _activation_norms(run, images: np.ndarray) -> dict[str, np.ndarray]:  # noqa
     return {f"activation_norm_{s}": np.concatenate(v) for s, v in out.items()}
 
 
-# A candidate rule, fixed on 2026-12-06 after the adaptive attack (whose stage-statistics term hides
-# the feature score: AUROC 0.533, pixel score 0.899) and before the DeDe-aware attack was scored: the
-# discrepancy at every depth, the input's pixels (depth 0) and the encoder's stages at 1/2, 3/4 and
-# 1, each d ** 0.25 standardised by median and 1.4826 MAD on the fit's clean held-out auxiliary
-# images (as the shipped stages are); the score is the MAX over depths, so that an attacker who
-# holds some depths at clean levels is still seen at the others. Measured here, not shipped.
-ALL_DEPTHS = "dede_all_depths_max (candidate)"
+# Variants of the feature score measured beside the shipped one, from the same fit, each depth's
+# d ** 0.25 standardised by median and 1.4826 MAD on the fit's clean held-out auxiliary images:
+#   previous default   the stages alone, mean (the rule shipped until 2026-12-06);
+#   all depths max     the full-resolution pixels and the stages, max (a candidate fixed on 2026-12-06
+#                      after the adaptive attack, before the DeDe-aware one was scored);
+#   pixel scales max / stages max   the two halves of the shipped rule, to show what each adds.
+# The shipped rule itself (pixels at four scales and the stages, max) comes through the bundle.
+PREVIOUS = "dede_feature_robust_z_mean (previous default)"
+VARIANTS = {
+    PREVIOUS: ("stages", "mean"),
+    "dede_all_depths_max (earlier candidate)": ("pixels/1+stages", "max"),
+    "dede_pixel_scales_max (half of shipped)": ("pixels", "max"),
+    "dede_stages_max (half of shipped)": ("stages", "max"),
+}
 
 
-def _all_depths_scores(
-    run, sets: dict[str, np.ndarray], fit_images: np.ndarray, settings: FitSettings
-) -> dict:  # noqa: ANN001
+def _depth_variants(run, sets: dict[str, np.ndarray], fit_images: np.ndarray, settings: FitSettings) -> dict:  # noqa: ANN001
     stages = run.feature_stats["stages"]
+    factors = PIXEL_SCALE_FACTORS
     head = run.head("sse")
 
     def roots(images: np.ndarray) -> np.ndarray:
-        pixel = score_run(run, images, "sse")
-        stage = stage_discrepancies(run.encoder, head, stages, images, torch.device("cpu"))
-        return np.sqrt(np.sqrt(np.column_stack([pixel, stage])))
+        d = depth_discrepancies(run.encoder, head, stages, images, torch.device("cpu"), pixel_factors=factors)
+        return np.sqrt(np.sqrt(d))
 
     val_idx, _ = held_out_split(len(fit_images), settings)
     reference = roots(fit_images[val_idx])
     centre = np.median(reference, axis=0)
     scale = np.maximum(1.4826 * np.median(np.abs(reference - centre), axis=0), 1e-12)
-    return {k: ((roots(v) - centre) / scale).max(axis=1) for k, v in sets.items()}
+    z = {k: (roots(v) - centre) / scale for k, v in sets.items()}
+    p = len(factors)
+    columns = {"stages": slice(p, None), "pixels": slice(0, p)}
+    out = {}
+    for name, (depths, combine) in VARIANTS.items():
+        for split, values in z.items():
+            picked = (
+                np.column_stack([values[:, :1], values[:, p:]])
+                if depths == "pixels/1+stages"
+                else values[:, columns[depths]]
+            )
+            out.setdefault(name, {})[split] = picked.max(axis=1) if combine == "max" else picked.mean(axis=1)
+    return out
 
 
 def _at(threshold: float, clean: np.ndarray, triggered: np.ndarray) -> dict:
@@ -155,11 +173,12 @@ def run_case(
         "clean": clean_test,
         "triggered": triggered_test,
     }
-    methods[f"dede_{run.default_score} (shipped)"] = {k: _bundle_scores(bundle, v) for k, v in sets.items()}
+    shipped_name = manifest.decoder.score if run.default_score == "feature" else run.default_score
+    methods[f"dede_{shipped_name} (shipped)"] = {k: _bundle_scores(bundle, v) for k, v in sets.items()}
     if run.default_score != "sse":
         methods["dede_sse"] = {k: score_run(run, v, "sse") for k, v in sets.items()}
     if run.feature_stats:
-        methods[ALL_DEPTHS] = _all_depths_scores(run, sets, fit_images, settings)
+        methods.update(_depth_variants(run, sets, fit_images, settings))
     norms = {k: _activation_norms(run, v) for k, v in sets.items()}
     for method in norms["clean"]:
         methods[method] = {k: norms[k][method] for k in sets}
@@ -259,6 +278,67 @@ def main() -> None:
     print(f"wrote {results_path} and REPORT.md")
 
 
+ATTACK_RESULTS = REPO_ROOT / "benchmarks" / "detection" / "attacks" / "results.json"
+# The one counted case whose encoder is not in attacks/results.json now: its probe as committed then.
+ASR_FROM_HISTORY = {"runs/sloppy-warp/encoders/badencoder_warp": (0.4396, "attacks/results.json at d73f04a")}
+TOOK = 0.40  # probe ASR from which an attack counts in the decision (README, fixed before the run)
+DECISION_TOLERANCE = 0.01
+
+
+def _probe_asr(encoder_path: str) -> tuple[float | None, str]:
+    folder = str(Path(encoder_path).parent)
+    if folder in ASR_FROM_HISTORY:
+        return ASR_FROM_HISTORY[folder]
+    parts = Path(encoder_path).parts
+    if "lab-hard" in parts and "encoders" in parts and ATTACK_RESULTS.exists():
+        name = parts[parts.index("encoders") + 1]
+        entry = json.loads(ATTACK_RESULTS.read_text())["encoders"].get(name)
+        if entry and "probe" in entry:
+            return entry["probe"]["cifar10"]["asr"], "attacks/results.json"
+    if parts[-2:] == ("simclr_clean", "encoder.safetensors"):
+        return None, "the clean control"
+    return None, "no committed probe"
+
+
+def decision(results: dict) -> list[str]:
+    """The rule fixed before the run (benchmarks/detection/README.md): the shipped rule stays the
+    default iff, over the cases whose attack took, its worst AUROC beats the previous default's and
+    it is nowhere more than 0.01 below it."""
+    rows, counted = [], []
+    for name, case in results["cases"].items():
+        methods = case["methods"]
+        shipped = next((m for m in methods if m.endswith("(shipped)")), None)
+        if PREVIOUS not in methods or shipped is None:
+            continue
+        asr, source = _probe_asr(case["encoder"])
+        takes = asr is not None and asr >= TOOK
+        new, old = methods[shipped]["auroc"], methods[PREVIOUS]["auroc"]
+        if takes:
+            counted.append((new, old))
+        asr_text = f"{100 * asr:.1f}% ({source})" if asr is not None else source
+        rows.append(f"| {name} | {asr_text} | {'yes' if takes else 'no'} | {new:.3f} | {old:.3f} |")
+    if not counted:
+        return []
+    worst_new, worst_old = min(n for n, _ in counted), min(o for _, o in counted)
+    below = [o - n for n, o in counted if o - n > DECISION_TOLERANCE]
+    ships = worst_new > worst_old and not below
+    return [
+        "## The decision rule, applied",
+        "",
+        "Fixed before this run (benchmarks/detection/README.md): the shipped rule (pixels at four scales and "
+        "the stages, max) stays `dede fit`'s default iff, over the cases whose attack took (probe ASR >= 40%), "
+        "its worst AUROC is above the previous default's worst and on no such case is it more than 0.01 below.",
+        "",
+        "| case | probe ASR | counted | AUROC shipped | AUROC previous default |",
+        "| --- | ---: | :---: | ---: | ---: |",
+        *rows,
+        "",
+        f"Worst counted AUROC: shipped {worst_new:.3f}, previous default {worst_old:.3f}; cases more than "
+        f"0.01 below: {len(below)}. **{'It stays the default.' if ships else 'The previous default returns.'}**",
+        "",
+    ]
+
+
 def report(results: dict) -> str:
     lines = [
         "# The shipped detector on backdoored encoders",
@@ -274,6 +354,7 @@ def report(results: dict) -> str:
         "sample with x% triggered. TPR / realised FPR on 2,000 clean and 2,000 triggered CIFAR-10 test images.",
         "",
     ]
+    lines += decision(results)
     for name, case in results["cases"].items():
         fit = case.get("fit") or {}
         run = case.get("run")

@@ -47,7 +47,8 @@ def test_evidence_outputs_match_pytorch(tiny_bundle: Path, tiny_run: Path) -> No
     fpr = bundle.manifest.threshold.fpr_target
     quantile = np.quantile(clean_maps.reshape(len(images), -1)[:, counted].astype(np.float64), 1 - fpr)
     assert spec.map_scale == pytest.approx(quantile, rel=1e-5)
-    assert spec.map_reduction == ("none" if bundle.manifest.decoder.score.startswith("feature") else "sum")
+    pixel_reductions = {"sse_masked_normalized": "sum", "max_patch_masked_normalized": "max"}
+    assert spec.map_reduction == pixel_reductions.get(bundle.manifest.decoder.score, "none")
 
 
 def test_a_pixel_score_is_the_sum_of_its_map(

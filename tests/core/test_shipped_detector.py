@@ -43,6 +43,24 @@ def _clean(tiny_data: dict[str, Path], spec: InputSpec, n: int = 48) -> np.ndarr
 # ------------------------------------------------------------------------------------------------
 
 
+def test_pixel_depths_match_a_float64_reference_and_the_max_combines_them() -> None:
+    from models.detector import FeatureStandardiser, pixel_scale_discrepancies
+
+    rng = np.random.default_rng(0)
+    x, r = rng.normal(size=(3, 3, 16, 16)), rng.normal(size=(3, 3, 16, 16))
+    got = pixel_scale_discrepancies(
+        torch.tensor(x, dtype=torch.float32), torch.tensor(r, dtype=torch.float32), (1, 4)
+    )
+    pooled = (x - r).reshape(3, 3, 4, 4, 4, 4).mean(axis=(3, 5))  # 4 x 4 cells of 4 x 4 pixels
+    expected = np.stack([((x - r) ** 2).mean(axis=(1, 2, 3)), (pooled**2).mean(axis=(1, 2, 3))], axis=1)
+    assert np.allclose(got.numpy(), expected, rtol=1e-5)
+    d = torch.tensor([[16.0, 1.0], [1.0, 81.0]])  # fourth roots: [2, 1], [1, 3]
+    assert FeatureStandardiser([1.0, 1.0], [1.0, 2.0], "max")(d).tolist() == [1.0, 1.0]
+    assert FeatureStandardiser([1.0, 1.0], [1.0, 2.0], "mean")(d).tolist() == [0.5, 0.5]
+    with pytest.raises(ValueError, match="combine"):
+        FeatureStandardiser([1.0], [1.0], "median")
+
+
 def test_conv_decoder_rebuilds_at_every_size_from_a_standardised_embedding() -> None:
     for size, grid in ((32, 4), (64, 4), (96, 6), (224, 7)):
         config = conv_preset_config("conv_tiny", size)
@@ -145,9 +163,13 @@ def test_feature_score_exports_with_parity_and_the_same_score_at_any_batch(
     """tiny_bundle: a CIFAR ResNet (stages layer2-4); clip_bundle: a CLIP ViT tower (its blocks)."""
     bundle = request.getfixturevalue(bundle_fixture)
     manifest = load_bundle(bundle).manifest
-    assert manifest.decoder.score == "feature_robust_z_mean"
-    stages = manifest.decoder.feature["stages"]
+    assert manifest.decoder.score == "depths_robust_z_max"
+    feature = manifest.decoder.feature
+    stages = feature["stages"]
     assert len(stages) == len(set(stages)) >= 2  # the test CLIP tower has 2 blocks: its 1st and 2nd
+    assert feature["combine"] == "max" and feature["pixel_factors"][0] == 1
+    assert feature["depths"] == [f"pixels/{k}" for k in feature["pixel_factors"]] + stages
+    assert len(feature["centre"]) == len(feature["depths"])
     assert manifest.parity["max_relative_diff_ort_vs_torch"] <= 1e-4
     assert manifest.parity["flag_mismatches"] == 0
     images = _clean(tiny_data, InputSpec.model_validate(manifest.input.model_dump()), 24)
