@@ -301,6 +301,43 @@ def test_the_default_fit_stops_at_a_validation_plateau_on_a_small_real_set(tmp_p
     assert set(result["aux_embeddings"]) == {"median_cosine_to_mean", "p10_cosine_to_mean", "collapsed"}
 
 
+def test_the_earlier_rule_exports_and_a_fitted_run_restates_its_statistics_for_another(
+    tiny_data: dict[str, Path], tmp_path: Path
+) -> None:
+    """mean_stages (the stages alone, mean) still fits and exports with parity; asking the fitted run
+    for max_all makes the statistics again from the same held-out images, decoder untouched."""
+    encoder = load_encoder("random:cifar_resnet18", width=8)
+    spec = encoder.identity.input_spec()
+    aux, _ = load_images(str(tiny_data["aux"]), spec)
+    run_dir = tmp_path / "run"
+    earlier = FitSettings(
+        preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10, feature_rule="mean_stages"
+    )
+    fit_decoder(encoder, aux, run_dir, earlier)
+    stats = load_run(run_dir).feature_stats
+    assert stats["combine"] == "mean" and stats["pixel_factors"] == [] and stats["depths"] == stats["stages"]
+    calibrate_run(run_dir, _clean(tiny_data, spec, 300), 0.05, "clean.npz")
+    manifest = export_bundle(load_run(run_dir), tmp_path / "bundle")
+    assert manifest.decoder.score == "feature_robust_z_mean"
+    assert manifest.parity["max_relative_diff_ort_vs_torch"] <= 1e-4
+
+    weights = (run_dir / "decoder.safetensors").read_bytes()
+    fit_decoder(
+        encoder, aux, run_dir, FitSettings(preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10)
+    )
+    restated = load_run(run_dir).feature_stats
+    assert restated["combine"] == "max" and restated["depths"][:4] == [
+        "pixels/1",
+        "pixels/2",
+        "pixels/4",
+        "pixels/8",
+    ]
+    assert (
+        restated["centre"][4:] == pytest.approx(stats["centre"]) and restated["n_images"] == stats["n_images"]
+    )
+    assert (run_dir / "decoder.safetensors").read_bytes() == weights
+
+
 def test_embedding_spread_tells_a_collapsed_encoder_from_a_spread_one() -> None:
     from training.fit import embedding_spread
 
