@@ -88,21 +88,25 @@ def _activation_norms(run, images: np.ndarray) -> dict[str, np.ndarray]:  # noqa
 
 # Variants of the feature score measured beside the shipped one, from the same fit, each depth's
 # d ** 0.25 standardised by median and 1.4826 MAD on the fit's clean held-out auxiliary images:
-#   previous default   the stages alone, mean (the rule shipped until 2026-12-06);
-#   all depths max     the full-resolution pixels and the stages, max (a candidate fixed on 2026-12-06
-#                      after the adaptive attack, before the DeDe-aware one was scored);
-#   pixel scales max / stages max   the two halves of the shipped rule, to show what each adds.
-# The shipped rule itself (pixels at four scales and the stages, max) comes through the bundle.
-PREVIOUS = "dede_feature_robust_z_mean (previous default)"
+#   dede_feature_robust_z_mean   rule mean_stages: the stages alone, mean;
+#   dede_depths_robust_z_max     rule max_all: the pixels at four scales and the stages, max;
+#   all depths max               the full-resolution pixels and the stages, max (a candidate fixed on
+#                                2026-12-06 after the adaptive attack, before the DeDe-aware one);
+#   pixel scales max, stages max the two halves of max_all, to show what each adds.
+# The rule the bundle ships is scored through the bundle and not again here.
+MEAN_STAGES, MAX_ALL = "dede_feature_robust_z_mean", "dede_depths_robust_z_max"
 VARIANTS = {
-    PREVIOUS: ("stages", "mean"),
+    MEAN_STAGES: ("stages", "mean"),
+    MAX_ALL: ("pixels+stages", "max"),
     "dede_all_depths_max (earlier candidate)": ("pixels/1+stages", "max"),
-    "dede_pixel_scales_max (half of shipped)": ("pixels", "max"),
-    "dede_stages_max (half of shipped)": ("stages", "max"),
+    "dede_pixel_scales_max": ("pixels", "max"),
+    "dede_stages_max": ("stages", "max"),
 }
 
 
-def _depth_variants(run, sets: dict[str, np.ndarray], fit_images: np.ndarray, settings: FitSettings) -> dict:  # noqa: ANN001
+def _depth_variants(
+    run, sets: dict[str, np.ndarray], fit_images: np.ndarray, settings: FitSettings, shipped: str
+) -> dict:  # noqa: ANN001
     stages = run.feature_stats["stages"]
     factors = PIXEL_SCALE_FACTORS
     head = run.head("sse")
@@ -117,9 +121,11 @@ def _depth_variants(run, sets: dict[str, np.ndarray], fit_images: np.ndarray, se
     scale = np.maximum(1.4826 * np.median(np.abs(reference - centre), axis=0), 1e-12)
     z = {k: (roots(v) - centre) / scale for k, v in sets.items()}
     p = len(factors)
-    columns = {"stages": slice(p, None), "pixels": slice(0, p)}
+    columns = {"stages": slice(p, None), "pixels": slice(0, p), "pixels+stages": slice(None)}
     out = {}
     for name, (depths, combine) in VARIANTS.items():
+        if name == f"dede_{shipped}":
+            continue
         for split, values in z.items():
             picked = (
                 np.column_stack([values[:, :1], values[:, p:]])
@@ -178,7 +184,7 @@ def run_case(
     if run.default_score != "sse":
         methods["dede_sse"] = {k: score_run(run, v, "sse") for k, v in sets.items()}
     if run.feature_stats:
-        methods.update(_depth_variants(run, sets, fit_images, settings))
+        methods.update(_depth_variants(run, sets, fit_images, settings, shipped_name))
     norms = {k: _activation_norms(run, v) for k, v in sets.items()}
     for method in norms["clean"]:
         methods[method] = {k: norms[k][method] for k in sets}
@@ -300,43 +306,64 @@ def _probe_asr(encoder_path: str) -> tuple[float | None, str]:
     return None, "no committed probe"
 
 
+# The second test's cases: the lab-hard attacks never run before it was fixed (README).
+HELD_OUT = ("lab_adaptive_checker", "lab_adaptive_blend", "lab_badencoder_noise_random")
+
+
 def decision(results: dict) -> list[str]:
-    """The rule fixed before the run (benchmarks/detection/README.md): the shipped rule stays the
-    default iff, over the cases whose attack took, its worst AUROC beats the previous default's and
-    it is nowhere more than 0.01 below it."""
-    rows, counted = [], []
+    """The two decisions fixed before their runs (benchmarks/detection/README.md), applied.
+    First run: max_all replaces mean_stages iff, over the cases whose attack took, its worst AUROC is
+    above mean_stages's worst and it is nowhere more than 0.01 below. Second test, on held-out
+    attacks: iff its mean AUROC over them is above and it is nowhere more than 0.01 below."""
+    tests: dict[str, list] = {"first": [], "held_out": []}
+    rows = []
     for name, case in results["cases"].items():
         methods = case["methods"]
-        shipped = next((m for m in methods if m.endswith("(shipped)")), None)
-        if PREVIOUS not in methods or shipped is None:
+        by_rule = {r: next((m for m in methods if m.startswith(r)), None) for r in (MAX_ALL, MEAN_STAGES)}
+        if None in by_rule.values():
             continue
         asr, source = _probe_asr(case["encoder"])
         takes = asr is not None and asr >= TOOK
-        new, old = methods[shipped]["auroc"], methods[PREVIOUS]["auroc"]
+        new, old = methods[by_rule[MAX_ALL]]["auroc"], methods[by_rule[MEAN_STAGES]]["auroc"]
+        test = "held_out" if name in HELD_OUT else "first"
         if takes:
-            counted.append((new, old))
+            tests[test].append((new, old))
         asr_text = f"{100 * asr:.1f}% ({source})" if asr is not None else source
-        rows.append(f"| {name} | {asr_text} | {'yes' if takes else 'no'} | {new:.3f} | {old:.3f} |")
-    if not counted:
+        rows.append(
+            f"| {name} | {test.replace('_', '-')} | {asr_text} | {'yes' if takes else 'no'} | {new:.3f} | {old:.3f} |"
+        )
+    if not rows:
         return []
-    worst_new, worst_old = min(n for n, _ in counted), min(o for _, o in counted)
-    below = [o - n for n, o in counted if o - n > DECISION_TOLERANCE]
-    ships = worst_new > worst_old and not below
-    return [
-        "## The decision rule, applied",
+    lines = [
+        "## The decisions fixed before the runs, applied",
         "",
-        "Fixed before this run (benchmarks/detection/README.md): the shipped rule (pixels at four scales and "
-        "the stages, max) stays `dede fit`'s default iff, over the cases whose attack took (probe ASR >= 40%), "
-        "its worst AUROC is above the previous default's worst and on no such case is it more than 0.01 below.",
+        "`max_all` (the pixels at four scales and the stages, max of robust z-scores) against `mean_stages` "
+        "(the stages alone, mean). Counted: cases whose attack took (probe ASR >= 40%). The first run's "
+        "rule: `max_all` ships iff its worst counted AUROC is above `mean_stages`'s worst and it is on no "
+        "case more than 0.01 below. The second test, on the lab-hard attacks never run before "
+        "(benchmarks/detection/README.md): iff its mean counted AUROC is above and it is on no case more "
+        "than 0.01 below.",
         "",
-        "| case | probe ASR | counted | AUROC shipped | AUROC previous default |",
-        "| --- | ---: | :---: | ---: | ---: |",
+        "| case | test | probe ASR | counted | AUROC max_all | AUROC mean_stages |",
+        "| --- | --- | ---: | :---: | ---: | ---: |",
         *rows,
         "",
-        f"Worst counted AUROC: shipped {worst_new:.3f}, previous default {worst_old:.3f}; cases more than "
-        f"0.01 below: {len(below)}. **{'It stays the default.' if ships else 'The previous default returns.'}**",
-        "",
     ]
+    for test, pairs in tests.items():
+        if not pairs:
+            lines.append(f"- {test.replace('_', '-')}: no counted case.")
+            continue
+        below = sum(o - n > DECISION_TOLERANCE for n, o in pairs)
+        if test == "first":
+            a, b, what = min(n for n, _ in pairs), min(o for _, o in pairs), "worst"
+        else:
+            a, b, what = float(np.mean([n for n, _ in pairs])), float(np.mean([o for _, o in pairs])), "mean"
+        verdict = "max_all" if a > b and not below else "mean_stages"
+        lines.append(
+            f"- {test.replace('_', '-')} ({len(pairs)} counted): {what} AUROC max_all {a:.3f}, mean_stages "
+            f"{b:.3f}; cases more than 0.01 below: {below}. **Verdict: {verdict}.**"
+        )
+    return [*lines, ""]
 
 
 def report(results: dict) -> str:

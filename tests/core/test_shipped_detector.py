@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,11 @@ from models.bundle import InputSpec, load_bundle
 from models.conv_decoder import ConvDecoder, conv_preset_config
 from models.encoders import EncoderLoadError, load_encoder
 from models.feature_taps import TappedEncoder, default_stages
+from training import DEFAULT_FEATURE_RULE
 from training.calibrate import calibrate, calibrate_run, robust_inliers
 from training.data import load_images
 from training.export import export_bundle
-from training.fit import FitSettings, _training_visible, fit_decoder, load_run
+from training.fit import FEATURE_RULES, FitSettings, _training_visible, fit_decoder, load_run
 from training.scoring import score_run
 
 
@@ -163,11 +165,12 @@ def test_feature_score_exports_with_parity_and_the_same_score_at_any_batch(
     """tiny_bundle: a CIFAR ResNet (stages layer2-4); clip_bundle: a CLIP ViT tower (its blocks)."""
     bundle = request.getfixturevalue(bundle_fixture)
     manifest = load_bundle(bundle).manifest
-    assert manifest.decoder.score == "depths_robust_z_max"
     feature = manifest.decoder.feature
     stages = feature["stages"]
     assert len(stages) == len(set(stages)) >= 2  # the test CLIP tower has 2 blocks: its 1st and 2nd
-    assert feature["combine"] == "max" and feature["pixel_factors"][0] == 1
+    pixels, combine = FEATURE_RULES[DEFAULT_FEATURE_RULE]
+    assert manifest.decoder.score == ("depths_robust_z_max" if pixels else "feature_robust_z_mean")
+    assert feature["combine"] == combine and feature["pixel_factors"] == list(pixels)
     assert feature["depths"] == [f"pixels/{k}" for k in feature["pixel_factors"]] + stages
     assert len(feature["centre"]) == len(feature["depths"])
     assert manifest.parity["max_relative_diff_ort_vs_torch"] <= 1e-4
@@ -215,9 +218,10 @@ def _onnx_encoder(path: Path, uint8_nhwc: bool) -> tuple[nn.Module, list[str]]:
     return encoder, [relus[len(relus) // 2], relus[-1]]
 
 
+@pytest.mark.parametrize("rule", ["mean_stages", "max_all"])
 @pytest.mark.parametrize("uint8_nhwc", [False, True], ids=["float-nchw", "uint8-nhwc"])
 def test_onnx_encoder_with_named_tensors_end_to_end(
-    uint8_nhwc: bool, tiny_data: dict[str, Path], tmp_path: Path
+    uint8_nhwc: bool, rule: str, tiny_data: dict[str, Path], tmp_path: Path
 ) -> None:
     path = tmp_path / "encoder.onnx"
     torch_encoder, tensors = _onnx_encoder(path, uint8_nhwc)
@@ -231,11 +235,13 @@ def test_onnx_encoder_with_named_tensors_end_to_end(
 
     aux, _ = load_images(str(tiny_data["aux"]), spec)
     run_dir = tmp_path / "run"
-    fit_decoder(
-        encoder, aux, run_dir, FitSettings(preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10)
-    )
+    settings = FitSettings(preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10, feature_rule=rule)
+    fit_decoder(encoder, aux, run_dir, settings)
     run = load_run(run_dir)
     assert run.feature_stats["stages"] == tensors and run.default_score == "feature"
+    assert run.feature_stats["depths"][-2:] == tensors and len(run.feature_stats["depths"]) == (
+        6 if rule == "max_all" else 2
+    )
     calibrate_run(run_dir, images, 0.05, "clean.npz")
     bundle = tmp_path / "bundle"
     manifest = export_bundle(load_run(run_dir), bundle)
@@ -301,41 +307,46 @@ def test_the_default_fit_stops_at_a_validation_plateau_on_a_small_real_set(tmp_p
     assert set(result["aux_embeddings"]) == {"median_cosine_to_mean", "p10_cosine_to_mean", "collapsed"}
 
 
-def test_the_earlier_rule_exports_and_a_fitted_run_restates_its_statistics_for_another(
+def test_both_rules_export_and_a_fitted_run_restates_its_statistics_for_the_other(
     tiny_data: dict[str, Path], tmp_path: Path
 ) -> None:
-    """mean_stages (the stages alone, mean) still fits and exports with parity; asking the fitted run
-    for max_all makes the statistics again from the same held-out images, decoder untouched."""
+    """A CIFAR ResNet fitted under mean_stages exports with parity; asked again for max_all, the
+    fitted run makes its statistics again from the same held-out images (decoder untouched), and
+    max_all's graph (pixels at four scales + stages, max) exports with parity, the same score at any
+    batch."""
     encoder = load_encoder("random:cifar_resnet18", width=8)
     spec = encoder.identity.input_spec()
     aux, _ = load_images(str(tiny_data["aux"]), spec)
+    clean = _clean(tiny_data, spec, 300)
     run_dir = tmp_path / "run"
-    earlier = FitSettings(
-        preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10, feature_rule="mean_stages"
-    )
-    fit_decoder(encoder, aux, run_dir, earlier)
+    settings = FitSettings(preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10)
+    fit_decoder(encoder, aux, run_dir, replace(settings, feature_rule="mean_stages"))
     stats = load_run(run_dir).feature_stats
     assert stats["combine"] == "mean" and stats["pixel_factors"] == [] and stats["depths"] == stats["stages"]
-    calibrate_run(run_dir, _clean(tiny_data, spec, 300), 0.05, "clean.npz")
-    manifest = export_bundle(load_run(run_dir), tmp_path / "bundle")
+    calibrate_run(run_dir, clean, 0.05, "clean.npz")
+    manifest = export_bundle(load_run(run_dir), tmp_path / "mean_stages")
     assert manifest.decoder.score == "feature_robust_z_mean"
     assert manifest.parity["max_relative_diff_ort_vs_torch"] <= 1e-4
 
     weights = (run_dir / "decoder.safetensors").read_bytes()
-    fit_decoder(
-        encoder, aux, run_dir, FitSettings(preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10)
-    )
+    fit_decoder(encoder, aux, run_dir, replace(settings, feature_rule="max_all"))
     restated = load_run(run_dir).feature_stats
-    assert restated["combine"] == "max" and restated["depths"][:4] == [
-        "pixels/1",
-        "pixels/2",
-        "pixels/4",
-        "pixels/8",
-    ]
+    assert restated["combine"] == "max"
+    assert restated["depths"] == ["pixels/1", "pixels/2", "pixels/4", "pixels/8", *stats["stages"]]
     assert (
         restated["centre"][4:] == pytest.approx(stats["centre"]) and restated["n_images"] == stats["n_images"]
     )
     assert (run_dir / "decoder.safetensors").read_bytes() == weights
+    calibrate_run(run_dir, clean, 0.05, "clean.npz")
+    bundle = tmp_path / "max_all"
+    manifest = export_bundle(load_run(run_dir), bundle)
+    assert manifest.decoder.score == "depths_robust_z_max" and manifest.decoder.feature["combine"] == "max"
+    assert (
+        manifest.parity["max_relative_diff_ort_vs_torch"] <= 1e-4 and manifest.parity["flag_mismatches"] == 0
+    )
+    batched = _ort_scores(bundle, clean[:24], 24)
+    assert np.array_equal(batched, _ort_scores(bundle, clean[:24], 1))
+    assert np.allclose(batched, score_run(load_run(run_dir), clean[:24]), rtol=1e-4, atol=1e-4)
 
 
 def test_embedding_spread_tells_a_collapsed_encoder_from_a_spread_one() -> None:
