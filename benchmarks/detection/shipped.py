@@ -274,10 +274,11 @@ def main() -> None:
         rest, _, preset = rest.partition("#")
         encoder_path, _, trigger = rest.partition("@")
         print(f"[shipped] {name}: {encoder_path} ({trigger or 'patch'}, {preset or 'default'})", flush=True)
-        results["cases"][name] = run_case(
-            name, encoder_path, trigger or "patch", Path(args.runs), data, preset or None
-        )
-        results["cases"][name]["run"] = run_record()  # each case keeps its own command and commit
+        case_result = run_case(name, encoder_path, trigger or "patch", Path(args.runs), data, preset or None)
+        case_result["run"] = run_record()  # each case keeps its own command and commit
+        # Read again before writing: another run of this script may have added cases meanwhile.
+        results = json.loads(results_path.read_text()) if results_path.exists() else {"cases": {}}
+        results["cases"][name] = case_result
         results.update(run_record())
         results_path.write_text(json.dumps(results, indent=1, default=float) + "\n")
     (out / "REPORT.md").write_text(report(results))
