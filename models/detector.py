@@ -15,8 +15,8 @@ Scores, all of them DeDe's reconstruction discrepancy between the input and its 
              resolution and average-pooled (`PIXEL_SCALE_FACTORS`), and the encoder's own feature
              maps at chosen stages (`models/feature_taps.py` says which, by a fixed rule); per
              depth the mean squared difference, its fourth root standardised by the median and MAD
-             of the same figure on clean auxiliary images; the mean over the stages alone (the
-             default rule, `mean_stages`) or the max over all depths, pixels included (`max_all`).
+             of the same figure on clean auxiliary images; the max over all depths (the default
+             rule, `max_all`) or the mean over the stages alone (the earlier rule, `mean_stages`).
 """
 
 from __future__ import annotations

@@ -227,9 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--feature-rule",
         default=DEFAULT_FEATURE_RULE,
         choices=list(FEATURE_RULE_NAMES),
-        help="depths of the feature score and how they combine: mean_stages (default: the stages, mean "
-        "of their robust z-scores) or max_all (the pixels at four scales and the stages, max; "
-        "benchmarks/detection/README.md measures both)",
+        help="depths of the feature score and how they combine: max_all (default: the pixels at four "
+        "scales and the stages, max of their robust z-scores) or mean_stages (the stages alone, mean; "
+        "the earlier default; benchmarks/detection/README.md measures both)",
     )
     fit.add_argument("--epochs", type=int, help="a step budget in passes over the images instead")
     fit.add_argument(

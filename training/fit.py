@@ -115,9 +115,9 @@ FEATURE_STATS_FILE = "feature_stats.json"
 # The feature score's rules (models/detector.py): the depths it reads and how it combines them.
 #   max_all      the pixels at four scales and the stages; the max (any depth that departs from
 #                clean is evidence: an attacker who holds some depths at clean levels is seen at
-#                the others).
-#   mean_stages  the stages alone; the mean. The default: the decision fixed before the lab's runs
-#                kept it (benchmarks/detection/README.md says how, and what each rule measured).
+#                the others). The default, by the decision fixed before the held-out attacks were
+#                run (benchmarks/detection/README.md says how, and what each rule measured).
+#   mean_stages  the stages alone; the mean (the earlier default, kept to compare and reproduce).
 FEATURE_RULES = {
     "max_all": (PIXEL_SCALE_FACTORS, "max"),
     "mean_stages": ((), "mean"),

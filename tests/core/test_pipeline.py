@@ -143,7 +143,7 @@ def test_cli_workflow_and_pytorch_equals_dede_score(
     manifest = load_bundle(bundle).manifest
     spec = InputSpec.model_validate(manifest.input.model_dump())
     fitted = load_run(run)
-    assert fitted.default_score == "feature" and manifest.decoder.score == "feature_robust_z_mean"
+    assert fitted.default_score == "feature" and manifest.decoder.score == "depths_robust_z_max"
     detector = fitted.detector(fitted.default_score)
     for name in ("a.png", "b.jpg", "c.bmp"):
         pixels = torch.from_numpy(load_image_file(files / name, spec)).unsqueeze(0)
