@@ -326,12 +326,14 @@ def decision(results: dict) -> list[str]:
         asr, source = _probe_asr(case["encoder"])
         takes = asr is not None and asr >= TOOK
         new, old = methods[by_rule[MAX_ALL]]["auroc"], methods[by_rule[MEAN_STAGES]]["auroc"]
+        tpr = [100 * methods[by_rule[r]][k]["tpr"] for r in (MAX_ALL, MEAN_STAGES) for k in ("id", "ood")]
         test = "held_out" if name in HELD_OUT else "first"
         if takes:
             tests[test].append((new, old))
         asr_text = f"{100 * asr:.1f}% ({source})" if asr is not None else source
         rows.append(
-            f"| {name} | {test.replace('_', '-')} | {asr_text} | {'yes' if takes else 'no'} | {new:.3f} | {old:.3f} |"
+            f"| {name} | {test.replace('_', '-')} | {asr_text} | {'yes' if takes else 'no'} | {new:.3f} | {old:.3f} "
+            f"| {tpr[0]:.1f}% / {tpr[1]:.1f}% | {tpr[2]:.1f}% / {tpr[3]:.1f}% |"
         )
     if not rows:
         return []
@@ -345,8 +347,9 @@ def decision(results: dict) -> list[str]:
         "(benchmarks/detection/README.md): iff its mean counted AUROC is above and it is on no case more "
         "than 0.01 below.",
         "",
-        "| case | test | probe ASR | counted | AUROC max_all | AUROC mean_stages |",
-        "| --- | --- | ---: | :---: | ---: | ---: |",
+        "| case | test | probe ASR | counted | AUROC max_all | AUROC mean_stages | TPR id / ood max_all "
+        "| TPR id / ood mean_stages |",
+        "| --- | --- | ---: | :---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
     ]
