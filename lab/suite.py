@@ -193,6 +193,9 @@ _HARD_ATTACKS = (  # in the order they run: the most informative first
     ("badencoder", "checker@random"),
     ("adaptive", "checker"),
     ("adaptive", "blend"),
+    # added 2026-12-06 as held-out attacks of the third feature-rule test (benchmarks/detection/README.md)
+    ("adaptive", "noise@random"),
+    ("adaptive", "invisible"),
 )
 SUITES["lab-hard"] = SuiteConfig(
     name="lab-hard",

@@ -48,14 +48,15 @@ SCORE_NAMES = {
     "max_patch": "max_patch_masked_normalized",
     "feature": "feature_robust_z_mean",
 }
-# The feature score that reads the pixels at several scales beside the stages and takes the max.
-DEPTHS_MAX_SCORE_NAME = "depths_robust_z_max"
+# The feature scores that read the pixels at several scales beside the stages and take the max,
+# by the rule of the run's statistics (training/fit.py FEATURE_RULES).
+DEPTHS_SCORE_NAMES = {"max_all": "depths_robust_z_max", "max_all_tail": "depths_tail_z_max"}
 
 
 def score_name(run: FittedRun, score_kind: str) -> str:
     """The manifest's name for the score this run ships as `score_kind`."""
     if score_kind == "feature" and run.pixel_factors:
-        return DEPTHS_MAX_SCORE_NAME
+        return DEPTHS_SCORE_NAMES[run.feature_rule]
     return SCORE_NAMES[score_kind]
 
 

@@ -48,7 +48,14 @@ from models.feature_taps import TappedEncoder
 from training.calibrate import calibrate, calibrate_run
 from training.data import data_dir, load_npz
 from training.export import export_bundle
-from training.fit import FitSettings, depth_discrepancies, fit_decoder, held_out_split, load_run
+from training.fit import (
+    FitSettings,
+    depth_discrepancies,
+    depth_scale,
+    fit_decoder,
+    held_out_split,
+    load_run,
+)
 from training.scoring import score_run
 
 TARGET_CLASS = 0
@@ -87,20 +94,23 @@ def _activation_norms(run, images: np.ndarray) -> dict[str, np.ndarray]:  # noqa
 
 
 # Variants of the feature score measured beside the shipped one, from the same fit, each depth's
-# d ** 0.25 standardised by median and 1.4826 MAD on the fit's clean held-out auxiliary images:
+# d ** 0.25 standardised by the median and 1.4826 MAD (or, for max_all_tail, the 95th percentile
+# minus the median) on the fit's clean held-out auxiliary images:
 #   dede_feature_robust_z_mean   rule mean_stages: the stages alone, mean;
 #   dede_depths_robust_z_max     rule max_all: the pixels at four scales and the stages, max;
 #   all depths max               the full-resolution pixels and the stages, max (a candidate fixed on
 #                                2026-12-06 after the adaptive attack, before the DeDe-aware one);
-#   pixel scales max, stages max the two halves of max_all, to show what each adds.
+#   pixel scales max, stages max the two halves of max_all, to show what each adds;
+#   dede_depths_tail_z_max       rule max_all_tail: max_all's depths scaled by their clean tails.
 # The rule the bundle ships is scored through the bundle and not again here.
 MEAN_STAGES, MAX_ALL = "dede_feature_robust_z_mean", "dede_depths_robust_z_max"
 VARIANTS = {
-    MEAN_STAGES: ("stages", "mean"),
-    MAX_ALL: ("pixels+stages", "max"),
-    "dede_all_depths_max (earlier candidate)": ("pixels/1+stages", "max"),
-    "dede_pixel_scales_max": ("pixels", "max"),
-    "dede_stages_max": ("stages", "max"),
+    MEAN_STAGES: ("stages", "mean", "mad"),
+    MAX_ALL: ("pixels+stages", "max", "mad"),
+    "dede_all_depths_max (earlier candidate)": ("pixels/1+stages", "max", "mad"),
+    "dede_pixel_scales_max": ("pixels", "max", "mad"),
+    "dede_stages_max": ("stages", "max", "mad"),
+    "dede_depths_tail_z_max": ("pixels+stages", "max", "q95"),
 }
 
 
@@ -118,15 +128,16 @@ def _depth_variants(
     val_idx, _ = held_out_split(len(fit_images), settings)
     reference = roots(fit_images[val_idx])
     centre = np.median(reference, axis=0)
-    scale = np.maximum(1.4826 * np.median(np.abs(reference - centre), axis=0), 1e-12)
-    z = {k: (roots(v) - centre) / scale for k, v in sets.items()}
+    scales = {kind: depth_scale(reference, centre, kind) for kind in ("mad", "q95")}
+    measured = {k: roots(v) for k, v in sets.items()}
     p = len(factors)
     columns = {"stages": slice(p, None), "pixels": slice(0, p), "pixels+stages": slice(None)}
     out = {}
-    for name, (depths, combine) in VARIANTS.items():
+    for name, (depths, combine, scaling) in VARIANTS.items():
         if name == f"dede_{shipped}":
             continue
-        for split, values in z.items():
+        for split, r in measured.items():
+            values = (r - centre) / scales[scaling]
             picked = (
                 np.column_stack([values[:, :1], values[:, p:]])
                 if depths == "pixels/1+stages"

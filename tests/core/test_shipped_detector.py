@@ -45,6 +45,25 @@ def _clean(tiny_data: dict[str, Path], spec: InputSpec, n: int = 48) -> np.ndarr
 # ------------------------------------------------------------------------------------------------
 
 
+def test_the_tail_scaling_puts_every_depths_clean_95th_percentile_at_one() -> None:
+    from training.fit import depth_scale
+
+    rng = np.random.default_rng(0)
+    # three depths: light-tailed, heavy-tailed, and one whose MAD is zero
+    roots = np.column_stack(
+        [rng.normal(size=2000), rng.standard_cauchy(2000), np.r_[np.zeros(1500), np.ones(500)]]
+    )
+    centre = np.median(roots, axis=0)
+    z = (roots - centre) / depth_scale(roots, centre, "q95")
+    assert np.allclose(np.quantile(z, 0.95, axis=0), 1.0)
+    mad_z = (roots - centre) / depth_scale(roots, centre, "mad")
+    # under MAD scaling the heavy tail's 95th percentile sits far above the light one's
+    assert np.quantile(mad_z[:, 1], 0.95) > 2 * np.quantile(mad_z[:, 0], 0.95)
+    assert np.isfinite(mad_z).all()
+    with pytest.raises(ValueError, match="scaling"):
+        depth_scale(roots, centre, "iqr")
+
+
 def test_pixel_depths_match_a_float64_reference_and_the_max_combines_them() -> None:
     from models.detector import FeatureStandardiser, pixel_scale_discrepancies
 
@@ -168,7 +187,7 @@ def test_feature_score_exports_with_parity_and_the_same_score_at_any_batch(
     feature = manifest.decoder.feature
     stages = feature["stages"]
     assert len(stages) == len(set(stages)) >= 2  # the test CLIP tower has 2 blocks: its 1st and 2nd
-    pixels, combine = FEATURE_RULES[DEFAULT_FEATURE_RULE]
+    pixels, combine, _ = FEATURE_RULES[DEFAULT_FEATURE_RULE]
     assert manifest.decoder.score == ("depths_robust_z_max" if pixels else "feature_robust_z_mean")
     assert feature["combine"] == combine and feature["pixel_factors"] == list(pixels)
     assert feature["depths"] == [f"pixels/{k}" for k in feature["pixel_factors"]] + stages
@@ -347,6 +366,14 @@ def test_both_rules_export_and_a_fitted_run_restates_its_statistics_for_the_othe
     batched = _ort_scores(bundle, clean[:24], 24)
     assert np.array_equal(batched, _ort_scores(bundle, clean[:24], 1))
     assert np.allclose(batched, score_run(load_run(run_dir), clean[:24]), rtol=1e-4, atol=1e-4)
+
+    fit_decoder(encoder, aux, run_dir, replace(settings, feature_rule="max_all_tail"))
+    tail = load_run(run_dir).feature_stats
+    assert tail["rule"].startswith("max_all_tail:") and tail["depths"] == restated["depths"]
+    assert tail["centre"] == pytest.approx(restated["centre"]) and tail["scale"] != restated["scale"]
+    calibrate_run(run_dir, clean, 0.05, "clean.npz")
+    manifest = export_bundle(load_run(run_dir), tmp_path / "max_all_tail")
+    assert manifest.decoder.score == "depths_tail_z_max" and manifest.parity["flag_mismatches"] == 0
 
 
 def test_embedding_spread_tells_a_collapsed_encoder_from_a_spread_one() -> None:
