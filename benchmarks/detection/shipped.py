@@ -320,6 +320,62 @@ def _probe_asr(encoder_path: str) -> tuple[float | None, str]:
 
 # The second test's cases: the lab-hard attacks never run before it was fixed (README).
 HELD_OUT = ("lab_adaptive_checker", "lab_adaptive_blend", "lab_badencoder_noise_random")
+# The third test's (README): max_all_tail against max_all, on attacks never run before it was fixed.
+THIRD_TEST = (
+    "lab_adaptive_noise_random",
+    "lab_adaptive_invisible",
+    "lab_badencoder_noise",
+    "lab_badencoder_checker_random",
+)
+MAX_ALL_TAIL = "dede_depths_tail_z_max"
+THIRD_AUROC_TOLERANCE = 0.005
+
+
+def third_decision(results: dict) -> list[str]:
+    """max_all_tail replaces max_all iff, over the third test's cases whose attack took, its mean TPR
+    at the in-distribution threshold is higher and its mean AUROC is at most 0.005 lower."""
+    rows, counted = [], []
+    for name in THIRD_TEST:
+        case = results["cases"].get(name)
+        if case is None:
+            rows.append(f"| {name} | not run | | | | | |")
+            continue
+        methods = case["methods"]
+        tail = methods[next(m for m in methods if m.startswith(MAX_ALL_TAIL))]
+        plain = methods[next(m for m in methods if m.startswith(MAX_ALL))]
+        asr, source = _probe_asr(case["encoder"])
+        takes = asr is not None and asr >= TOOK
+        if takes:
+            counted.append((tail["auroc"], plain["auroc"], tail["id"]["tpr"], plain["id"]["tpr"]))
+        rows.append(
+            f"| {name} | {100 * asr:.1f}% ({source}) | {'yes' if takes else 'no'} | {tail['auroc']:.3f} | "
+            f"{plain['auroc']:.3f} | {100 * tail['id']['tpr']:.1f}% | {100 * plain['id']['tpr']:.1f}% |"
+            if asr is not None
+            else f"| {name} | {source} | no | {tail['auroc']:.3f} | {plain['auroc']:.3f} | | |"
+        )
+    lines = [
+        "## The third test, applied",
+        "",
+        "`max_all_tail` (max_all's depths, each scaled by its clean 95th percentile minus the median) against "
+        "`max_all`, on lab-hard attacks never run before the test was fixed (benchmarks/detection/README.md): "
+        "`max_all_tail` replaces `max_all` iff, over the cases whose attack took, its mean TPR at the "
+        "in-distribution threshold is higher and its mean AUROC is at most 0.005 lower.",
+        "",
+        "| case | probe ASR | counted | AUROC max_all_tail | AUROC max_all | TPR id max_all_tail | TPR id max_all |",
+        "| --- | ---: | :---: | ---: | ---: | ---: | ---: |",
+        *rows,
+        "",
+    ]
+    if not counted:
+        return [*lines, "No counted case: `max_all` stays.", ""]
+    a_tail, a_plain, t_tail, t_plain = (float(np.mean(c)) for c in zip(*counted, strict=True))
+    ships = t_tail > t_plain and a_tail >= a_plain - THIRD_AUROC_TOLERANCE
+    return [
+        *lines,
+        f"Over {len(counted)} counted: mean TPR id {100 * t_tail:.1f}% against {100 * t_plain:.1f}%, mean AUROC "
+        f"{a_tail:.3f} against {a_plain:.3f}. **Verdict: {'max_all_tail' if ships else 'max_all'}.**",
+        "",
+    ]
 
 
 def decision(results: dict) -> list[str]:
@@ -338,6 +394,8 @@ def decision(results: dict) -> list[str]:
         takes = asr is not None and asr >= TOOK
         new, old = methods[by_rule[MAX_ALL]]["auroc"], methods[by_rule[MEAN_STAGES]]["auroc"]
         tpr = [100 * methods[by_rule[r]][k]["tpr"] for r in (MAX_ALL, MEAN_STAGES) for k in ("id", "ood")]
+        if name in THIRD_TEST:
+            continue  # the third test's own section
         test = "held_out" if name in HELD_OUT else "first"
         if takes:
             tests[test].append((new, old))
@@ -397,6 +455,7 @@ def report(results: dict) -> str:
         "",
     ]
     lines += decision(results)
+    lines += third_decision(results)
     for name, case in results["cases"].items():
         fit = case.get("fit") or {}
         run = case.get("run")
