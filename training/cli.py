@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="depths of the feature score and how they combine: max_all (default: the pixels at four "
         "scales and the stages, max of their robust z-scores) or mean_stages (the stages alone, mean; "
         "the earlier default; benchmarks/detection/README.md measures both), or max_all_tail (max_all's "
-        "depths each scaled by its clean upper tail; not yet measured)",
+        "depths each scaled by its clean upper tail; measured and not chosen)",
     )
     fit.add_argument("--epochs", type=int, help="a step budget in passes over the images instead")
     fit.add_argument(

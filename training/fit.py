@@ -120,8 +120,8 @@ FEATURE_STATS_FILE = "feature_stats.json"
 #   mean_stages  the stages alone; the mean (the earlier default, kept to compare and reproduce).
 #   max_all_tail max_all's depths, each scaled by its clean upper tail (95th percentile minus the
 #                median) instead of its MAD, so that every depth crosses 1 on as few clean images
-#                and no heavy-tailed depth sets the max's clean tail alone. Not yet measured: its
-#                test, fixed before any run, is in benchmarks/detection/README.md.
+#                and no heavy-tailed depth sets the max's clean tail alone. Tested on held-out
+#                attacks and not chosen (benchmarks/detection/README.md, the third test).
 # Each rule: (pixel pooling factors, how the depths combine, how each depth is scaled).
 FEATURE_RULES = {
     "max_all": (PIXEL_SCALE_FACTORS, "max", "mad"),
@@ -302,6 +302,8 @@ def _fit_decoder(
         raise RunError(f"the decoder needs square inputs; the encoder takes {height}x{width}")
     if len(images) < 2:
         raise RunError(f"fitting needs auxiliary images; got {len(images)}")
+    if settings.feature_rule not in FEATURE_RULES:  # before training, not after it
+        raise RunError(f"unknown feature rule {settings.feature_rule!r}: one of {', '.join(FEATURE_RULES)}")
     if settings.batch_size < ddp.world_size:
         raise RunError(f"a batch of {settings.batch_size} cannot be split among {ddp.world_size} processes")
     config = decoder_config(settings.preset, height, settings.config_overrides)

@@ -376,6 +376,16 @@ def test_both_rules_export_and_a_fitted_run_restates_its_statistics_for_the_othe
     assert manifest.decoder.score == "depths_tail_z_max" and manifest.parity["flag_mismatches"] == 0
 
 
+def test_an_unknown_feature_rule_is_refused_before_any_training(tmp_path: Path) -> None:
+    from training.fit import RunError
+
+    encoder = load_encoder("random:cifar_resnet18", width=8)
+    images = np.zeros((16, 3, 32, 32), np.uint8)
+    with pytest.raises(RunError, match="unknown feature rule 'median'"):
+        fit_decoder(encoder, images, tmp_path / "run", FitSettings(preset="conv_tiny", feature_rule="median"))
+    assert not (tmp_path / "run" / "log.csv").exists()
+
+
 def test_embedding_spread_tells_a_collapsed_encoder_from_a_spread_one() -> None:
     from training.fit import embedding_spread
 
