@@ -19,9 +19,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from models.bundle import ONNX_NAME
 from service.batcher import BatcherClosed, InferenceFailed, QueueFull, Reservation, ScoredImage
-from service.decode_step import Abandonment, decode_inline, decode_request, plan_decode, request_deadline
+from service.decode_step import (
+    Abandonment,
+    decode_inline,
+    decode_request,
+    on_its_way,
+    plan_decode,
+    request_deadline,
+)
 from service.decoding import ImageRejected
-from service.errors import ServiceError, unavailable
+from service.errors import ImagesRefused, ServiceError, hold_refusal, unavailable
 from service.explain import explanation
 from service.metrics import ready_workers
 from service.schemas import DetectResponse, ErrorResponse, ModelsResponse
@@ -150,6 +157,14 @@ async def detect(request: Request) -> Response:
     # No FastAPI dependencies on the hot path: solving them costs more than everything else here.
     started = time.perf_counter()
     state = request.app.state.service
+    try:
+        return await _detect(request, state, started)
+    except ImagesRefused:
+        await hold_refusal(state.settings.refusal_delay_s)  # out of the queue and the in-flight count
+        raise
+
+
+async def _detect(request: Request, state: ServiceState, started: float) -> Response:
     await require_api_key(request, state)
     refusal = state.refusal()
     if refusal is not None:
@@ -181,19 +196,20 @@ async def detect(request: Request) -> Response:
         # before any work is spent on it, and an image decoded is an image scored.
         # From the reservation on, the request has a deadline, and is abandoned if its client goes away.
         with Abandonment(request, state, request_deadline(state)) as abandonment:
-            with _reserve(state, len(uploads)) as reservation, batcher.incoming():
+            with _reserve(state, len(uploads)) as reservation:
                 decode_started = time.perf_counter()
                 plan = plan_decode(state, [upload.data for upload in uploads])
-                if plan.inline(state):
-                    decoded = decode_inline(state, plan)  # thumbnails: nothing to wait for or cancel
-                else:
-                    decoded = await abandonment.guard(decode_request(state, plan))
-                decode_s = time.perf_counter() - decode_started
-                state.metrics.decode_time.observe(decode_s)
-                arrays = [item for item in decoded if isinstance(item, np.ndarray)]
-                if not arrays:
-                    raise _all_rejected(state, uploads, decoded)
-                futures = reservation.submit(arrays, explain=explain)
+                with on_its_way(batcher, plan):
+                    if plan.inline(state):
+                        decoded = decode_inline(state, plan)  # thumbnails: nothing to wait for or cancel
+                    else:
+                        decoded = await abandonment.guard(decode_request(state, plan))
+                    decode_s = time.perf_counter() - decode_started
+                    state.metrics.decode_time.observe(decode_s)
+                    arrays = [item for item in decoded if isinstance(item, np.ndarray)]
+                    if not arrays:
+                        raise _all_rejected(state, uploads, decoded)
+                    futures = reservation.submit(arrays, explain=explain)
             outcomes = await abandonment.guard(asyncio.gather(*futures, return_exceptions=True))
         body = _answer(state, uploads, decoded, outcomes, decode_s, started)
         if explain:
@@ -230,13 +246,13 @@ def _rejection_result(index: int, upload: Upload, rejection: ImageRejected) -> d
     }
 
 
-def _all_rejected(state: ServiceState, uploads: list[Upload], decoded: list) -> ServiceError:
+def _all_rejected(state: ServiceState, uploads: list[Upload], decoded: list) -> ImagesRefused:
     """No image decoded: the request fails with the first image's status, listing every image's error."""
     state.metrics.images.labels("error").inc(len(decoded))
     first = decoded[0]
     results = [_rejection_result(i, u, r) for i, (u, r) in enumerate(zip(uploads, decoded, strict=True))]
     message = first.message if len(decoded) == 1 else f"none of the {len(decoded)} images could be decoded"
-    return ServiceError(first.status, first.code, message, images=results)
+    return ImagesRefused(first.status, first.code, message, images=results)
 
 
 def _answer(

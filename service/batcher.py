@@ -7,7 +7,8 @@ Policy (after Triton's dynamic batcher):
     refused before any work is spent on it, and a request that got room is never refused late;
   - a batch is up to `max_batch_size` images; it waits for more at most `max_delay_s` after its
     oldest image arrived, and only while more work is known to be on its way (requests counted by
-    `incoming()` from their body read to submit): a lone request runs at once;
+    `incoming()` from their body read to submit, unless they wait for a decode worker process, which
+    takes longer than any batch should wait): a lone request runs at once;
   - one inference thread owns the model; futures are created and completed on the event loop only;
   - an exception in a batch reaches every request of that batch and the worker goes on;
   - images whose request went away (future cancelled) are dropped before the run;

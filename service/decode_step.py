@@ -18,6 +18,7 @@ queued for the model are dropped by the batcher, their futures cancelled).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import TypeVar
 import numpy as np
 from starlette.requests import Request
 
+from service.batcher import Batcher
 from service.decoding import DecodeLimits, ImageRejected, decode_cost, decode_images
 from service.errors import ServiceError
 from service.state import ServiceState
@@ -94,6 +96,17 @@ def plan_decode(state: ServiceState, images: list[bytes]) -> DecodePlan:
             in_process.append(index)
             in_process_cost += cost
     return DecodePlan(images, results, in_process, in_workers, in_process_cost)
+
+
+def on_its_way(batcher: Batcher, plan: DecodePlan | None) -> contextlib.AbstractContextManager[None]:
+    """`batcher.incoming()` while a request decodes in this process (milliseconds), so that a filling
+    batch waits for its images. Not for a request with an image in the worker processes (a costly
+    decode, hundreds of milliseconds): every batch would wait its full delay for it, in vain (a flood
+    of costly uploads within the limits doubled good requests' median latency this way). `plan`
+    None: the request has no images to decode."""
+    if plan is not None and plan.in_workers:
+        return contextlib.nullcontext()
+    return batcher.incoming()
 
 
 def decode_inline(state: ServiceState, plan: DecodePlan) -> list[np.ndarray | ImageRejected]:

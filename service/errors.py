@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi.responses import JSONResponse
 
 
@@ -21,6 +23,21 @@ class ServiceError(Exception):
     def to_response(self) -> JSONResponse:
         body = {"error": {"code": self.code, "message": self.message, **self.details}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class ImagesRefused(ServiceError):
+    """Every image of a request refused for what its bytes hold (format, structure, decoding budget).
+    Its answer is held back DEDE_REFUSAL_DELAY_S (`hold_refusal`)."""
+
+
+async def hold_refusal(delay_s: float) -> None:
+    """The wait before an `ImagesRefused` answer. Refusing costs the service little per upload, but a
+    client that sends costly-structured uploads back to back on a few connections would otherwise get
+    hundreds of refusals a second, and receiving their bodies takes the cores that good requests need.
+    Held back, each connection gets at most 1/delay refusals a second, and the wait holds a timer only:
+    the request has already left the queue and the in-flight count."""
+    if delay_s > 0:
+        await asyncio.sleep(delay_s)
 
 
 def unavailable(code: str, message: str, retry_after_s: int) -> ServiceError:

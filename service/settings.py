@@ -139,6 +139,14 @@ class Settings(BaseSettings):
         description="most CPU-seconds a worker process may spend on one image (and at most 3x that in wall "
         "time); past it the worker is killed and replaced and the image gets 422 decode_budget_exceeded",
     )
+    refusal_delay_s: float = Field(
+        0.25,
+        ge=0,
+        le=5,
+        description="a request refused for its images' bytes (every image of a /detect, any of a v2 "
+        "request: format, structure, decoding budget) is answered after this wait: a client flooding costly uploads gets at most 1/this refusals "
+        "a second per connection, and the wait holds no core (0: answer at once)",
+    )
     request_timeout_s: float = Field(
         60.0,
         gt=0,

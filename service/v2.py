@@ -40,9 +40,16 @@ from starlette.requests import ClientDisconnect
 from models.bundle import ONNX_INPUT, ONNX_SCORE
 from service.api import _reserve, require_api_key
 from service.batcher import BatcherClosed, InferenceFailed, ScoredImage
-from service.decode_step import Abandonment, decode_inline, decode_request, plan_decode, request_deadline
+from service.decode_step import (
+    Abandonment,
+    decode_inline,
+    decode_request,
+    on_its_way,
+    plan_decode,
+    request_deadline,
+)
 from service.decoding import ImageRejected
-from service.errors import ServiceError
+from service.errors import ImagesRefused, ServiceError, hold_refusal
 from service.state import ServiceState
 
 ENCODED_INPUT = "encoded_images"
@@ -207,6 +214,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             state.in_flight -= 1
             state.metrics.in_flight.dec()
     except ServiceError as exc:
+        if isinstance(exc, ImagesRefused):
+            await hold_refusal(_state(request).settings.refusal_delay_s)  # as /detect: out of every count
         return ProtocolError(exc.status, exc.message, exc.headers).response()
     except ProtocolError as exc:
         return exc.response()
@@ -228,23 +237,28 @@ async def _run_request(request: Request, state: ServiceState, started: float) ->
     _check_count(count, settings.max_images_per_request)
     # As /detect: from the reservation on, a deadline, and abandoned when the client goes away.
     with Abandonment(request, state, request_deadline(state)) as abandonment:
-        with _reserve(state, count) as reservation, state.batcher.incoming():  # type: ignore[union-attr]
-            if input_name == ONNX_INPUT:
-                arrays = list(_uint8_images(data, shape, spec.height, spec.width))
-            else:
-                # The same decode step as /detect: structure checks, then in process or in the workers.
-                plan = plan_decode(state, _bytes_elements(data, count))
-                if plan.inline(state):
-                    decoded = decode_inline(state, plan)
+        with _reserve(state, count) as reservation:
+            # The same decode step as /detect: structure checks, then in process or in the workers.
+            plan = None if input_name == ONNX_INPUT else plan_decode(state, _bytes_elements(data, count))
+            with on_its_way(state.batcher, plan):  # type: ignore[arg-type]
+                if plan is None:
+                    arrays = list(_uint8_images(data, shape, spec.height, spec.width))
                 else:
-                    decoded = await abandonment.guard(decode_request(state, plan))
-                rejected = [(i, item) for i, item in enumerate(decoded) if isinstance(item, ImageRejected)]
-                if rejected:
-                    state.metrics.images.labels("error").inc(count)
-                    index, first = rejected[0]
-                    raise ProtocolError(first.status, f"{ENCODED_INPUT}[{index}]: {first.message}")
-                arrays = decoded
-            futures = reservation.submit(arrays)
+                    if plan.inline(state):
+                        decoded = decode_inline(state, plan)
+                    else:
+                        decoded = await abandonment.guard(decode_request(state, plan))
+                    rejected = [
+                        (i, item) for i, item in enumerate(decoded) if isinstance(item, ImageRejected)
+                    ]
+                    if rejected:
+                        state.metrics.images.labels("error").inc(count)
+                        index, first = rejected[0]
+                        raise ImagesRefused(
+                            first.status, first.code, f"{ENCODED_INPUT}[{index}]: {first.message}"
+                        )
+                    arrays = decoded
+                futures = reservation.submit(arrays)
         outcomes = await abandonment.guard(asyncio.gather(*futures, return_exceptions=True))
     scores = _scores(state, outcomes)
     flagged = scores > state.bundle.threshold

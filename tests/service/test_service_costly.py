@@ -229,6 +229,69 @@ def test_a_decode_over_budget_is_stopped_its_cpu_returned_and_the_batch_scored(
     assert post(budget_server.url, GOOD).status_code == 200
 
 
+def _in_flight(server: ServerProcess) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    line = next(line for line in text.splitlines() if line.startswith("dede_requests_in_flight "))
+    return float(line.split()[1])
+
+
+def test_a_request_refused_for_its_bytes_is_held_back_out_of_every_count(
+    synthetic_bundle: Path, tmp_path: Path
+) -> None:
+    """DEDE_REFUSAL_DELAY_S: a refusal of every image waits, holding neither a queue place nor an
+    in-flight slot (a good request scores meanwhile); a request with a good image is answered at once."""
+    delay_s = 1.5
+    server = start_server(synthetic_bundle, tmp_path / "log", refusal_delay_s=delay_s, max_in_flight=1)
+    try:
+        costly = next(c for c in COSTLY_CLASSES if c.name == "png_many_chunks").make()
+        held: dict[str, object] = {}
+
+        def refused_alone() -> None:
+            started = time.monotonic()
+            held["response"], held["seconds"] = post(server.url, costly), time.monotonic() - started
+
+        sender = threading.Thread(target=refused_alone)
+        sender.start()
+        time.sleep(delay_s / 3)  # the refused request is in its wait now
+        assert _in_flight(server) == 0
+        started = time.monotonic()
+        mixed = post(server.url, costly, GOOD)  # max_in_flight=1: admitted only if the wait holds no slot
+        mixed_s = time.monotonic() - started
+        sender.join(30)
+        response = held["response"]
+        assert isinstance(response, httpx.Response) and response.status_code == 422
+        assert "DEDE_PNG_MAX_CHUNKS" in response.json()["error"]["message"]
+        assert held["seconds"] >= delay_s
+        assert mixed.status_code == 200 and mixed_s < delay_s
+        refused, scored = mixed.json()["images"]
+        assert refused["score"] is None and scored["score"] is not None
+    finally:
+        server.terminate()
+
+
+def test_the_v2_protocol_holds_back_its_refusals_too(synthetic_bundle: Path, tmp_path: Path) -> None:
+    import base64
+
+    delay_s = 1.0
+    server = start_server(synthetic_bundle, tmp_path / "log", refusal_delay_s=delay_s)
+    try:
+        costly = next(c for c in COSTLY_CLASSES if c.name == "jpeg_many_app").make()
+        inputs = [
+            {
+                "name": "encoded_images",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [base64.b64encode(costly).decode()],
+            }
+        ]
+        started = time.monotonic()
+        response = httpx.post(server.url + "/v2/models/synthetic/infer", json={"inputs": inputs}, timeout=30)
+        assert response.status_code == 422 and "DEDE_JPEG_MAX_SEGMENTS" in response.json()["error"]
+        assert time.monotonic() - started >= delay_s
+    finally:
+        server.terminate()
+
+
 @pytest.fixture(scope="module")
 def slow_server(synthetic_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Limits lifted and a long budget: only the request's deadline or its client stop a decode."""
@@ -418,3 +481,26 @@ def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
 
     outcome, counts, _ = _watched(shut_down)
     assert outcome == "cancelled" and counts == {}
+
+
+def test_a_request_waiting_for_a_decode_worker_does_not_hold_batches_back() -> None:
+    """Batches wait for requests on their way (`Batcher.incoming`), but not for one whose images are
+    in the worker processes: that decode takes far longer than a batch's delay."""
+    from service.decode_step import DecodePlan, on_its_way
+
+    class Marks:
+        def __init__(self) -> None:
+            self.count = 0
+
+        @contextlib.contextmanager
+        def incoming(self) -> Iterator[None]:
+            self.count += 1
+            yield
+
+    in_process = DecodePlan([b"a", b"b"], [None, None], [0, 1], [], 2_000)
+    mixed = DecodePlan([b"a", b"b"], [None, None], [0], [1], 1_000)
+    batcher = Marks()
+    for plan in (in_process, None, mixed):
+        with on_its_way(batcher, plan):  # type: ignore[arg-type]
+            pass
+    assert batcher.count == 2
