@@ -441,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
             bundle="synthetic (tests/service/synthetic_bundle.py)" if args.synthetic else str(args.bundle),
             base_ref=args.base_ref,
             note=args.note,
+            refusal_delay_s=Settings.model_fields["refusal_delay_s"].default,  # the servers' default
         )
 
         def start(

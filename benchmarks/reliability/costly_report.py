@@ -43,7 +43,13 @@ def costly_lines(section: dict) -> list[str]:
             f"Each file sent alone {classes['repeats']} times to a server with the default settings. "
             "Server CPU: the service process, its fork server and decode workers (killed workers included). "
             f"After: CPU in the second after the answer, less the idle rate ({classes['idle_cpu_per_s']} s/s). "
-            "Pillow alone: the same file opened and loaded by Pillow with no checks, as b31f78f decoded it.",
+            "Pillow alone: the same file opened and loaded by Pillow with no checks, as b31f78f decoded it."
+            + (
+                f" A refusal is answered after DEDE_REFUSAL_DELAY_S ({section['refusal_delay_s']} s), a wait "
+                "on a timer: its wall time includes the wait, its server CPU does not."
+                if section.get("refusal_delay_s")
+                else ""
+            ),
             "",
             "| file | bytes | answer | wall s (max) | server CPU s (max) | CPU after answer s | Pillow alone |",
             "| --- | ---: | --- | ---: | ---: | ---: | --- |",
@@ -83,7 +89,13 @@ def costly_lines(section: dict) -> list[str]:
             + ": the issue's classes above (refused "
             "by their structure) one a second per client, then back to back (a flood of bodies up to 2.4 MB: "
             "what costs is receiving them), then the two files just inside the limits back to back (each "
-            "keeps a decode worker busy up to its budget). Answers to the costly uploads in brackets.",
+            "keeps a decode worker busy up to its budget). Answers to the costly uploads in brackets"
+            + (
+                f"; each refusal held {section['refusal_delay_s']} s (DEDE_REFUSAL_DELAY_S), which bounds a "
+                "client's refusals a second."
+                if section.get("refusal_delay_s")
+                else "."
+            ),
             "",
             "| good requests | count | p50 ms | p99 ms | p99 / idle | wrong scores |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -103,7 +115,7 @@ def costly_lines(section: dict) -> list[str]:
                     f"{row['latency_ms']['p99']} | {row['p99_ratio']} | {row['wrong_scores']} |"
                 )
         lines.append("")
-        for phase in ("issue_classes_paced", "issue_classes_back_to_back"):
+        for phase in labels:
             if phase in fire:
                 ratio = fire[phase]["p99_ratio"]
                 lines.append(
