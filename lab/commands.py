@@ -25,10 +25,11 @@ __all__ = ["pretrain_simclr", "register"]
 
 
 def _load_nhwc(source: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    from training.data import load_npz, resolve_source
+    from training.data import limited_indices, load_npz, resolve_source
 
     x, y = load_npz(resolve_source(source))
-    return (x, y) if limit is None else (x[:limit], y[:limit])
+    keep = limited_indices(len(x), limit)  # at random: the shared data sets are sorted by class
+    return x[keep], y[keep]
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -251,7 +252,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     pre.add_argument("method", choices=["simclr"])
     pre.add_argument("--data", default="cifar10_train", help="an .npz (or a name in DEDE_DATA_DIR)")
-    pre.add_argument("--limit", type=int, help="use only the first N images")
+    pre.add_argument(
+        "--limit", type=int, help="use N of the images, drawn at random (seed 0), not the first N"
+    )
     pre.add_argument("--out", required=True, help="run directory (resumes when it holds a checkpoint)")
     pre.add_argument("--arch", default="cifar_resnet18")
     pre.add_argument("--width", type=int, default=16)

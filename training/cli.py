@@ -66,7 +66,7 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from models.encoders import load_encoder
-    from training.data import load_images
+    from training.data import limited, load_images
     from training.fit import FitSettings, fit_decoder
 
     encoder = load_encoder(
@@ -87,7 +87,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        data_source=str(args.data),
+        data_source=limited(str(args.data), args.limit),
         poison_rate=getattr(args, "poison_rate", 0.0),
     )
     # A plugin (the lab) may add options that emulate a poisoned auxiliary set; it then sets
@@ -102,16 +102,18 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from training.calibrate import calibrate_run
-    from training.data import load_images
+    from training.data import limited, load_images
     from training.fit import load_run
 
     run = load_run(Path(args.run))
     spec = run.encoder.identity.input_spec()
     images, _ = load_images(args.data, spec, args.limit)
-    if args.data == run.info["fit"].get("data_source") and args.limit is None:
+    fit_source = str(run.info["fit"].get("data_source", "")).split(" (")[0]
+    if str(args.data) == fit_source:  # limited draws of one source share their images (one seed)
         print("warning: calibrating on the fitting data underestimates clean scores; use held-out images")
     kind = "unlabelled_robust" if args.unlabelled else "clean"
-    result = calibrate_run(Path(args.run), images, args.fpr, str(args.data), args.score, args.seed, kind)
+    source = limited(str(args.data), args.limit)
+    result = calibrate_run(Path(args.run), images, args.fpr, source, args.score, args.seed, kind)
     t = result["threshold"]
     low, high = t["realised_fpr_ci95"]
     print(
@@ -191,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="auxiliary images: .npz (x, y), CIFAR-10 batches folder, image folder, or a name in $DEDE_DATA_DIR such as tinyimagenet_val",
     )
-    fit.add_argument("--limit", type=int, help="use only the first N images")
+    fit.add_argument(
+        "--limit", type=int, help="use N of the images, drawn at random (seed 0), not the first N"
+    )
     fit.add_argument(
         "--preset",
         default=DEFAULT_PRESET,
@@ -256,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--data", required=True, help="CLEAN held-out images (or, with --unlabelled, a sample of traffic)"
     )
-    cal.add_argument("--limit", type=int)
+    cal.add_argument(
+        "--limit", type=int, help="use N of the images, drawn at random (seed 0), not the first N"
+    )
     cal.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
     cal.add_argument(
         "--score",

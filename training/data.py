@@ -98,10 +98,16 @@ def _load_folder(folder: Path, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
+# The draw behind `limit`: fixed, so that a limited source is the same images on every call (a fit
+# that resumes, a calibration made again).
+LIMIT_SEED = 0
+
+
 def load_images(
     source: str | Path, spec: InputSpec, limit: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Any supported source -> (uint8 [N, 3, H, W] at the spec's size, labels [N] or -1)."""
+    """Any supported source -> (uint8 [N, 3, H, W] at the spec's size, labels [N] or -1).
+    `limit`: `limited(N)` images of it, drawn at random, not the first N."""
     path = resolve_source(str(source))
     if path.is_dir():
         if any(path.glob("data_batch_*")) or (path / "test_batch").exists():
@@ -116,8 +122,25 @@ def load_images(
     return prepare_array(x, spec), y
 
 
+def limited_indices(count: int, limit: int | None) -> np.ndarray:
+    """Which of `count` images a `limit` keeps: `limit` of them drawn at random (LIMIT_SEED), in
+    their source order. Not the first ones: data sets and image folders are often sorted by class
+    (../shared/data's are), and their first 1,000 images may be one class."""
+    if limit is None or limit >= count:
+        return np.arange(count)
+    if limit < 1:
+        raise DataError(f"a limit of {limit} images leaves none; give a positive --limit")
+    return np.sort(np.random.default_rng(LIMIT_SEED).permutation(count)[:limit])
+
+
+def limited(source: str, limit: int | None) -> str:
+    """How a limited source is named in runs and manifests."""
+    return source if limit is None else f"{source} ({limit} drawn at random, seed {LIMIT_SEED})"
+
+
 def _limit(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    return (x, y) if limit is None else (x[:limit], y[:limit])
+    keep = limited_indices(len(x), limit)
+    return x[keep], y[keep]
 
 
 def split_indices(n: int, fractions: tuple[float, ...], seed: int = 0) -> list[np.ndarray]:

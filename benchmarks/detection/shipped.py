@@ -15,6 +15,7 @@ the same step and time budget):
                unlabelled 1,000 CIFAR-10 train images with 0%, 1% or 5% of them triggered, robust
   export     the bundle (calibrated `id`), whose graph scores everything below;
   test       2,000 clean CIFAR-10 test images (not of the target class) and the same triggered.
+Every CIFAR-10 subset and the crops are drawn at random (`case_data`): the data sets are sorted by class.
 Each case also scores the pixel-space `sse` of the same fit (the method's own score) and the
 baselines: activation norms of the stages the feature score taps, embedding norm, kNN, STRIP.
 
@@ -60,6 +61,9 @@ from training.scoring import score_run
 
 TARGET_CLASS = 0
 N_FIT, N_CAL, N_TEST = 2000, 1000, 2000
+SPLIT_SEED = 0
+# Every case's result records its split; results made before the random split have none.
+SPLIT = "random"
 CONTAMINATIONS = (0.0, 0.01, 0.05)
 FPR = 0.01
 
@@ -155,6 +159,29 @@ def _at(threshold: float, clean: np.ndarray, triggered: np.ndarray) -> dict:
     }
 
 
+def case_data() -> dict[str, np.ndarray]:
+    """The images every case uses, uint8 NHWC. The shared data sets are sorted by class, so every
+    subset is drawn at random (SPLIT_SEED); before the random split the id calibration set was the first 1,000
+    CIFAR-10 train images (all airplanes, the target class) and the test set the first 2,000
+    non-target test images (automobiles and birds)."""
+    tiny, _ = load_npz(data_dir() / "tinyimagenet_val.npz")
+    train, _ = load_npz(data_dir() / "cifar10_train.npz")
+    test_x, test_y = load_npz(data_dir() / "cifar10_test.npz")
+    rng = np.random.default_rng(SPLIT_SEED)
+    train_pick = rng.permutation(len(train))[: 2 * N_CAL]
+    test_pick = np.sort(rng.permutation(np.flatnonzero(test_y != TARGET_CLASS))[:N_TEST])
+    # Native 32 px crops of 1,000 random Tiny-ImageNet images: top-left of 500, bottom-right of 500.
+    crop_pick = rng.permutation(len(tiny))[:1000]
+    crops = np.concatenate([tiny[crop_pick[:500], :32, :32], tiny[crop_pick[500:], 32:, 32:]])
+    return {
+        "tiny": tiny,  # all 2,000 are fitted on, in their order (the fits cached in runs/ stay valid)
+        "tiny_crops": crops,
+        "id_cal": train[train_pick[:N_CAL]],
+        "traffic": train[train_pick[N_CAL:]],
+        "test": test_x[test_pick],
+    }
+
+
 def run_case(
     name: str, encoder_path: str, trigger_spec: str, runs: Path, data: dict, preset: str | None = None
 ) -> dict:
@@ -164,8 +191,8 @@ def run_case(
     trigger = make_trigger(trigger_spec, (spec.height, spec.width))
     fit_images = _nchw(data["tiny"][:N_FIT], spec)
     ood_cal = _nchw(data["tiny_crops"], spec)
-    id_cal = _nchw(data["train"][:N_CAL], spec)
-    traffic = _nchw(data["train"][N_CAL : 2 * N_CAL], spec)
+    id_cal = _nchw(data["id_cal"], spec)
+    traffic = _nchw(data["traffic"], spec)
     clean_test = _nchw(data["test"], spec)
     triggered_test = trigger.apply_uint8_nchw(clean_test)
 
@@ -177,7 +204,7 @@ def run_case(
     fit_decoder(encoder, fit_images, run_dir, settings)
     fit_wall = time.time() - fit_started
     info = json.loads((run_dir / "run.json").read_text())
-    calibrate_run(run_dir, id_cal, FPR, f"cifar10_train[:{N_CAL}]")
+    calibrate_run(run_dir, id_cal, FPR, f"cifar10_train ({N_CAL} drawn at random, seed {SPLIT_SEED})")
     bundle = runs / f"{name}-bundle"
     manifest = export_bundle(load_run(run_dir), bundle, model_name=f"shipped-{name}", overwrite=True)
     run = load_run(run_dir)
@@ -199,7 +226,7 @@ def run_case(
     norms = {k: _activation_norms(run, v) for k, v in sets.items()}
     for method in norms["clean"]:
         methods[method] = {k: norms[k][method] for k in sets}
-    aux = fit_images[:500]
+    aux = fit_images[np.random.default_rng(SPLIT_SEED).permutation(len(fit_images))[:500]]
     base = baseline_scores(encoder, tuple(sets.items()), aux, knn_k=10, strip_blends=8)
     for key, values in base.items():
         method, split = key.split("/")
@@ -246,6 +273,7 @@ def run_case(
             "triggered_test": len(triggered_test),
         },
         "methods": table,
+        "split": SPLIT,
         "wall_seconds": round(time.time() - started, 1),
     }
 
@@ -269,13 +297,7 @@ def main() -> None:
         (out / "REPORT.md").write_text(report(json.loads((out / "results.json").read_text())))
         return
 
-    tiny, _ = load_npz(data_dir() / "tinyimagenet_val.npz")
-    train, _ = load_npz(data_dir() / "cifar10_train.npz")
-    test_x, test_y = load_npz(data_dir() / "cifar10_test.npz")
-    test = test_x[np.flatnonzero(test_y != TARGET_CLASS)[:N_TEST]]
-    # Native 32 px crops (top-left of the first 500 images, bottom-right of the next 500).
-    crops = np.concatenate([tiny[:500, :32, :32], tiny[500:1000, 32:, 32:]])
-    data = {"tiny": tiny, "tiny_crops": crops, "train": train, "test": test}
+    data = case_data()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
