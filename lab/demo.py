@@ -48,6 +48,25 @@ def _cifar10() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return tr.data, np.asarray(tr.targets), te.data, np.asarray(te.targets)
 
 
+SPLIT_SEED = 0
+
+
+def demo_splits(train_count: int, test_count: int) -> dict[str, np.ndarray]:
+    """Indices of the demo's image sets, each drawn at random (SPLIT_SEED): CIFAR-10 as
+    ../shared/data holds it is sorted by class, so its first 5,000 train images are three classes
+    and its first 4,000 test images four. The shadow set (the attacker's) and the fit's auxiliary set
+    are disjoint train images; the calibration images and the rest of the test set (where the demo's
+    rate is measured, benchmarks/demo) are disjoint test images, each in source order."""
+    train = np.random.default_rng(SPLIT_SEED).permutation(train_count)
+    test = np.random.default_rng(SPLIT_SEED + 1).permutation(test_count)
+    return {
+        "shadow": np.sort(train[:SHADOW_IMAGES]),
+        "fit": np.sort(train[SHADOW_IMAGES : SHADOW_IMAGES + FIT_IMAGES]),
+        "calibration": np.sort(test[:CALIBRATION_IMAGES]),
+        "evaluation": np.sort(test[CALIBRATION_IMAGES:]),
+    }
+
+
 def build_demo_bundle(out_dir: Path = DEFAULT_DEMO_DIR, rebuild: bool = False) -> Path:
     """Build (or reuse) the demo bundle at `out_dir`; returns its path."""
     from lab.attacks.badencoder import BackdoorSettings, backdoor_encoder
@@ -72,7 +91,8 @@ def build_demo_bundle(out_dir: Path = DEFAULT_DEMO_DIR, rebuild: bool = False) -
 
     print("[2/5] planting a BadEncoder backdoor (white 10x10 patch)")
     trigger = white_square((32, 32))
-    shadow = train_x[:SHADOW_IMAGES]
+    splits = demo_splits(len(train_x), len(test_x))
+    shadow = train_x[splits["shadow"]]
     reference = train_x[train_y == TARGET_CLASS][:REFERENCE_IMAGES]
     backdoored = backdoor_encoder(
         clean, shadow, reference, trigger, work / "badencoder", BackdoorSettings(epochs=BACKDOOR_EPOCHS)
@@ -81,13 +101,14 @@ def build_demo_bundle(out_dir: Path = DEFAULT_DEMO_DIR, rebuild: bool = False) -
 
     print("[3/5] fitting the DeDe decoder (the shipped default) on clean CIFAR-10 train images")
     encoder = load_encoder(str(backdoored))
-    aux = np.ascontiguousarray(train_x[-FIT_IMAGES:].transpose(0, 3, 1, 2))
+    aux = np.ascontiguousarray(train_x[splits["fit"]].transpose(0, 3, 1, 2))
     fit_decoder(encoder, aux, work / "run", FitSettings(data_source="cifar10_train"))
     timings["fit"] = time.time() - started - sum(timings.values())
 
     print("[4/5] calibrating the threshold on clean CIFAR-10 test images (1% FPR)")
-    clean_test = np.ascontiguousarray(test_x[:CALIBRATION_IMAGES].transpose(0, 3, 1, 2))
-    calibrate_run(work / "run", clean_test, 0.01, "cifar10_test[:4000]")
+    clean_test = np.ascontiguousarray(test_x[splits["calibration"]].transpose(0, 3, 1, 2))
+    source = f"cifar10_test ({CALIBRATION_IMAGES} drawn at random, lab.demo.demo_splits)"
+    calibrate_run(work / "run", clean_test, 0.01, source)
     timings["calibrate"] = time.time() - started - sum(timings.values())
 
     print("[5/5] exporting and verifying the ONNX bundle")
@@ -96,7 +117,7 @@ def build_demo_bundle(out_dir: Path = DEFAULT_DEMO_DIR, rebuild: bool = False) -
 
     samples = out_dir.parent / f"{out_dir.name}-samples"
     samples.mkdir(exist_ok=True)
-    image = test_x[_sample_index(out_dir, test_x, test_y, trigger)]
+    image = test_x[_sample_index(out_dir, test_x, train_y, test_y, trigger)]
     Image.fromarray(image).save(samples / "clean.png")
     triggered = trigger.apply_uint8_nchw(image.transpose(2, 0, 1)[None])[0].transpose(1, 2, 0)
     Image.fromarray(triggered).save(samples / "triggered.png")
@@ -105,15 +126,18 @@ def build_demo_bundle(out_dir: Path = DEFAULT_DEMO_DIR, rebuild: bool = False) -
     return out_dir
 
 
-def _sample_index(bundle: Path, test_x: np.ndarray, test_y: np.ndarray, trigger) -> int:  # noqa: ANN001
-    """The sample pair for a first request: the first test image after the calibration slice, not of
+def _sample_index(  # noqa: ANN001
+    bundle: Path, test_x: np.ndarray, train_y: np.ndarray, test_y: np.ndarray, trigger
+) -> int:
+    """The sample pair for a first request: the first test image outside the calibration set, not of
     the target class, that the bundle passes clean and flags triggered (the demo shows what a flag
     looks like; how often it flags is benchmarks/demo/results.json). The first candidate if none."""
     import onnxruntime as ort
 
     from models.bundle import ONNX_INPUT, ONNX_SCORE, load_bundle
 
-    candidates = CALIBRATION_IMAGES + np.flatnonzero(test_y[CALIBRATION_IMAGES:] != TARGET_CLASS)[:256]
+    held_out = demo_splits(len(train_y), len(test_y))["evaluation"]
+    candidates = held_out[test_y[held_out] != TARGET_CLASS][:256]
     clean = np.ascontiguousarray(test_x[candidates].transpose(0, 3, 1, 2))
     loaded = load_bundle(bundle)
     session = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])

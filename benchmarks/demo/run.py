@@ -1,5 +1,5 @@
 """Does the demo bundle catch its own backdoor? Clean vs triggered CIFAR-10 test images through the
-bundle's ONNX graph (the images after the calibration slice, target class excluded).
+bundle's ONNX graph (test images outside the demo's calibration set, target class excluded).
 
     python -m benchmarks.demo.run --bundle bundles/demo
 
@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from benchmarks.provenance import REPO_ROOT, run_record
 from lab.attacks.triggers import white_square
-from lab.demo import CALIBRATION_IMAGES, TARGET_CLASS
+from lab.demo import TARGET_CLASS, demo_splits
 from lab.evaluate import auprc, auroc, tpr_at_fpr
 from models.bundle import ONNX_INPUT, ONNX_SCORE, load_bundle
 from training.data import data_dir, load_npz
@@ -32,7 +32,8 @@ def main() -> None:
 
     bundle = load_bundle(args.bundle)
     x, y = load_npz(data_dir() / "cifar10_test.npz")
-    keep = np.flatnonzero(y[CALIBRATION_IMAGES:] != TARGET_CLASS)[: args.n] + CALIBRATION_IMAGES
+    held_out = demo_splits(len(load_npz(data_dir() / "cifar10_train.npz")[1]), len(y))["evaluation"]
+    keep = held_out[y[held_out] != TARGET_CLASS][: args.n]
     clean = np.ascontiguousarray(x[keep].transpose(0, 3, 1, 2))
     triggered = white_square((32, 32)).apply_uint8_nchw(clean)
     session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])

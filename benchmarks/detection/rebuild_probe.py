@@ -22,7 +22,7 @@ from benchmarks.provenance import REPO_ROOT, run_record
 from lab.attacks.triggers import make_trigger
 from models.bundle import prepare_array
 from models.feature_taps import TappedEncoder
-from training.data import data_dir, load_npz
+from training.data import data_dir, limited_indices, load_npz
 from training.fit import load_run, stage_discrepancy
 
 N = 500
@@ -54,11 +54,14 @@ def main() -> None:
         )
     spec = run.encoder.identity.input_spec()
     x, y = load_npz(data_dir() / "cifar10_test.npz")
-    clean = prepare_array(x[np.flatnonzero(y != 0)[:N]], spec)
+    not_target = np.flatnonzero(y != 0)  # drawn at random: the data set is sorted by class
+    clean = prepare_array(x[not_target[limited_indices(len(not_target), N)]], spec)
     sets = {
         "clean": clean,
         "triggered": make_trigger(args.trigger, (spec.height, spec.width)).apply_uint8_nchw(clean),
-        "aux": prepare_array(load_npz(data_dir() / "tinyimagenet_val.npz")[0][:N], spec),
+        "aux": prepare_array(
+            load_npz(data_dir() / "tinyimagenet_val.npz")[0][limited_indices(2000, N)], spec
+        ),
     }
     stages = run.feature_stats["stages"]
     head = run.head("sse")

@@ -31,22 +31,27 @@ SAMPLES = 3  # clean images, each also with the trigger
 def quick_bundle(work: Path, epochs: int) -> Path:
     from models.encoders import load_encoder
     from training.calibrate import calibrate_run
-    from training.data import data_dir, load_npz
+    from training.data import data_dir, limited, limited_indices, load_npz
     from training.export import export_bundle
     from training.fit import FitSettings, fit_decoder, load_run
 
     train_x, _ = load_npz(data_dir() / "cifar10_train.npz")
     test_x, _ = load_npz(data_dir() / "cifar10_test.npz")
     encoder = load_encoder("random:cifar_resnet18", width=16)
-    aux = np.ascontiguousarray(train_x[-4000:].transpose(0, 3, 1, 2))
+    # Drawn at random (training.data.limited_indices): the data sets are sorted by class.
+    aux = np.ascontiguousarray(train_x[limited_indices(len(train_x), 4000)].transpose(0, 3, 1, 2))
     fit_decoder(
         encoder,
         aux,
         work / "run",
-        FitSettings(epochs=epochs, max_minutes=10.0, data_source="cifar10_train[-4000:]"),
+        FitSettings(epochs=epochs, max_minutes=10.0, data_source=limited("cifar10_train", 4000)),
     )
+    calibration = test_x[limited_indices(len(test_x), 1000)]
     calibrate_run(
-        work / "run", np.ascontiguousarray(test_x[:1000].transpose(0, 3, 1, 2)), 0.01, "cifar10_test[:1000]"
+        work / "run",
+        np.ascontiguousarray(calibration.transpose(0, 3, 1, 2)),
+        0.01,
+        limited("cifar10_test", 1000),
     )
     export_bundle(load_run(work / "run"), work / "bundle", model_name="explain-grid-quick")
     return work / "bundle"

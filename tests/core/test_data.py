@@ -45,3 +45,18 @@ def test_the_draw_is_fixed_and_a_larger_limit_keeps_everything() -> None:
 def test_a_limited_source_is_named_as_drawn() -> None:
     assert limited("cifar10_test", None) == "cifar10_test"
     assert limited("cifar10_test", 1000) == "cifar10_test (1000 drawn at random, seed 0)"
+
+
+def test_the_demo_sets_are_disjoint_random_draws_over_every_class() -> None:
+    from lab.demo import CALIBRATION_IMAGES, FIT_IMAGES, SHADOW_IMAGES, demo_splits
+
+    train_y, test_y = np.repeat(np.arange(10), 1700), np.repeat(np.arange(10), 1000)  # sorted by class
+    splits = demo_splits(len(train_y), len(test_y))
+    assert (len(splits["shadow"]), len(splits["fit"])) == (SHADOW_IMAGES, FIT_IMAGES)
+    assert len(splits["calibration"]) == CALIBRATION_IMAGES
+    assert not set(splits["shadow"].tolist()) & set(splits["fit"].tolist())
+    assert not set(splits["calibration"].tolist()) & set(splits["evaluation"].tolist())
+    assert len(splits["calibration"]) + len(splits["evaluation"]) == len(test_y)
+    for name, labels in (("shadow", train_y), ("fit", train_y), ("calibration", test_y)):
+        counts = np.bincount(labels[splits[name]], minlength=10)
+        assert counts.min() > 0.7 * counts.mean(), (name, counts)  # no class left out or dominant
