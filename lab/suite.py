@@ -196,6 +196,9 @@ _HARD_ATTACKS = (  # in the order they run: the most informative first
     # added 2026-12-06 as held-out attacks of the third feature-rule test (benchmarks/detection/README.md)
     ("adaptive", "noise@random"),
     ("adaptive", "invisible"),
+    # added 2026-12-06 as held-out attacks of the fourth feature-rule test (benchmarks/detection/README.md)
+    ("adaptive", "noise"),
+    ("adaptive", "checker@random"),
 )
 SUITES["lab-hard"] = SuiteConfig(
     name="lab-hard",

@@ -41,7 +41,7 @@ import torch
 from benchmarks.provenance import REPO_ROOT, run_record
 from lab.attacks.triggers import make_trigger
 from lab.baselines import baseline_scores
-from lab.evaluate import auprc, auroc
+from lab.evaluate import auprc, auroc, tpr_at_fpr
 from models.bundle import ONNX_INPUT, ONNX_SCORE, InputSpec, prepare_array
 from models.detector import PIXEL_SCALE_FACTORS
 from models.encoders import load_encoder
@@ -238,6 +238,8 @@ def run_case(
         entry = {
             "auroc": auroc(s["clean"], s["triggered"]),
             "auprc": auprc(s["clean"], s["triggered"]),
+            # TPR where the clean test images themselves give 1% FPR: the scores compared at one FPR.
+            "tpr_at_1pct_fpr": tpr_at_fpr(s["clean"], s["triggered"], FPR),
             "ood": _at(
                 calibrate(s["ood_cal"][:500], s["ood_cal"][500:], FPR)["value"], s["clean"], s["triggered"]
             ),
@@ -343,14 +345,23 @@ def _probe_asr(encoder_path: str) -> tuple[float | None, str]:
 # The second test's cases: the lab-hard attacks never run before it was fixed (README).
 HELD_OUT = ("lab_adaptive_checker", "lab_adaptive_blend", "lab_badencoder_noise_random")
 # The third test's (README): max_all_tail against max_all, on attacks never run before it was fixed.
-THIRD_TEST = (
-    "lab_adaptive_noise_random",
-    "lab_adaptive_invisible",
+# Counted: those trained by its deadline (07:35 UTC); the other two were trained for the fourth test.
+THIRD_TEST = ("lab_adaptive_noise_random", "lab_adaptive_invisible")
+THIRD_TEST_LATE = ("lab_badencoder_noise", "lab_badencoder_checker_random")
+# The fourth test's (README): the same two rules at one FPR, on attacks never run before it was fixed.
+FOURTH_TEST = (
     "lab_badencoder_noise",
     "lab_badencoder_checker_random",
+    "lab_adaptive_noise",
+    "lab_adaptive_checker_random",
 )
 MAX_ALL_TAIL = "dede_depths_tail_z_max"
 THIRD_AUROC_TOLERANCE = 0.005
+
+
+def third_verdict(results: dict) -> str:
+    """The rule the third test gives on the cases it counts."""
+    return "max_all_tail" if "**Verdict: max_all_tail.**" in "\n".join(third_decision(results)) else "max_all"
 
 
 def third_decision(results: dict) -> list[str]:
@@ -375,6 +386,10 @@ def third_decision(results: dict) -> list[str]:
             if asr is not None
             else f"| {name} | {source} | no | {tail['auroc']:.3f} | {plain['auroc']:.3f} | | |"
         )
+    rows += [
+        f"| {name} | trained after the test's deadline: counted in the fourth test | | | | | |"
+        for name in THIRD_TEST_LATE
+    ]
     lines = [
         "## The third test, applied",
         "",
@@ -396,6 +411,64 @@ def third_decision(results: dict) -> list[str]:
         *lines,
         f"Over {len(counted)} counted: mean TPR id {100 * t_tail:.1f}% against {100 * t_plain:.1f}%, mean AUROC "
         f"{a_tail:.3f} against {a_plain:.3f}. **Verdict: {'max_all_tail' if ships else 'max_all'}.**",
+        "",
+    ]
+
+
+def fourth_decision(results: dict) -> list[str]:
+    """max_all_tail replaces max_all iff, over the fourth test's cases whose attack took, its mean TPR at
+    1% FPR (the threshold set on the clean test scores: both rules read at one FPR) is higher and its
+    mean AUROC is at most 0.005 lower."""
+    rows, counted = [], []
+    for name in FOURTH_TEST:
+        case = results["cases"].get(name)
+        if case is None:
+            rows.append(f"| {name} | not run | | | | | |")
+            continue
+        methods = case["methods"]
+        tail = methods[next(m for m in methods if m.startswith(MAX_ALL_TAIL))]
+        plain = methods[next(m for m in methods if m.startswith(MAX_ALL))]
+        asr, source = _probe_asr(case["encoder"])
+        takes = asr is not None and asr >= TOOK
+        if takes:
+            counted.append((tail["auroc"], plain["auroc"], tail["tpr_at_1pct_fpr"], plain["tpr_at_1pct_fpr"]))
+        shown = f"{100 * asr:.1f}% ({source})" if asr is not None else source
+        rows.append(
+            f"| {name} | {shown} | {'yes' if takes else 'no'} | {tail['auroc']:.3f} | {plain['auroc']:.3f} | "
+            f"{100 * tail['tpr_at_1pct_fpr']:.1f}% | {100 * plain['tpr_at_1pct_fpr']:.1f}% |"
+        )
+    lines = [
+        "## The fourth test, applied",
+        "",
+        "`max_all_tail` against `max_all` again, read at one FPR, on lab-hard attacks never run before the "
+        "test was fixed (benchmarks/detection/README.md): over the cases whose attack took, the rule with the "
+        "higher mean TPR at 1% FPR (threshold set on the clean test scores) ships if its mean AUROC is at most "
+        "0.005 below the other's.",
+        "",
+        "| case | probe ASR | counted | AUROC max_all_tail | AUROC max_all | TPR@1%FPR max_all_tail | TPR@1%FPR max_all |",
+        "| --- | ---: | :---: | ---: | ---: | ---: | ---: |",
+        *rows,
+        "",
+    ]
+    standing = third_verdict(results)
+    if not counted:
+        return [
+            *lines,
+            f"No counted case yet: the default stands (`{standing}`, the third test re-applied).",
+            "",
+        ]
+    a_tail, a_plain, t_tail, t_plain = (float(np.mean(c)) for c in zip(*counted, strict=True))
+    verdict = standing
+    if t_tail > t_plain and a_tail >= a_plain - THIRD_AUROC_TOLERANCE:
+        verdict = "max_all_tail"
+    elif t_plain > t_tail and a_plain >= a_tail - THIRD_AUROC_TOLERANCE:
+        verdict = "max_all"
+    return [
+        *lines,
+        f"Over {len(counted)} counted: mean TPR at 1% FPR {100 * t_tail:.1f}% (max_all_tail) against "
+        f"{100 * t_plain:.1f}% (max_all), mean AUROC {a_tail:.3f} against {a_plain:.3f}. The rule with the "
+        "higher TPR ships if its AUROC is at most 0.005 below the other's; otherwise the default stands "
+        f"(`{standing}`). **Verdict: {verdict}.**",
         "",
     ]
 
@@ -482,6 +555,7 @@ def report(results: dict) -> str:
     ]
     lines += decision(results)
     lines += third_decision(results)
+    lines += fourth_decision(results)
     for name, case in results["cases"].items():
         fit = case.get("fit") or {}
         run = case.get("run")
