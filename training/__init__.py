@@ -7,6 +7,6 @@ command line (`cli`). Imports `models` and the service's torch-free parts; never
 # in training/fit.py, so that the command line can name it without importing torch.
 DEFAULT_PRESET = "conv"
 # The feature score's rules (training/fit.py FEATURE_RULES says what each reads and combines). The
-# default is the one the rule fixed before the lab's runs chose (benchmarks/detection/README.md).
+# default is the one the tests fixed before their runs chose (benchmarks/detection/README.md).
 FEATURE_RULE_NAMES = ("max_all", "mean_stages", "max_all_tail")
-DEFAULT_FEATURE_RULE = "max_all"
+DEFAULT_FEATURE_RULE = "max_all_tail"

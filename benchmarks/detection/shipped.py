@@ -382,7 +382,7 @@ def third_decision(results: dict) -> list[str]:
             counted.append((tail["auroc"], plain["auroc"], tail["id"]["tpr"], plain["id"]["tpr"]))
         rows.append(
             f"| {name} | {100 * asr:.1f}% ({source}) | {'yes' if takes else 'no'} | {tail['auroc']:.3f} | "
-            f"{plain['auroc']:.3f} | {100 * tail['id']['tpr']:.1f}% | {100 * plain['id']['tpr']:.1f}% |"
+            f"{plain['auroc']:.3f} | {100 * tail['id']['tpr']:.2f}% | {100 * plain['id']['tpr']:.2f}% |"
             if asr is not None
             else f"| {name} | {source} | no | {tail['auroc']:.3f} | {plain['auroc']:.3f} | | |"
         )
@@ -409,7 +409,7 @@ def third_decision(results: dict) -> list[str]:
     ships = t_tail > t_plain and a_tail >= a_plain - THIRD_AUROC_TOLERANCE
     return [
         *lines,
-        f"Over {len(counted)} counted: mean TPR id {100 * t_tail:.1f}% against {100 * t_plain:.1f}%, mean AUROC "
+        f"Over {len(counted)} counted: mean TPR id {100 * t_tail:.2f}% against {100 * t_plain:.2f}%, mean AUROC "
         f"{a_tail:.3f} against {a_plain:.3f}. **Verdict: {'max_all_tail' if ships else 'max_all'}.**",
         "",
     ]

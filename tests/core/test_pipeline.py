@@ -15,8 +15,9 @@ from PIL import Image
 import training.fit as fit_module
 from models.bundle import InputSpec, load_bundle, load_image_file
 from models.encoders import load_encoder
+from training import DEFAULT_FEATURE_RULE
 from training.cli import main
-from training.export import ExportError, export_bundle
+from training.export import DEPTHS_SCORE_NAMES, ExportError, export_bundle
 from training.fit import FitSettings, fit_decoder, load_run
 
 
@@ -143,7 +144,10 @@ def test_cli_workflow_and_pytorch_equals_dede_score(
     manifest = load_bundle(bundle).manifest
     spec = InputSpec.model_validate(manifest.input.model_dump())
     fitted = load_run(run)
-    assert fitted.default_score == "feature" and manifest.decoder.score == "depths_robust_z_max"
+    assert (
+        fitted.default_score == "feature"
+        and manifest.decoder.score == DEPTHS_SCORE_NAMES[DEFAULT_FEATURE_RULE]
+    )
     detector = fitted.detector(fitted.default_score)
     for name in ("a.png", "b.jpg", "c.bmp"):
         pixels = torch.from_numpy(load_image_file(files / name, spec)).unsqueeze(0)

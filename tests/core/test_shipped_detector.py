@@ -23,7 +23,7 @@ from models.feature_taps import TappedEncoder, default_stages
 from training import DEFAULT_FEATURE_RULE
 from training.calibrate import calibrate, calibrate_run, robust_inliers
 from training.data import load_images
-from training.export import export_bundle
+from training.export import DEPTHS_SCORE_NAMES, export_bundle
 from training.fit import FEATURE_RULES, FitSettings, _training_visible, fit_decoder, load_run
 from training.scoring import score_run
 
@@ -188,7 +188,9 @@ def test_feature_score_exports_with_parity_and_the_same_score_at_any_batch(
     stages = feature["stages"]
     assert len(stages) == len(set(stages)) >= 2  # the test CLIP tower has 2 blocks: its 1st and 2nd
     pixels, combine, _ = FEATURE_RULES[DEFAULT_FEATURE_RULE]
-    assert manifest.decoder.score == ("depths_robust_z_max" if pixels else "feature_robust_z_mean")
+    assert manifest.decoder.score == (
+        DEPTHS_SCORE_NAMES[DEFAULT_FEATURE_RULE] if pixels else "feature_robust_z_mean"
+    )
     assert feature["combine"] == combine and feature["pixel_factors"] == list(pixels)
     assert feature["depths"] == [f"pixels/{k}" for k in feature["pixel_factors"]] + stages
     assert len(feature["centre"]) == len(feature["depths"])
