@@ -359,9 +359,46 @@ MAX_ALL_TAIL = "dede_depths_tail_z_max"
 THIRD_AUROC_TOLERANCE = 0.005
 
 
+# The guard the first two rules had and the third lacked (README, added 08:55 UTC before any case of
+# the fourth test was scored): a rule replaces the other only if it is on no counted case (probe ASR
+# >= 40%, random split) more than this much AUROC below it.
+GUARD_AUROC = 0.01
+RULE_METHODS = {"max_all": MAX_ALL, "max_all_tail": MAX_ALL_TAIL}
+
+
+def regressions(results: dict, rule: str, other: str) -> list[tuple[str, float]]:
+    """The counted cases where `rule`'s AUROC is more than GUARD_AUROC below `other`'s: (case, gap)."""
+    found = []
+    for name, case in results["cases"].items():
+        asr, _ = _probe_asr(case["encoder"])
+        if case.get("split") != SPLIT or asr is None or asr < TOOK:
+            continue
+        methods = case["methods"]
+        a, b = (
+            methods[next(m for m in methods if m.startswith(RULE_METHODS[r]))]["auroc"] for r in (rule, other)
+        )
+        if a < b - GUARD_AUROC:
+            found.append((name, round(b - a, 3)))
+    return found
+
+
+def _guarded(results: dict, verdict: str, standing: str) -> tuple[str, str]:
+    """`verdict` if it passes the guard against `standing`; else `standing`, and why."""
+    if verdict == standing:
+        return verdict, ""
+    below = regressions(results, verdict, standing)
+    if not below:
+        return verdict, ""
+    shown = ", ".join(f"{name} {gap:.3f}" for name, gap in below)
+    return standing, f" Guard: `{verdict}` is more than {GUARD_AUROC} AUROC below `{standing}` on {shown}."
+
+
 def third_verdict(results: dict) -> str:
-    """The rule the third test gives on the cases it counts."""
-    return "max_all_tail" if "**Verdict: max_all_tail.**" in "\n".join(third_decision(results)) else "max_all"
+    """The rule the third test gives on the cases it counts, once through the guard."""
+    letter = (
+        "max_all_tail" if "**Verdict: max_all_tail.**" in "\n".join(third_decision(results)) else "max_all"
+    )
+    return _guarded(results, letter, "max_all")[0]
 
 
 def third_decision(results: dict) -> list[str]:
@@ -412,6 +449,17 @@ def third_decision(results: dict) -> list[str]:
         f"Over {len(counted)} counted: mean TPR id {100 * t_tail:.2f}% against {100 * t_plain:.2f}%, mean AUROC "
         f"{a_tail:.3f} against {a_plain:.3f}. **Verdict: {'max_all_tail' if ships else 'max_all'}.**",
         "",
+        *(
+            [
+                "As written, the rule has no guard against a loss on the cases measured before it; the first "
+                "two rules had one. With it (README, added before any case of the fourth test was scored):"
+                + _guarded(results, "max_all_tail", "max_all")[1]
+                + f" The default stays `{_guarded(results, 'max_all_tail', 'max_all')[0]}`.",
+                "",
+            ]
+            if ships
+            else []
+        ),
     ]
 
 
@@ -443,7 +491,7 @@ def fourth_decision(results: dict) -> list[str]:
         "`max_all_tail` against `max_all` again, read at one FPR, on lab-hard attacks never run before the "
         "test was fixed (benchmarks/detection/README.md): over the cases whose attack took, the rule with the "
         "higher mean TPR at 1% FPR (threshold set on the clean test scores) ships if its mean AUROC is at most "
-        "0.005 below the other's.",
+        "0.005 below the other's and it is on no counted case of the report more than 0.01 AUROC below it.",
         "",
         "| case | probe ASR | counted | AUROC max_all_tail | AUROC max_all | TPR@1%FPR max_all_tail | TPR@1%FPR max_all |",
         "| --- | ---: | :---: | ---: | ---: | ---: | ---: |",
@@ -454,7 +502,7 @@ def fourth_decision(results: dict) -> list[str]:
     if not counted:
         return [
             *lines,
-            f"No counted case yet: the default stands (`{standing}`, the third test re-applied).",
+            f"No counted case yet: the default stands (`{standing}`: the third test re-applied, through the guard).",
             "",
         ]
     a_tail, a_plain, t_tail, t_plain = (float(np.mean(c)) for c in zip(*counted, strict=True))
@@ -463,12 +511,13 @@ def fourth_decision(results: dict) -> list[str]:
         verdict = "max_all_tail"
     elif t_plain > t_tail and a_plain >= a_tail - THIRD_AUROC_TOLERANCE:
         verdict = "max_all"
+    verdict, why = _guarded(results, verdict, standing)
     return [
         *lines,
         f"Over {len(counted)} counted: mean TPR at 1% FPR {100 * t_tail:.1f}% (max_all_tail) against "
         f"{100 * t_plain:.1f}% (max_all), mean AUROC {a_tail:.3f} against {a_plain:.3f}. The rule with the "
-        "higher TPR ships if its AUROC is at most 0.005 below the other's; otherwise the default stands "
-        f"(`{standing}`). **Verdict: {verdict}.**",
+        "higher TPR ships if its AUROC is at most 0.005 below the other's and it passes the guard; otherwise "
+        f"the default stands (`{standing}`).{why} **Verdict: {verdict}.**",
         "",
     ]
 
