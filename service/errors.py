@@ -26,8 +26,9 @@ class ServiceError(Exception):
 
 
 class ImagesRefused(ServiceError):
-    """Every image of a request refused for what its bytes hold (format, structure, decoding budget).
-    Its answer is held back DEDE_REFUSAL_DELAY_S (`hold_refusal`)."""
+    """A request refused for what its images' bytes hold (format, structure, decoding budget): every
+    image of a /detect request, or any one of a v2 request (all or nothing there). Its answer is held
+    back DEDE_REFUSAL_DELAY_S (`hold_refusal`)."""
 
 
 async def hold_refusal(delay_s: float) -> None:
