@@ -401,20 +401,32 @@ def third_verdict(results: dict) -> str:
     return _guarded(results, letter, "max_all")[0]
 
 
-def third_decision(results: dict) -> list[str]:
-    """max_all_tail replaces max_all iff, over the third test's cases whose attack took, its mean TPR
-    at the in-distribution threshold is higher and its mean AUROC is at most 0.005 lower."""
-    rows, counted = [], []
-    for name in THIRD_TEST:
+def _tail_and_plain(results: dict, names: tuple[str, ...]) -> list[tuple[str, tuple | None]]:
+    """Per case of a test: (max_all_tail's entry, max_all's, probe ASR, its source, whether the attack
+    took), or None where the case was not run."""
+    out: list[tuple[str, tuple | None]] = []
+    for name in names:
         case = results["cases"].get(name)
         if case is None:
-            rows.append(f"| {name} | not run | | | | | |")
+            out.append((name, None))
             continue
         methods = case["methods"]
         tail = methods[next(m for m in methods if m.startswith(MAX_ALL_TAIL))]
         plain = methods[next(m for m in methods if m.startswith(MAX_ALL))]
         asr, source = _probe_asr(case["encoder"])
-        takes = asr is not None and asr >= TOOK
+        out.append((name, (tail, plain, asr, source, asr is not None and asr >= TOOK)))
+    return out
+
+
+def third_decision(results: dict) -> list[str]:
+    """max_all_tail replaces max_all iff, over the third test's cases whose attack took, its mean TPR
+    at the in-distribution threshold is higher and its mean AUROC is at most 0.005 lower."""
+    rows, counted = [], []
+    for name, pair in _tail_and_plain(results, THIRD_TEST):
+        if pair is None:
+            rows.append(f"| {name} | not run | | | | | |")
+            continue
+        tail, plain, asr, source, takes = pair
         if takes:
             counted.append((tail["auroc"], plain["auroc"], tail["id"]["tpr"], plain["id"]["tpr"]))
         rows.append(
@@ -464,20 +476,15 @@ def third_decision(results: dict) -> list[str]:
 
 
 def fourth_decision(results: dict) -> list[str]:
-    """max_all_tail replaces max_all iff, over the fourth test's cases whose attack took, its mean TPR at
-    1% FPR (the threshold set on the clean test scores: both rules read at one FPR) is higher and its
-    mean AUROC is at most 0.005 lower."""
+    """Over the fourth test's cases whose attack took, the rule with the higher mean TPR at 1% FPR (the
+    threshold set on the clean test scores: both rules read at one FPR) ships if its mean AUROC is at
+    most 0.005 below the other's and it passes the guard; otherwise the default stands."""
     rows, counted = [], []
-    for name in FOURTH_TEST:
-        case = results["cases"].get(name)
-        if case is None:
+    for name, pair in _tail_and_plain(results, FOURTH_TEST):
+        if pair is None:
             rows.append(f"| {name} | not run | | | | | |")
             continue
-        methods = case["methods"]
-        tail = methods[next(m for m in methods if m.startswith(MAX_ALL_TAIL))]
-        plain = methods[next(m for m in methods if m.startswith(MAX_ALL))]
-        asr, source = _probe_asr(case["encoder"])
-        takes = asr is not None and asr >= TOOK
+        tail, plain, asr, source, takes = pair
         if takes:
             counted.append((tail["auroc"], plain["auroc"], tail["tpr_at_1pct_fpr"], plain["tpr_at_1pct_fpr"]))
         shown = f"{100 * asr:.1f}% ({source})" if asr is not None else source
