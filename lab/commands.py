@@ -7,7 +7,7 @@ dede attack badencoder --encoder runs/simclr/encoder.safetensors --out runs/bade
 dede attack ctrl --data cifar10_train --out runs/ctrl
 dede eval --run runs/fit_dir --trigger patch --calibration tinyimagenet_val --out eval.json
 dede attack adaptive --encoder ... --trigger checker@random --out runs/adaptive
-dede lab run --suite smoke|lab|lab-hard        dede lab report --suite lab
+dede lab run --suite smoke|lab|lab-hard|lab-heldout       dede lab report --suite lab
 dede demo                              dede fit ... --poison-rate 0.01 --trigger patch
 """
 
@@ -162,7 +162,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # The suites (lab/suite.py, lab/clip_suite.py); named here so that `--help` needs no torch import.
-LAB_SUITE_NAMES = ("lab", "smoke", "lab-hard", "lab-hard-smoke")
+LAB_SUITE_NAMES = ("lab", "smoke", "lab-hard", "lab-hard-smoke", "lab-heldout")
 CLIP_SUITE_NAMES = ("clip", "clip-colours", "clip-smoke")
 ATTACK_NAMES = ("badencoder", "norm_preserving", "drupe", "adaptive", "dede_aware", "ctrl")
 TRIGGER_HELP = (

@@ -99,6 +99,7 @@ def _write(lab: Lab, results: dict, out_dir: Path) -> None:
 COMMITTED_LAB_REPORTS = {
     "lab": Path("benchmarks/detection"),
     "lab-hard": Path("benchmarks/detection/attacks"),
+    "lab-heldout": Path("benchmarks/detection/heldout"),
 }
 
 
