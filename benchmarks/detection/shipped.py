@@ -321,22 +321,38 @@ def main() -> None:
 
 
 ATTACK_RESULTS = REPO_ROOT / "benchmarks" / "detection" / "attacks" / "results.json"
+# Where each suite's probes are committed: the folder under runs/ names the suite.
+SUITE_RESULTS = {
+    "lab-hard": ("attacks/results.json", ATTACK_RESULTS),
+    "lab-heldout": (
+        "heldout/results.json",
+        REPO_ROOT / "benchmarks" / "detection" / "heldout" / "results.json",
+    ),
+}
 # The one counted case whose encoder is not in attacks/results.json now: its probe as committed then.
 ASR_FROM_HISTORY = {"runs/sloppy-warp/encoders/badencoder_warp": (0.4396, "attacks/results.json at d73f04a")}
 TOOK = 0.40  # probe ASR from which an attack counts in the decision (README, fixed before the run)
 DECISION_TOLERANCE = 0.01
 
 
+def _attack_entry(encoder_path: str) -> tuple[dict | None, str]:
+    """The committed record (training, probe) of a lab suite's encoder, and where it was read."""
+    parts = Path(encoder_path).parts
+    for suite, (source, path) in SUITE_RESULTS.items():
+        if suite in parts and "encoders" in parts and path.exists():
+            name = parts[parts.index("encoders") + 1]
+            return json.loads(path.read_text())["encoders"].get(name), source
+    return None, ""
+
+
 def _probe_asr(encoder_path: str) -> tuple[float | None, str]:
     folder = str(Path(encoder_path).parent)
     if folder in ASR_FROM_HISTORY:
         return ASR_FROM_HISTORY[folder]
+    entry, source = _attack_entry(encoder_path)
+    if entry and "probe" in entry:
+        return entry["probe"]["cifar10"]["asr"], source
     parts = Path(encoder_path).parts
-    if "lab-hard" in parts and "encoders" in parts and ATTACK_RESULTS.exists():
-        name = parts[parts.index("encoders") + 1]
-        entry = json.loads(ATTACK_RESULTS.read_text())["encoders"].get(name)
-        if entry and "probe" in entry:
-            return entry["probe"]["cifar10"]["asr"], "attacks/results.json"
     if parts[-2:] == ("simclr_clean", "encoder.safetensors"):
         return None, "the clean control"
     return None, "no committed probe"
@@ -344,6 +360,13 @@ def _probe_asr(encoder_path: str) -> tuple[float | None, str]:
 
 # The second test's cases: the lab-hard attacks never run before it was fixed (README).
 HELD_OUT = ("lab_adaptive_checker", "lab_adaptive_blend", "lab_badencoder_noise_random")
+# The held-out check (README, fixed 10:45 UTC before its attacks were trained): the shipped score on
+# the lab-heldout suite's attacks, cases named heldout_<attack>; no decision rides on them.
+HELD_OUT_CHECK_PREFIX = "heldout_"
+# The goals of the shipped-detector issue, read on each attack of the check that took.
+GOAL_AUROC, GOAL_TPR_ID, GOAL_FPR_ID, GOAL_TPR_OOD, GOAL_FPR_OOD = 0.99, 0.95, 0.015, 0.90, 0.02
+# The baselines compared in the check (the strongest of them is shown).
+BASELINE_PREFIXES = ("activation_norm_", "embedding_norm", "knn_distance", "strip")
 # The third test's (README): max_all_tail against max_all, on attacks never run before it was fixed.
 # Counted: those trained by its deadline (07:35 UTC); the other two were trained for the fourth test.
 THIRD_TEST = ("lab_adaptive_noise_random", "lab_adaptive_invisible")
@@ -367,9 +390,12 @@ RULE_METHODS = {"max_all": MAX_ALL, "max_all_tail": MAX_ALL_TAIL}
 
 
 def regressions(results: dict, rule: str, other: str) -> list[tuple[str, float]]:
-    """The counted cases where `rule`'s AUROC is more than GUARD_AUROC below `other`'s: (case, gap)."""
+    """The counted cases where `rule`'s AUROC is more than GUARD_AUROC below `other`'s: (case, gap).
+    The held-out check's cases are not among them: the guard's case set was fixed before they ran."""
     found = []
     for name, case in results["cases"].items():
+        if name.startswith(HELD_OUT_CHECK_PREFIX):
+            continue
         asr, _ = _probe_asr(case["encoder"])
         if case.get("split") != SPLIT or asr is None or asr < TOOK:
             continue
@@ -537,6 +563,8 @@ def decision(results: dict) -> list[str]:
     tests: dict[str, list] = {"first": [], "held_out": []}
     rows = []
     for name, case in results["cases"].items():
+        if name.startswith(HELD_OUT_CHECK_PREFIX):
+            continue  # no decision rides on the held-out check (its own section)
         methods = case["methods"]
         by_rule = {r: next((m for m in methods if m.startswith(r)), None) for r in (MAX_ALL, MEAN_STAGES)}
         if None in by_rule.values():
@@ -590,6 +618,84 @@ def decision(results: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
+def _method(methods: dict, prefix: str) -> dict | None:
+    name = next((m for m in methods if m.startswith(prefix)), None)
+    return methods[name] if name else None
+
+
+def held_out_check(results: dict) -> list[str]:
+    """The shipped score (`max_all`) on the held-out check's attacks, against the issue's goals."""
+    cases = {n: c for n, c in results["cases"].items() if n.startswith(HELD_OUT_CHECK_PREFIX)}
+    if not cases:
+        return []
+    rows, verdicts = [], []
+    for name, case in cases.items():
+        methods = case["methods"]
+        shipped, sse = _method(methods, MAX_ALL), _method(methods, "dede_sse")
+        if shipped is None or sse is None:
+            continue
+        entry, _ = _attack_entry(case["encoder"])
+        probe = (entry or {}).get("probe", {}).get("cifar10")
+        asr, source = _probe_asr(case["encoder"])
+        takes = asr is not None and asr >= TOOK
+        cues = {m: v["auroc"] for m, v in methods.items() if m.startswith(BASELINE_PREFIXES)}
+        cue, cue_auroc = max(cues.items(), key=lambda kv: max(kv[1], 1 - kv[1]))
+        attack = f"{100 * probe['asr']:.1f}% / {100 * probe['ba']:.1f}%" if probe else source
+        rows.append(
+            f"| {name} | {attack} | {shipped['auroc']:.3f} | {100 * shipped['id']['tpr']:.1f}% / "
+            f"{100 * shipped['id']['realised_fpr']:.1f}% | {100 * shipped['ood']['tpr']:.1f}% / "
+            f"{100 * shipped['ood']['realised_fpr']:.1f}% | {_pct(shipped.get('tpr_at_1pct_fpr'))} | "
+            f"{sse['auroc']:.3f} | {cue} {cue_auroc:.3f} |"
+        )
+        if source == "the clean control":
+            verdicts.append(
+                f"- {name}: the clean control; AUROC {shipped['auroc']:.3f} is the score's reaction to the "
+                f"trigger's pixels alone; realised FPR {100 * shipped['id']['realised_fpr']:.1f}% at the id "
+                f"threshold, {100 * shipped['ood']['realised_fpr']:.1f}% at the ood one."
+            )
+            continue
+        if not takes:
+            why = source if asr is None else f"probe ASR {100 * asr:.1f}%, below {100 * TOOK:.0f}%"
+            verdicts.append(f"- {name}: the attack did not take ({why}): no goal read.")
+            continue
+        checks = {
+            f"AUROC >= {GOAL_AUROC}": shipped["auroc"] >= GOAL_AUROC,
+            f"TPR id >= {100 * GOAL_TPR_ID:.0f}% at FPR <= {100 * GOAL_FPR_ID:.1f}%": shipped["id"]["tpr"]
+            >= GOAL_TPR_ID
+            and shipped["id"]["realised_fpr"] <= GOAL_FPR_ID,
+            f"TPR ood >= {100 * GOAL_TPR_OOD:.0f}% at FPR <= {100 * GOAL_FPR_OOD:.0f}%": shipped["ood"]["tpr"]
+            >= GOAL_TPR_OOD
+            and shipped["ood"]["realised_fpr"] <= GOAL_FPR_OOD,
+            "ahead of every baseline": shipped["auroc"] > max(max(a, 1 - a) for a in cues.values()),
+        }
+        verdicts.append(
+            f"- {name}: "
+            + "; ".join(f"{goal} {'met' if ok else '**missed**'}" for goal, ok in checks.items())
+            + "."
+        )
+    return [
+        "## The held-out check",
+        "",
+        "The shipped score (`max_all`) on attacks it was never run on, fixed before they were trained "
+        '(benchmarks/detection/README.md, "A held-out check"): the lab-heldout suite\'s attacks '
+        "(`heldout/REPORT.md`), each scored once. No decision rides on them. Attack: probe ASR / BA "
+        "(`heldout/results.json`). The strongest cue is the decoder-free baseline farthest from 0.5 (an "
+        "AUROC far below 0.5 separates with the opposite sign).",
+        "",
+        "| case | attack ASR / BA | AUROC max_all | TPR / FPR id | TPR / FPR ood | TPR@1%FPR | AUROC pixel sse "
+        "| strongest decoder-free cue |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        *rows,
+        "",
+        *verdicts,
+        "",
+    ]
+
+
 def report(results: dict) -> str:
     lines = [
         "# The shipped detector on backdoored encoders",
@@ -612,6 +718,7 @@ def report(results: dict) -> str:
     lines += decision(results)
     lines += third_decision(results)
     lines += fourth_decision(results)
+    lines += held_out_check(results)
     for name, case in results["cases"].items():
         fit = case.get("fit") or {}
         run = case.get("run")
