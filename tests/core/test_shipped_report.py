@@ -1,0 +1,81 @@
+"""The shipped-detector report's held-out check: goals read per attack, and kept out of the rule tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.detection import shipped
+
+
+def _entry(auroc: float, tpr_id: float, fpr_id: float, tpr_ood: float, fpr_ood: float) -> dict:
+    at = {"threshold": 1.0}
+    return {
+        "auroc": auroc,
+        "auprc": auroc,
+        "tpr_at_1pct_fpr": tpr_id,
+        "id": {**at, "tpr": tpr_id, "realised_fpr": fpr_id},
+        "ood": {**at, "tpr": tpr_ood, "realised_fpr": fpr_ood},
+    }
+
+
+def _case(encoder: str, shipped_auroc: float, mean_stages_auroc: float, cue_auroc: float) -> dict:
+    return {
+        "encoder": encoder,
+        "split": shipped.SPLIT,
+        "methods": {
+            f"{shipped.MAX_ALL} (shipped)": _entry(shipped_auroc, 0.97, 0.01, 0.92, 0.01),
+            "dede_sse": _entry(0.8, 0.2, 0.01, 0.1, 0.0),
+            shipped.MEAN_STAGES: _entry(mean_stages_auroc, 0.5, 0.01, 0.5, 0.01),
+            shipped.MAX_ALL_TAIL: _entry(0.5, 0.01, 0.01, 0.01, 0.01),
+            "embedding_norm": _entry(0.6, 0.01, 0.01, 0.01, 0.01),
+            "knn_distance": _entry(cue_auroc, 0.0, 0.01, 0.0, 0.01),
+        },
+    }
+
+
+@pytest.fixture
+def suite_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Committed probes of two lab-heldout encoders: one attack that took, one that did not."""
+    path = tmp_path / "results.json"
+    probes = {"drupe": 0.98, "norm_preserving": 0.1}
+    path.write_text(
+        json.dumps(
+            {"encoders": {n: {"probe": {"cifar10": {"asr": a, "ba": 0.6}}} for n, a in probes.items()}}
+        )
+    )
+    monkeypatch.setitem(shipped.SUITE_RESULTS, "lab-heldout", ("heldout/results.json", path))
+
+
+def test_the_held_out_check_reads_each_goal_and_the_strongest_inverted_cue(suite_results: None) -> None:
+    results = {
+        "cases": {
+            # the shipped score meets every goal, but the kNN cue inverted (0.005) is stronger
+            "heldout_drupe": _case("runs/lab-heldout/encoders/drupe/encoder.safetensors", 0.993, 0.9, 0.005),
+            "heldout_norm_preserving": _case(
+                "runs/lab-heldout/encoders/norm_preserving/encoder.safetensors", 0.7, 0.9, 0.5
+            ),
+            "heldout_clean": _case("runs/lab-heldout/simclr_clean/encoder.safetensors", 0.6, 0.6, 0.5),
+        }
+    }
+    text = "\n".join(shipped.held_out_check(results))
+    assert "| heldout_drupe | 98.0% / 60.0% | 0.993 | 97.0% / 1.0% | 92.0% / 1.0% |" in text
+    assert "knn_distance 0.005" in text
+    drupe = next(line for line in text.splitlines() if line.startswith("- heldout_drupe:"))
+    assert "AUROC >= 0.99 met" in drupe and "TPR id >= 95% at FPR <= 1.5% met" in drupe
+    assert "ahead of every baseline **missed**" in drupe
+    assert "- heldout_norm_preserving: the attack did not take (probe ASR 10.0%, below 40%)" in text
+    assert "- heldout_clean: the clean control; AUROC 0.600" in text
+
+
+def test_no_rule_test_nor_its_guard_counts_a_held_out_check_case(suite_results: None) -> None:
+    # max_all is 0.2 below mean_stages here: counted, the first test's verdict and the guard would move
+    case = _case("runs/lab-heldout/encoders/drupe/encoder.safetensors", 0.7, 0.9, 0.5)
+    assert shipped._probe_asr(case["encoder"]) == (0.98, "heldout/results.json")
+    assert shipped.regressions({"cases": {"heldout_drupe": case}}, "max_all_tail", "max_all") == []
+    assert shipped.decision({"cases": {"heldout_drupe": case}}) == []
+    assert shipped.regressions({"cases": {"lab_drupe": case}}, "max_all_tail", "max_all") == [
+        ("lab_drupe", 0.2)
+    ]
