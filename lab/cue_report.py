@@ -81,7 +81,7 @@ def _markdown(lab: Lab, results: dict, figures: dict[str, list[str]]) -> str:
     c = results["config"]
     clean_ba, _ = _ba_asr(results["encoders"].get("clean", {}))
     lines = [
-        "# Attack families and cues: lab-hard report",
+        f"# Attack families and cues: {results['suite']} report",
         "",
         f"Suite `{results['suite']}`, commit `{results['commit'][:12]}`, machine: "
         f"{results['machine']['platform']} ({results['machine']['processor']}, torch "
