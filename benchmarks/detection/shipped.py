@@ -644,6 +644,7 @@ def held_out_check(results: dict) -> list[str]:
         takes = asr is not None and asr >= TOOK
         cues = {m: v["auroc"] for m, v in methods.items() if m.startswith(BASELINE_PREFIXES)}
         cue, cue_auroc = max(cues.items(), key=lambda kv: max(kv[1], 1 - kv[1]))
+        cue_strength = max(cue_auroc, 1 - cue_auroc)
         attack = f"{100 * probe['asr']:.1f}% / {100 * probe['ba']:.1f}%" if probe else source
         rows.append(
             f"| {name} | {attack} | {shipped['auroc']:.3f} | {100 * shipped['id']['tpr']:.1f}% / "
@@ -670,7 +671,8 @@ def held_out_check(results: dict) -> list[str]:
             f"TPR ood >= {100 * GOAL_TPR_OOD:.0f}% at FPR <= {100 * GOAL_FPR_OOD:.0f}%": shipped["ood"]["tpr"]
             >= GOAL_TPR_OOD
             and shipped["ood"]["realised_fpr"] <= GOAL_FPR_OOD,
-            "ahead of every baseline": shipped["auroc"] > max(max(a, 1 - a) for a in cues.values()),
+            f"ahead of every baseline ({shipped['auroc'] - cue_strength:+.4f})": shipped["auroc"]
+            > cue_strength,
         }
         verdicts.append(
             f"- {name}: "

@@ -65,7 +65,7 @@ def test_the_held_out_check_reads_each_goal_and_the_strongest_inverted_cue(suite
     assert "knn_distance 0.005" in text
     drupe = next(line for line in text.splitlines() if line.startswith("- heldout_drupe:"))
     assert "AUROC >= 0.99 met" in drupe and "TPR id >= 95% at FPR <= 1.5% met" in drupe
-    assert "ahead of every baseline **missed**" in drupe
+    assert "ahead of every baseline (-0.0020) **missed**" in drupe
     assert "- heldout_norm_preserving: the attack did not take (probe ASR 10.0%, below 40%)" in text
     assert "- heldout_clean: the clean control; AUROC 0.600" in text
 
