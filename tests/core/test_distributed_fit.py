@@ -93,6 +93,21 @@ def test_without_a_launcher_the_fit_is_single_process(monkeypatch) -> None:
     assert not Distributed.from_environment("cpu").enabled
 
 
+def _assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Equal within float noise, but for the attention's key bias: softmax ignores a shift that is
+    the same for every key of a query, so that bias's gradient is zero but for rounding, and Adam
+    scales rounding noise up to full steps (one element moved 1.2e-4 apart on one CPU). It does not
+    change any output, so it is left out."""
+    for name, weight in expected.items():
+        if name.endswith("attn.in_proj_bias"):
+            dim = len(weight) // 3
+            keep = torch.cat([torch.arange(dim), torch.arange(2 * dim, 3 * dim)])
+            got_w, weight = got[name][keep], weight[keep]
+        else:
+            got_w = got[name]
+        torch.testing.assert_close(got_w, weight, rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_two_process_fit_matches_one_process_and_resumes(tiny_data: dict[str, Path], tmp_path: Path) -> None:
     # The reference: the same command in this one process.
     single = tmp_path / "single"
@@ -135,14 +150,12 @@ def test_two_process_fit_matches_one_process_and_resumes(tiny_data: dict[str, Pa
         assert abs(float(b["train_loss"]) / float(a["train_loss"]) - 1) < 1e-3, (a, b)
     a, b = load_file(str(single / "decoder.safetensors")), load_file(str(run_dir / "decoder.safetensors"))
     assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
+    _assert_same_weights(b, a)
     last_one, last_two, halfway = (
         torch.load(path, weights_only=True)["decoder"]
         for path in (single / "checkpoint.pt", run_dir / "checkpoint.pt", tmp_path / "killed-checkpoint.pt")
     )
-    for name in last_one:  # the weights of the last step, whichever validation was best
-        torch.testing.assert_close(last_two[name], last_one[name], rtol=1e-3, atol=1e-4, msg=name)
+    _assert_same_weights(last_two, last_one)  # the weights of the last step, whichever validation was best
     # The tolerance tells one fit's steps apart: the last 100 steps moved the weights beyond it.
     assert any(not torch.allclose(halfway[k], last_one[k], rtol=1e-3, atol=1e-4) for k in last_one)
 
