@@ -45,3 +45,21 @@ def test_an_encoders_cue_table_is_its_own_not_merged_with_encoders_named_after_i
     assert (own["embedding_norm"]["clean"] == 0).all()
     merged = load_score_tables(folder, "badencoder")  # score tables: <stem>_<variant> files merge in
     assert (merged["embedding_norm"]["clean"] == 1).all()
+
+
+def test_every_suites_attack_settings_name_one_of_its_attacks_and_real_fields() -> None:
+    """A suite's per-attack settings reach BackdoorSettings by name: a misspelt attack would be
+    ignored and a misspelt field would fail hours into a run, so both are checked here."""
+    from dataclasses import fields
+
+    from lab.attacks.badencoder import BackdoorSettings
+    from lab.suite import SUITES, encoder_name
+
+    known = {f.name for f in fields(BackdoorSettings)}
+    assert SUITES["lab-heldout"].attack_settings == {"dede_aware": {"lambda_dede": 0.2}}
+    for suite in SUITES.values():
+        names = {encoder_name(v, t) for v, t in suite.attacks}
+        for name, overrides in suite.attack_settings.items():
+            assert name in names, (suite.name, name)
+            assert set(overrides) <= known, (suite.name, overrides)
+            BackdoorSettings(**overrides)
