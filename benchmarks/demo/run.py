@@ -3,13 +3,18 @@ bundle's ONNX graph (test images outside the demo's calibration set, target clas
 
     python -m benchmarks.demo.run --bundle bundles/demo
 
-Writes benchmarks/demo/results.json (with commit, machine and command).
+Writes benchmarks/demo/results.json (with commit, machine and command). Where the demo's work folder
+is beside the bundle, it also measures the backdoor itself: a linear probe on the backdoored
+encoder's embeddings of 5,000 CIFAR-10 train images gives the attack's success rate on the same
+triggered images, and the flag rate is split by whether the backdoor fired on each image (an image
+it did not fire on carries no attack, whatever its pixels).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -18,7 +23,9 @@ from benchmarks.provenance import REPO_ROOT, run_record
 from lab.attacks.triggers import white_square
 from lab.demo import TARGET_CLASS, demo_splits
 from lab.evaluate import auprc, auroc, tpr_at_fpr
+from lab.probe import embed_nchw, train_linear_probe
 from models.bundle import ONNX_INPUT, ONNX_SCORE, load_bundle
+from models.encoders import load_encoder
 from training.data import data_dir, load_npz
 
 
@@ -70,11 +77,38 @@ def main() -> None:
         },
         "bundle_bytes": sum(f.stat().st_size for f in bundle.root.iterdir() if f.is_file()),
     }
+    encoder = (
+        Path(args.bundle).parent / f"{Path(args.bundle).name}-work" / "badencoder" / "encoder.safetensors"
+    )
+    if encoder.exists():
+        result["backdoor"] = backdoor_strength(encoder, triggered, triggered_scores > threshold)
     out = REPO_ROOT / "benchmarks" / "demo" / "results.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         json.dumps({k: result[k] for k in ("metrics", "tpr_at_bundle_threshold", "fpr_at_bundle_threshold")})
     )
+
+
+PROBE_IMAGES = 5_000
+
+
+def backdoor_strength(encoder_path: Path, triggered: np.ndarray, flagged: np.ndarray) -> dict:
+    """The attack's success rate on these triggered images (a linear probe trained on clean train
+    embeddings predicts the target class), and the bundle's flag rate where it fired and where not."""
+    encoder = load_encoder(str(encoder_path))
+    x, y = load_npz(data_dir() / "cifar10_train.npz")
+    pick = np.sort(np.random.default_rng(0).permutation(len(y))[:PROBE_IMAGES])
+    probe = train_linear_probe(
+        embed_nchw(encoder, np.ascontiguousarray(x[pick].transpose(0, 3, 1, 2))), y[pick]
+    )
+    fired = probe.predict(embed_nchw(encoder, triggered)) == TARGET_CLASS
+    return {
+        "encoder": str(encoder_path),
+        "probe_train_images": PROBE_IMAGES,
+        "asr": float(fired.mean()),
+        "flagged_where_fired": float(flagged[fired].mean()) if fired.any() else None,
+        "flagged_where_not_fired": float(flagged[~fired].mean()) if (~fired).any() else None,
+    }
 
 
 if __name__ == "__main__":
