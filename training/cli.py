@@ -103,16 +103,25 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from training.calibrate import calibrate_run
     from training.data import limited, load_images
-    from training.fit import load_run
+    from training.fit import load_holdout_images, load_run
 
     run = load_run(Path(args.run))
-    spec = run.encoder.identity.input_spec()
-    images, _ = load_images(args.data, spec, args.limit)
     fit_source = str(run.info["fit"].get("data_source", "")).split(" (")[0]
-    if str(args.data) == fit_source:  # limited draws of one source share their images (one seed)
-        print("warning: calibrating on the fitting data underestimates clean scores; use held-out images")
+    if args.holdout:
+        if args.limit is not None:
+            raise SystemExit("error: --limit applies to --data, not to --holdout (the fit's split is fixed)")
+        images = load_holdout_images(Path(args.run))
+        source = f"the fit's held-out auxiliary images ({run.info['fit'].get('data_source', '')})"
+    else:
+        spec = run.encoder.identity.input_spec()
+        images, _ = load_images(args.data, spec, args.limit)
+        if str(args.data) == fit_source:  # limited draws of one source share their images (one seed)
+            print(
+                "warning: calibrating on the fitting data underestimates clean scores; use held-out "
+                "images (--holdout: the fit's own)"
+            )
+        source = limited(str(args.data), args.limit)
     kind = "unlabelled_robust" if args.unlabelled else "clean"
-    source = limited(str(args.data), args.limit)
     result = calibrate_run(Path(args.run), images, args.fpr, source, args.score, args.seed, kind)
     t = result["threshold"]
     low, high = t["realised_fpr_ci95"]
@@ -257,8 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="set the threshold on clean held-out images for a target FPR")
     cal.add_argument("--run", required=True, help="a fitted run directory")
-    cal.add_argument(
-        "--data", required=True, help="CLEAN held-out images (or, with --unlabelled, a sample of traffic)"
+    cal_source = cal.add_mutually_exclusive_group(required=True)
+    cal_source.add_argument(
+        "--data", help="CLEAN held-out images (or, with --unlabelled, a sample of traffic)"
+    )
+    cal_source.add_argument(
+        "--holdout",
+        action="store_true",
+        help="the fit's own held-out auxiliary images (the 10%% it never trained on): the paper's "
+        "out-of-distribution threshold, with no other data",
     )
     cal.add_argument(
         "--limit", type=int, help="use N of the images, drawn at random (seed 0), not the first N"

@@ -49,6 +49,10 @@ CHECKPOINT = "checkpoint.pt"
 DECODER_FILE = "decoder.safetensors"
 LOG_FILE = "log.csv"
 EMBEDDINGS_FILE = "embeddings.npy"
+# The fit's held-out auxiliary images (uint8 NCHW), as the fit prepared them: the decoder never
+# trains on them, so they can set the paper's out-of-distribution threshold (`dede calibrate
+# --holdout`) with no other data.
+HOLDOUT_IMAGES_FILE = "holdout_images.npy"
 
 
 class RunError(Exception):
@@ -374,6 +378,8 @@ def _fit_decoder(
     start = ddp.broadcast(start)
     if start["error"]:
         raise RunError(start["error"])
+    if ddp.is_main:  # also for a run fitted before the file existed: it is the same split
+        np.save(run_dir / HOLDOUT_IMAGES_FILE, np.ascontiguousarray(images[val_idx]))
     if start["fitted"]:
         if ddp.is_main:
             _restate_feature_statistics(run_dir, encoder, images[val_idx], settings, dev)
@@ -818,6 +824,20 @@ class FittedRun:
         if s is None:
             raise RunError(f"{self.run_dir} has no {FEATURE_STATS_FILE}")
         return FeatureStandardiser(s["centre"], s["scale"], s.get("combine", "mean"))
+
+
+def load_holdout_images(run_dir: Path) -> np.ndarray:
+    """The fit's held-out auxiliary images (uint8 NCHW), which its decoder never trained on."""
+    path = run_dir / HOLDOUT_IMAGES_FILE
+    if not path.exists():
+        raise RunError(
+            f"{run_dir} keeps no held-out images ({HOLDOUT_IMAGES_FILE}): it was fitted before fits kept "
+            f"them; run `dede fit` again with the same --out (it resumes and writes them) or pass --data"
+        )
+    images = np.load(path, allow_pickle=False)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise RunError(f"{path}: expected uint8 images [N, 3, H, W], got {images.dtype} {images.shape}")
+    return images
 
 
 def load_run(run_dir: Path) -> FittedRun:

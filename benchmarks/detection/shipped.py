@@ -11,6 +11,9 @@ the same step and time budget):
                ood        1,000 clean Tiny-ImageNet views the fit never saw: native 32 px corner
                           crops of the 64 px images (the set has 2,000 images, all fitted on
                           resized to 32 px), the paper's out-of-distribution setting
+               ood_holdout the fit's own held-out Tiny-ImageNet images (its 10% validation split,
+                          resized as the fit's images are, never trained on): `dede calibrate
+                          --holdout`, the paper's setting with no other data (since 2026-12-06)
                id         1,000 clean CIFAR-10 train images (the user's own distribution)
                unlabelled 1,000 CIFAR-10 train images with 0%, 1% or 5% of them triggered, robust
   export     the bundle (calibrated `id`), whose graph scores everything below;
@@ -55,6 +58,7 @@ from training.fit import (
     depth_scale,
     fit_decoder,
     held_out_split,
+    load_holdout_images,
     load_run,
 )
 from training.scoring import score_run
@@ -204,6 +208,7 @@ def run_case(
     fit_decoder(encoder, fit_images, run_dir, settings)
     fit_wall = time.time() - fit_started
     info = json.loads((run_dir / "run.json").read_text())
+    holdout = load_holdout_images(run_dir)
     calibrate_run(run_dir, id_cal, FPR, f"cifar10_train ({N_CAL} drawn at random, seed {SPLIT_SEED})")
     bundle = runs / f"{name}-bundle"
     manifest = export_bundle(load_run(run_dir), bundle, model_name=f"shipped-{name}", overwrite=True)
@@ -212,6 +217,7 @@ def run_case(
     methods: dict[str, dict[str, np.ndarray]] = {}
     sets = {
         "ood_cal": ood_cal,
+        "ood_holdout_cal": holdout,
         "id_cal": id_cal,
         "traffic": traffic,
         "clean": clean_test,
@@ -233,6 +239,8 @@ def run_case(
         methods.setdefault(method, {})[split] = values
 
     rng = np.random.default_rng(0)
+    holdout_order = np.random.default_rng(0).permutation(len(holdout))  # calibrate_run's split, seed 0
+    half = len(holdout) // 2
     table = {}
     for method, s in methods.items():
         entry = {
@@ -242,6 +250,16 @@ def run_case(
             "tpr_at_1pct_fpr": tpr_at_fpr(s["clean"], s["triggered"], FPR),
             "ood": _at(
                 calibrate(s["ood_cal"][:500], s["ood_cal"][500:], FPR)["value"], s["clean"], s["triggered"]
+            ),
+            # Halved as `dede calibrate` halves it (threshold / realised FPR): the threshold it ships.
+            "ood_holdout": _at(
+                calibrate(
+                    s["ood_holdout_cal"][holdout_order[:half]],
+                    s["ood_holdout_cal"][holdout_order[half:]],
+                    FPR,
+                )["value"],
+                s["clean"],
+                s["triggered"],
             ),
             "id": _at(
                 calibrate(s["id_cal"][:500], s["id_cal"][500:], FPR)["value"], s["clean"], s["triggered"]
@@ -271,6 +289,7 @@ def run_case(
         "n": {
             "fit": N_FIT,
             "calibration": N_CAL,
+            "ood_holdout": len(holdout),
             "clean_test": len(clean_test),
             "triggered_test": len(triggered_test),
         },
@@ -627,6 +646,12 @@ def _method(methods: dict, prefix: str) -> dict | None:
     return methods[name] if name else None
 
 
+def _tpr_fpr(method: dict, key: str) -> str:
+    """TPR / realised FPR at one threshold; '-' where the case was measured before it existed."""
+    at = method.get(key)
+    return f"{100 * at['tpr']:.1f}% / {100 * at['realised_fpr']:.1f}%" if at else "-"
+
+
 def held_out_check(results: dict) -> list[str]:
     """The shipped score (`max_all`) on the held-out check's attacks, against the issue's goals."""
     cases = {n: c for n, c in results["cases"].items() if n.startswith(HELD_OUT_CHECK_PREFIX)}
@@ -649,14 +674,20 @@ def held_out_check(results: dict) -> list[str]:
         rows.append(
             f"| {name} | {attack} | {shipped['auroc']:.3f} | {100 * shipped['id']['tpr']:.1f}% / "
             f"{100 * shipped['id']['realised_fpr']:.1f}% | {100 * shipped['ood']['tpr']:.1f}% / "
-            f"{100 * shipped['ood']['realised_fpr']:.1f}% | {_pct(shipped.get('tpr_at_1pct_fpr'))} | "
+            f"{100 * shipped['ood']['realised_fpr']:.1f}% | {_tpr_fpr(shipped, 'ood_holdout')} | "
+            f"{_pct(shipped.get('tpr_at_1pct_fpr'))} | "
             f"{sse['auroc']:.3f} | {cue} {cue_auroc:.3f} |"
         )
         if source == "the clean control":
             verdicts.append(
                 f"- {name}: the clean control; AUROC {shipped['auroc']:.3f} is the score's reaction to the "
                 f"trigger's pixels alone; realised FPR {100 * shipped['id']['realised_fpr']:.1f}% at the id "
-                f"threshold, {100 * shipped['ood']['realised_fpr']:.1f}% at the ood one."
+                f"threshold, {100 * shipped['ood']['realised_fpr']:.1f}% at the ood one"
+                + (
+                    f", {100 * shipped['ood_holdout']['realised_fpr']:.1f}% at the held-out auxiliary one."
+                    if "ood_holdout" in shipped
+                    else "."
+                )
             )
             continue
         if not takes:
@@ -671,6 +702,16 @@ def held_out_check(results: dict) -> list[str]:
             f"TPR ood >= {100 * GOAL_TPR_OOD:.0f}% at FPR <= {100 * GOAL_FPR_OOD:.0f}%": shipped["ood"]["tpr"]
             >= GOAL_TPR_OOD
             and shipped["ood"]["realised_fpr"] <= GOAL_FPR_OOD,
+            **(
+                {
+                    f"TPR ood held-out aux >= {100 * GOAL_TPR_OOD:.0f}% at FPR <= {100 * GOAL_FPR_OOD:.0f}%": (
+                        shipped["ood_holdout"]["tpr"] >= GOAL_TPR_OOD
+                        and shipped["ood_holdout"]["realised_fpr"] <= GOAL_FPR_OOD
+                    )
+                }
+                if "ood_holdout" in shipped
+                else {}
+            ),
             f"ahead of every baseline ({shipped['auroc'] - cue_strength:+.4f})": shipped["auroc"]
             > cue_strength,
         }
@@ -688,9 +729,9 @@ def held_out_check(results: dict) -> list[str]:
         "(`heldout/results.json`). The strongest cue is the decoder-free baseline farthest from 0.5 (an "
         "AUROC far below 0.5 separates with the opposite sign).",
         "",
-        "| case | attack ASR / BA | AUROC max_all | TPR / FPR id | TPR / FPR ood | TPR@1%FPR | AUROC pixel sse "
-        "| strongest decoder-free cue |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| case | attack ASR / BA | AUROC max_all | TPR / FPR id | TPR / FPR ood (crops) "
+        "| TPR / FPR ood (held-out aux) | TPR@1%FPR | AUROC pixel sse | strongest decoder-free cue |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         *rows,
         "",
         *verdicts,
@@ -709,7 +750,7 @@ def report(results: dict) -> str:
         "(the machine was shared: wall-clock fit budgets then buy fewer steps). "
         "Every DeDe figure comes through the exported bundle "
         "(ONNX Runtime); the fit is `dede fit`'s defaults on 2,000 Tiny-ImageNet images. Calibration at 1% FPR: "
-        "*ood* on clean Tiny-ImageNet, *id* on clean CIFAR-10 train, *unl. x%* robust on an unlabelled CIFAR-10 "
+        "*ood* on clean Tiny-ImageNet crops, *ood held-out aux* on the fit's own held-out Tiny-ImageNet images (`dede calibrate --holdout`), *id* on clean CIFAR-10 train, *unl. x%* robust on an unlabelled CIFAR-10 "
         "sample with x% triggered. TPR / realised FPR on 2,000 clean and 2,000 triggered CIFAR-10 test images. "
         "Every CIFAR-10 subset is drawn at random (`case_data`; the data sets are sorted by class). Cases "
         "marked *class-sorted split* were measured before that: their id threshold came from 1,000 "
@@ -745,13 +786,14 @@ def report(results: dict) -> str:
                 else " *Class-sorted split*: measured before the random split and not rerun since."
             ),
             "",
-            "| method | AUROC | AUPRC | TPR / FPR ood | TPR / FPR id | TPR / FPR unl. 0% | unl. 1% | unl. 5% |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| method | AUROC | AUPRC | TPR / FPR ood | ood held-out aux | TPR / FPR id | TPR / FPR unl. 0% "
+            "| unl. 1% | unl. 5% |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for method, m in case["methods"].items():
             cells = [f"{m['auroc']:.3f}", f"{m['auprc']:.3f}"]
-            for key in ("ood", "id", "unlabelled_0pct", "unlabelled_1pct", "unlabelled_5pct"):
-                cells.append(f"{100 * m[key]['tpr']:.1f}% / {100 * m[key]['realised_fpr']:.1f}%")
+            for key in ("ood", "ood_holdout", "id", "unlabelled_0pct", "unlabelled_1pct", "unlabelled_5pct"):
+                cells.append(_tpr_fpr(m, key))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
