@@ -109,7 +109,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     fit_source = str(run.info["fit"].get("data_source", "")).split(" (")[0]
     if args.holdout:
         if args.limit is not None:
-            raise SystemExit("error: --limit applies to --data, not to --holdout (the fit's split is fixed)")
+            raise ValueError("--limit applies to --data, not to --holdout (the fit's split is fixed)")
         images = load_holdout_images(Path(args.run))
         source = f"the fit's held-out auxiliary images ({run.info['fit'].get('data_source', '')})"
     else:

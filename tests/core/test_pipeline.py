@@ -158,6 +158,45 @@ def test_cli_workflow_and_pytorch_equals_dede_score(
         assert rows[name]["flagged"] == (rows[name]["score"] > manifest.threshold.value)
 
 
+def test_calibrate_holdout_sets_the_threshold_on_the_fits_held_out_images(
+    tiny_data: dict[str, Path], tiny_run: Path, tmp_path: Path, capsys
+) -> None:
+    from training.calibrate import calibrate
+    from training.data import load_images
+    from training.fit import HOLDOUT_IMAGES_FILE, held_out_split
+    from training.scoring import score_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)  # calibrating rewrites the run's calibration
+    fitted = load_run(run)
+    images, _ = load_images(str(tiny_data["aux"]), fitted.encoder.identity.input_spec())
+    settings = FitSettings(preset="tiny", epochs=2, batch_size=128)  # the fixture's fit
+    val_idx, train_idx = held_out_split(len(images), settings)
+    holdout = np.load(run / HOLDOUT_IMAGES_FILE)
+    assert holdout.dtype == np.uint8 and np.array_equal(holdout, images[val_idx])
+    assert not np.isin(val_idx, train_idx).any()
+
+    assert main(["calibrate", "--run", str(run), "--holdout", "--fpr", "0.05"]) == 0
+    recorded = json.loads((run / "calibration.json").read_text())["threshold"]
+    scores = score_run(fitted, holdout)
+    order = np.random.default_rng(0).permutation(len(holdout))  # the command's split, seed 0
+    half = len(order) // 2
+    expected = calibrate(scores[order[:half]], scores[order[half:]], 0.05)
+    assert recorded["value"] == pytest.approx(expected["value"], rel=1e-6)
+    assert recorded["n_calibration"] + recorded["n_holdout"] == len(val_idx)
+    assert "held-out auxiliary images" in recorded["calibration_source"]
+    capsys.readouterr()
+
+    assert main(["calibrate", "--run", str(run), "--holdout", "--limit", "10"]) == 2
+    assert "--limit applies to --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one source or the other, never both
+        main(["calibrate", "--run", str(run), "--holdout", "--data", str(tiny_data["clean"])])
+    (run / HOLDOUT_IMAGES_FILE).unlink()  # a run fitted before runs kept them
+    capsys.readouterr()
+    assert main(["calibrate", "--run", str(run), "--holdout"]) == 2
+    assert "keeps no held-out images" in capsys.readouterr().err
+
+
 def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     assert "not a dede run" in capsys.readouterr().err
