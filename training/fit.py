@@ -7,6 +7,7 @@ A run directory holds everything a later step needs:
   log.csv                loss per validation (train, at the training mask; val, at the test-time mask)
   decoder.safetensors    the fitted decoder (the weights of the best validation loss)
   feature_stats.json     clean statistics of the feature score, from the held-out auxiliary images
+  holdout_images.npy     those held-out images (uint8 NCHW): `dede calibrate --holdout` scores them
 """
 
 from __future__ import annotations
