@@ -112,11 +112,15 @@ def calibrate_run(
     score_kind: str | None = None,
     seed: int = 0,
     kind: str = "clean",
+    mirror_parity: bool = False,
 ) -> dict:
     """Score images with a fitted run, split them in two (threshold / realised FPR), and record the
     result (and a parity sample for the export check) in the run directory. `score_kind` None is
-    the run's default score (the feature score where the fit measured its statistics)."""
-    from training.export import CALIBRATION_FILE, PARITY_IMAGES
+    the run's default score (the feature score where the fit measured its statistics).
+    `mirror_parity`: where fewer images than the export's parity check needs are given (a fit's
+    held-out split: 200 of 2,000), their mirror images fill the parity sample; the threshold is
+    still set on the images as given."""
+    from training.export import CALIBRATION_FILE, PARITY_COUNT, PARITY_IMAGES
     from training.fit import load_run
     from training.scoring import score_run
 
@@ -132,5 +136,8 @@ def calibrate_run(
     result = {"score_kind": score_kind, "seed": seed, "threshold": threshold}
     (run_dir / CALIBRATION_FILE).write_text(json.dumps(result, indent=2) + "\n")
     # Parity images come from the held-out half first: none of them defines the threshold.
-    np.save(run_dir / PARITY_IMAGES, images[np.concatenate([holdout_idx, calibration_idx])[:256]])
+    parity = images[np.concatenate([holdout_idx, calibration_idx])]
+    if mirror_parity and len(parity) < PARITY_COUNT:
+        parity = np.concatenate([parity, parity[..., ::-1]])
+    np.save(run_dir / PARITY_IMAGES, np.ascontiguousarray(parity[:PARITY_COUNT]))
     return result

@@ -122,7 +122,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             )
         source = limited(str(args.data), args.limit)
     kind = "unlabelled_robust" if args.unlabelled else "clean"
-    result = calibrate_run(Path(args.run), images, args.fpr, source, args.score, args.seed, kind)
+    result = calibrate_run(
+        Path(args.run), images, args.fpr, source, args.score, args.seed, kind, mirror_parity=args.holdout
+    )
     t = result["threshold"]
     low, high = t["realised_fpr_ci95"]
     print(

@@ -40,6 +40,7 @@ OPSET = 18
 PARITY_RTOL = 1e-4
 CALIBRATION_FILE = "calibration.json"
 PARITY_IMAGES = "parity_images.npy"
+PARITY_COUNT = 256  # clean images the export checks ONNX Runtime against PyTorch on
 
 
 # The manifest's name for each score (models/detector.py defines them).
@@ -425,10 +426,10 @@ def export_bundle(
         )
     calibration = json.loads(calibration_path.read_text())
     parity_images = np.load(run.run_dir / PARITY_IMAGES)
-    if len(parity_images) < 256:
+    if len(parity_images) < PARITY_COUNT:
         raise ExportError(
-            f"the ONNX parity check needs >= 256 clean images; {run.run_dir} was calibrated on "
-            f"{len(parity_images)}: run `dede calibrate` again with at least 256 images"
+            f"the ONNX parity check needs >= {PARITY_COUNT} clean images; {run.run_dir} was calibrated on "
+            f"{len(parity_images)}: run `dede calibrate` again with at least {PARITY_COUNT} images"
         )
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} exists; pass --force to replace it")

@@ -186,6 +186,16 @@ def test_calibrate_holdout_sets_the_threshold_on_the_fits_held_out_images(
     assert recorded["n_calibration"] + recorded["n_holdout"] == len(val_idx)
     assert "held-out auxiliary images" in recorded["calibration_source"]
     capsys.readouterr()
+    # The export's parity check needs 256 images; a held-out split of 200 (of 2,000) fills the
+    # sample with its mirror images, and the export then goes through.
+    from training.calibrate import calibrate_run
+    from training.export import PARITY_IMAGES
+
+    some = np.concatenate([holdout] * 4)[:130]
+    calibrate_run(run, some, 0.05, "held-out", mirror_parity=True)
+    parity = np.load(run / PARITY_IMAGES)
+    assert len(parity) == 256 and np.array_equal(parity[130:], parity[:126, :, :, ::-1])
+    export_bundle(load_run(run), tmp_path / "bundle")
 
     assert main(["calibrate", "--run", str(run), "--holdout", "--limit", "10"]) == 2
     assert "--limit applies to --data" in capsys.readouterr().err
