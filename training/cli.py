@@ -97,6 +97,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     path = fit_decoder(encoder, images, Path(args.out), settings, args.device, not args.no_resume, poison)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: the first process speaks for all
         print(f"fitted decoder: {path}  (validation losses: {Path(args.out) / 'log.csv'})")
+        print(
+            f"next: dede calibrate --run {args.out} --data <clean images of your own>"
+            f"  (or --holdout: the fit's own held-out auxiliary images)"
+        )
     return 0
 
 
