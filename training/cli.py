@@ -21,6 +21,9 @@ from models.bundle import BundleError
 from training import DEFAULT_FEATURE_RULE, DEFAULT_PRESET, FEATURE_RULE_NAMES
 
 USER_ERRORS: tuple[type[Exception], ...] = (BundleError, FileNotFoundError, ValueError)
+# Calibration images above a threshold below which `dede calibrate` says it is rough: a quantile
+# set by fewer than ten images moves by a large share of its FPR between draws.
+ROUGH_THRESHOLD_TAIL = 10
 
 
 def _floats3(text: str) -> tuple[float, float, float]:
@@ -139,6 +142,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f"realised FPR on {t['n_holdout']} held-out clean images: {t['realised_fpr']:.4f} "
         f"(95% CI {low:.4f}-{high:.4f})"
     )
+    above = int(args.fpr * t["n_calibration"])
+    if above < ROUGH_THRESHOLD_TAIL:
+        print(
+            f"note: only {above} of the {t['n_calibration']} calibration images "
+            f"{'lies' if above == 1 else 'lie'} above this threshold, "
+            "so it is rough (see the interval); more clean images, or a larger --fpr, steady it"
+        )
     return 0
 
 
