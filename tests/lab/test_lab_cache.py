@@ -53,10 +53,17 @@ def test_every_suites_attack_settings_name_one_of_its_attacks_and_real_fields() 
     from dataclasses import fields
 
     from lab.attacks.badencoder import BackdoorSettings
-    from lab.suite import SUITES, encoder_name
+    from lab.suite import SUITES, backdoor_settings, encoder_name
 
     known = {f.name for f in fields(BackdoorSettings)}
-    assert SUITES["lab-heldout"].attack_settings == {"dede_aware": {"lambda_dede": 0.2}}
+    assert SUITES["lab-heldout"].attack_settings == {
+        "dede_aware": {"lambda_dede": 0.2},
+        "adaptive": {"epochs": 40},
+    }
+    heldout = SUITES["lab-heldout"]
+    assert backdoor_settings(heldout, "adaptive", "adaptive").epochs == 40  # over the suite's 20
+    assert backdoor_settings(heldout, "drupe", "drupe").epochs == heldout.attack_epochs
+    assert backdoor_settings(heldout, "dede_aware", "dede_aware").lambda_dede == 0.2
     for suite in SUITES.values():
         names = {encoder_name(v, t) for v, t in suite.attacks}
         for name, overrides in suite.attack_settings.items():
