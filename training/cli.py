@@ -119,6 +119,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             raise ValueError("--limit applies to --data, not to --holdout (the fit's split is fixed)")
         images = load_holdout_images(Path(args.run))
         source = f"the fit's held-out auxiliary images ({run.info['fit'].get('data_source', '')})"
+        if run.info["fit"].get("poison_rate", 0) > 0 and not args.unlabelled:
+            print(
+                "warning: this fit's auxiliary images were partly triggered (--poison-rate), and so may "
+                "be its held-out ones; add --unlabelled to set outliers aside before the quantile"
+            )
     else:
         spec = run.encoder.identity.input_spec()
         images, _ = load_images(args.data, spec, args.limit)

@@ -201,6 +201,14 @@ def test_calibrate_holdout_sets_the_threshold_on_the_fits_held_out_images(
     assert "--limit applies to --data" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one source or the other, never both
         main(["calibrate", "--run", str(run), "--holdout", "--data", str(tiny_data["clean"])])
+    info = json.loads((run / "run.json").read_text())
+    info["fit"]["poison_rate"] = 0.01  # a fit on a partly triggered auxiliary set (the lab's option)
+    (run / "run.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert main(["calibrate", "--run", str(run), "--holdout", "--fpr", "0.05"]) == 0
+    assert "add --unlabelled" in capsys.readouterr().out
+    assert main(["calibrate", "--run", str(run), "--holdout", "--unlabelled", "--fpr", "0.05"]) == 0
+    assert "add --unlabelled" not in capsys.readouterr().out
     (run / HOLDOUT_IMAGES_FILE).unlink()  # a run fitted before runs kept them
     capsys.readouterr()
     assert main(["calibrate", "--run", str(run), "--holdout"]) == 2
