@@ -278,8 +278,10 @@ def run_case(
             )
             entry[f"unlabelled_{int(share * 100)}pct"] = _at(robust["value"], s["clean"], s["triggered"])
         table[method] = entry
+    clip_attack = _clip_attack(encoder_path)
     return {
         "encoder": encoder_path,
+        **({"attack": clip_attack} if clip_attack else {}),
         "trigger": trigger_spec,
         "preset": settings.preset,
         "fit": info.get("result"),
@@ -364,6 +366,49 @@ def _attack_entry(encoder_path: str) -> tuple[dict | None, str]:
     return None, ""
 
 
+# The CLIP suite's encoders (README, "A CLIP check"): their zero-shot figures are in the suite's stage
+# cache, not in a committed report, so each case records them in results.json when it is scored.
+CLIP_SUITE_ROOT = "lab-clip"
+CLIP_ENCODER_FOLDERS = {
+    "clip_clean": "clean",
+    "clip_poisoned": "poisoned",
+    "attack_badencoder": "badencoder",
+    "attack_norm_preserving": "norm_preserving",
+}
+
+
+def _clip_attack(encoder_path: str) -> dict | None:
+    """The zero-shot BA and ASR of a CLIP suite's encoder, from the suite's stage cache."""
+    parts = Path(encoder_path).parts
+    if CLIP_SUITE_ROOT not in parts or len(parts) < 2 or parts[-2] not in CLIP_ENCODER_FOLDERS:
+        return None
+    name = CLIP_ENCODER_FOLDERS[parts[-2]]
+    root = Path(*parts[: parts.index(CLIP_SUITE_ROOT) + 1])
+    stage = REPO_ROOT / root / "stages" / f"zero_shot_{name}.json"
+    if not stage.is_file():
+        return None
+    zero_shot = json.loads(stage.read_text())["result"]
+    return {
+        "encoder": name,
+        "asr": zero_shot["asr"],
+        "ba": zero_shot["ba"],
+        "source": f"zero-shot on CIFAR-10 test ({root}/stages/zero_shot_{name}.json)",
+    }
+
+
+def _case_attack(case: dict) -> tuple[float | None, float | None, str]:
+    """(ASR, BA, where they were read) of a case's attack; ASR None for the clean controls."""
+    attack = case.get("attack")
+    if attack is not None:
+        if attack["encoder"] == "clean":
+            return None, attack["ba"], "the clean control"
+        return attack["asr"], attack["ba"], attack["source"]
+    entry, _ = _attack_entry(case["encoder"])
+    probe = (entry or {}).get("probe", {}).get("cifar10")
+    asr, source = _probe_asr(case["encoder"])
+    return asr, (probe["ba"] if probe else None), source
+
+
 def _probe_asr(encoder_path: str) -> tuple[float | None, str]:
     folder = str(Path(encoder_path).parent)
     if folder in ASR_FROM_HISTORY:
@@ -382,6 +427,8 @@ HELD_OUT = ("lab_adaptive_checker", "lab_adaptive_blend", "lab_badencoder_noise_
 # The held-out check (README, fixed 10:45 UTC before its attacks were trained): the shipped score on
 # the lab-heldout suite's attacks, cases named heldout_<attack>; no decision rides on them.
 HELD_OUT_CHECK_PREFIX = "heldout_"
+# The CLIP check (README, fixed 16:00 UTC before its encoders were trained): cases clip_<encoder>.
+CLIP_CHECK_PREFIX = "clip_"
 # The goals of the shipped-detector issue, read on each attack of the check that took.
 GOAL_AUROC, GOAL_TPR_ID, GOAL_FPR_ID, GOAL_TPR_OOD, GOAL_FPR_OOD = 0.99, 0.95, 0.015, 0.90, 0.02
 # The baselines compared in the check (the strongest of them is shown).
@@ -652,9 +699,9 @@ def _tpr_fpr(method: dict, key: str) -> str:
     return f"{100 * at['tpr']:.1f}% / {100 * at['realised_fpr']:.1f}%" if at else "-"
 
 
-def held_out_check(results: dict) -> list[str]:
-    """The shipped score (`max_all`) on the held-out check's attacks, against the issue's goals."""
-    cases = {n: c for n, c in results["cases"].items() if n.startswith(HELD_OUT_CHECK_PREFIX)}
+def check_section(results: dict, prefix: str, heading: list[str]) -> list[str]:
+    """The shipped score (`max_all`) on the cases named `prefix`*, against the issue's goals."""
+    cases = {n: c for n, c in results["cases"].items() if n.startswith(prefix)}
     if not cases:
         return []
     rows, verdicts = [], []
@@ -663,14 +710,17 @@ def held_out_check(results: dict) -> list[str]:
         shipped, sse = _method(methods, MAX_ALL), _method(methods, "dede_sse")
         if shipped is None or sse is None:
             continue
-        entry, _ = _attack_entry(case["encoder"])
-        probe = (entry or {}).get("probe", {}).get("cifar10")
-        asr, source = _probe_asr(case["encoder"])
+        asr, ba, source = _case_attack(case)
         takes = asr is not None and asr >= TOOK
         cues = {m: v["auroc"] for m, v in methods.items() if m.startswith(BASELINE_PREFIXES)}
         cue, cue_auroc = max(cues.items(), key=lambda kv: max(kv[1], 1 - kv[1]))
         cue_strength = max(cue_auroc, 1 - cue_auroc)
-        attack = f"{100 * probe['asr']:.1f}% / {100 * probe['ba']:.1f}%" if probe else source
+        if ba is None:
+            attack = source
+        elif asr is None:
+            attack = f"{source}, BA {100 * ba:.1f}%"
+        else:
+            attack = f"{100 * asr:.1f}% / {100 * ba:.1f}%"
         rows.append(
             f"| {name} | {attack} | {shipped['auroc']:.3f} | {100 * shipped['id']['tpr']:.1f}% / "
             f"{100 * shipped['id']['realised_fpr']:.1f}% | {100 * shipped['ood']['tpr']:.1f}% / "
@@ -691,7 +741,8 @@ def held_out_check(results: dict) -> list[str]:
             )
             continue
         if not takes:
-            why = source if asr is None else f"probe ASR {100 * asr:.1f}%, below {100 * TOOK:.0f}%"
+            kind = "zero-shot ASR" if "attack" in case else "probe ASR"
+            why = source if asr is None else f"{kind} {100 * asr:.1f}%, below {100 * TOOK:.0f}%"
             verdicts.append(f"- {name}: the attack did not take ({why}): no goal read.")
             continue
         checks = {
@@ -721,13 +772,7 @@ def held_out_check(results: dict) -> list[str]:
             + "."
         )
     return [
-        "## The held-out check",
-        "",
-        "The shipped score (`max_all`) on attacks it was never run on, fixed before they were trained "
-        '(benchmarks/detection/README.md, "A held-out check"): the lab-heldout suite\'s attacks '
-        "(`heldout/REPORT.md`), each scored once. No decision rides on them. Attack: probe ASR / BA "
-        "(`heldout/results.json`). The strongest cue is the decoder-free baseline farthest from 0.5 (an "
-        "AUROC far below 0.5 separates with the opposite sign).",
+        *heading,
         "",
         "| case | attack ASR / BA | AUROC max_all | TPR / FPR id | TPR / FPR ood (crops) "
         "| TPR / FPR ood (held-out aux) | TPR@1%FPR | AUROC pixel sse | strongest decoder-free cue |",
@@ -737,6 +782,40 @@ def held_out_check(results: dict) -> list[str]:
         *verdicts,
         "",
     ]
+
+
+def held_out_check(results: dict) -> list[str]:
+    return check_section(
+        results,
+        HELD_OUT_CHECK_PREFIX,
+        [
+            "## The held-out check",
+            "",
+            "The shipped score (`max_all`) on attacks it was never run on, fixed before they were trained "
+            '(benchmarks/detection/README.md, "A held-out check"): the lab-heldout suite\'s attacks '
+            "(`heldout/REPORT.md`), each scored once. No decision rides on them. Attack: probe ASR / BA "
+            "(`heldout/results.json`). The strongest cue is the decoder-free baseline farthest from 0.5 (an "
+            "AUROC far below 0.5 separates with the opposite sign).",
+        ],
+    )
+
+
+def clip_check(results: dict) -> list[str]:
+    return check_section(
+        results,
+        CLIP_CHECK_PREFIX,
+        [
+            "## The CLIP check",
+            "",
+            "The shipped score (`max_all`) on CLIP image towers, fixed before they were trained "
+            '(benchmarks/detection/README.md, "A CLIP check"): the CLIP suite\'s clean CLIP (the control), '
+            "its data-poisoned CLIP, and the BadEncoder and norm-preserving fine-tunes of the clean tower, "
+            "64 px, each scored once with the README's workflow (the fit on the 2,000 Tiny-ImageNet images "
+            "at 64 px; CIFAR-10 test images resized to 64 px). No decision rides on them. Attack: zero-shot "
+            "ASR / BA on CIFAR-10 test, recorded in each case's result. The strongest cue is the "
+            "decoder-free baseline farthest from 0.5.",
+        ],
+    )
 
 
 def report(results: dict) -> str:
@@ -762,6 +841,7 @@ def report(results: dict) -> str:
     lines += third_decision(results)
     lines += fourth_decision(results)
     lines += held_out_check(results)
+    lines += clip_check(results)
     for name, case in results["cases"].items():
         fit = case.get("fit") or {}
         run = case.get("run")
