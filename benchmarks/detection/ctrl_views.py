@@ -53,7 +53,8 @@ def main() -> None:
         f"frequency {r},{c} alone": FrequencyTrigger(frequencies=((r, c),)) for r, c in ctrl.frequencies
     }
     results = {
-        name: {f"{side}px": view_energy(trigger_pattern(t), side) for side in SIDES} for name, t in triggers.items()
+        name: {f"{side}px": view_energy(trigger_pattern(t), side) for side in SIDES}
+        for name, t in triggers.items()
     }
     record = {
         "what": "the CTRL trigger's pattern in random resized crops (scale 0.2-1, the lab's SimCLR views), "
