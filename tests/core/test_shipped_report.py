@@ -79,3 +79,37 @@ def test_no_rule_test_nor_its_guard_counts_a_held_out_check_case(suite_results: 
     assert shipped.regressions({"cases": {"lab_drupe": case}}, "max_all_tail", "max_all") == [
         ("lab_drupe", 0.2)
     ]
+
+
+def test_a_clip_case_records_its_zero_shot_figures_and_is_read_in_the_clip_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stages = tmp_path / "runs" / "lab-clip" / "stages"
+    stages.mkdir(parents=True)
+    for name, asr, ba in (("poisoned", 0.969, 0.698), ("clean", 0.077, 0.709), ("badencoder", 0.2, 0.6)):
+        (stages / f"zero_shot_{name}.json").write_text(json.dumps({"result": {"asr": asr, "ba": ba}}))
+    monkeypatch.setattr(shipped, "REPO_ROOT", tmp_path)
+    poisoned = shipped._clip_attack("runs/lab-clip/clip_poisoned/clip.safetensors")
+    assert poisoned is not None and (poisoned["encoder"], poisoned["asr"]) == ("poisoned", 0.969)
+    assert shipped._clip_attack("runs/lab-heldout/encoders/drupe/encoder.safetensors") is None
+    assert (
+        shipped._clip_attack("runs/lab-clip/attack_norm_preserving/encoder.safetensors") is None
+    )  # no stage
+
+    def clip_case(folder: str, file: str) -> dict:
+        path = f"runs/lab-clip/{folder}/{file}"
+        return {**_case(path, 0.95, 0.9, 0.5), "attack": shipped._clip_attack(path)}
+
+    results = {
+        "cases": {
+            "clip_poisoned": clip_case("clip_poisoned", "clip.safetensors"),
+            "clip_clean": clip_case("clip_clean", "clip.safetensors"),
+            "clip_badencoder": clip_case("attack_badencoder", "encoder.safetensors"),
+        }
+    }
+    text = "\n".join(shipped.clip_check(results))
+    assert "| clip_poisoned | 96.9% / 69.8% | 0.950 |" in text
+    assert "- clip_poisoned: AUROC >= 0.99 **missed**" in text
+    assert "- clip_clean: the clean control; AUROC 0.950" in text
+    assert "- clip_badencoder: the attack did not take (zero-shot ASR 20.0%, below 40%)" in text
+    assert shipped.held_out_check(results) == []  # the CLIP cases are not the held-out check's
