@@ -6,7 +6,8 @@ The safety layer runs before the shared `prepare_image` (models/bundle.py), in t
      and only JPEG, PNG, WebP and BMP pass (415 otherwise);
   3. Pillow is told to try that format alone, so a file cannot be routed to another decoder;
   4. the file's structure is walked (service/structure.py): JPEG scans, segments and restart
-     markers, RLE BMPs, PNG chunks, WebP frames, each under a DEDE_* limit (422, or 400);
+     markers, RLE BMPs, PNG chunks and ICC profiles, WebP frames, each under a DEDE_* limit (422,
+     or 400); the walk also prices the decode, metadata included (`decode_cost`);
   5. the pixel count is read from the header and checked BEFORE the pixels are decoded (413);
      Pillow's own decompression-bomb guard, should it fire, is also a 413; so is a side longer than
      `MAX_SIDE`, and an image whose
@@ -183,15 +184,19 @@ def decode_images(
 
 
 def decode_cost(data: bytes, limits: DecodeLimits) -> int:
-    """What decoding `data` will cost, in pixels x passes (service/structure.py), read from its
-    structure and header alone; raises `ImageRejected` for a structure over a limit. Data that is
-    refused for another reason, or unreadable, costs 0: `decode_image` refuses it at once."""
+    """What decoding `data` will cost, in pixels x passes plus its metadata (service/structure.py),
+    read from its structure and header alone; raises `ImageRejected` for a structure over a limit.
+    Data that is refused for another reason, or unreadable, costs its metadata: `decode_image`
+    refuses it at once. The size comes from the walk where it read one (JPEG, PNG): opening the file
+    with Pillow already parses its metadata, which is the decode's to do, off the event loop."""
     image_format = sniff_format(data)
     if image_format is None:
         return 0
-    passes = check_structure(data, image_format, limits.structure)
+    structure = check_structure(data, image_format, limits.structure)
+    if structure.size is not None:
+        return structure.cost(*structure.size)
     try:
         with Image.open(io.BytesIO(data), formats=[image_format]) as image:
-            return image.width * image.height * passes
+            return structure.cost(image.width, image.height)
     except Exception:  # noqa: BLE001 - any header Pillow cannot read is decode_image's to reject
-        return 0
+        return structure.metadata_cost

@@ -10,10 +10,20 @@ only headers and segment lengths (plus a C-speed search for markers in JPEG scan
 soon as a limit is crossed, and so costs microseconds whatever the file holds.
 
 `check_structure` raises `ImageRejected` (422 `image_too_complex` naming the DEDE_* setting, or 400
-`corrupt_image` for restart markers that do not match the restart interval) or returns the cost of
-decoding per pixel, in "passes": a progressive JPEG's scan count, more for formats Pillow decodes in
-Python. The service decodes an image in its own process only when pixels x passes is small
+`corrupt_image` for restart markers that do not match the restart interval, or a PNG with more than
+the one ICC profile its format allows) or returns a `Structure`: the cost of decoding per pixel, in
+"passes" (a progressive JPEG's scan count, more for formats Pillow decodes in Python), the cost of
+the metadata Pillow reads besides the pixels, and the size the header declares. The service decodes
+an image in its own process only when pixels x passes + metadata cost is small
 (`DEDE_INPROCESS_DECODE_MAX_COST`), in a worker process it can kill otherwise (service/decode_workers.py).
+
+Metadata costs in proportion to its bytes, whatever the pixel count: Pillow walks EXIF, MPF and
+Photoshop directories in Python, an entry at a time (a 1x1 JPEG with a 64 KiB EXIF directory took
+~40 ms to open and ~20 ms more to orient), and inflates every compressed PNG chunk (iCCP, zTXt,
+iTXt) up to 1 MiB each, when the file is opened (a 1x1 PNG of 4 MB holding 4,000 iCCP chunks took
+5 s, on the event loop, as a thumbnail). So the walk charges metadata to the cost, and reports the
+size it read from the header (JPEG's frame, PNG's IHDR): the service then never opens such a file
+with Pillow on its event loop, and decodes it off the loop, in a worker past the in-process cost.
 """
 
 from __future__ import annotations
@@ -28,6 +38,16 @@ from service.rejection import ImageRejected
 RLE_PASSES = 64
 # Segments a WebP may hold besides its frames (VP8X, ICCP, ANIM, EXIF, XMP, unknown ones).
 WEBP_OTHER_CHUNKS = 64
+# Cost per byte of metadata that Pillow parses in Python (EXIF, MPF, Photoshop resources): as an RLE
+# pixel. Other metadata costs a pass per byte (copied, or inflated at C speed).
+METADATA_PASSES = RLE_PASSES
+# Pillow inflates a compressed PNG chunk up to this many bytes (PngImagePlugin.MAX_TEXT_CHUNK), and
+# deflate expands at most ~1032 times.
+PNG_MAX_INFLATED = 1 << 20
+DEFLATE_MAX_RATIO = 1032
+_PNG_COMPRESSED = {b"iCCP", b"zTXt", b"iTXt"}
+# JPEG APPn segments whose payload Pillow parses in Python, by their leading identifier.
+_JPEG_PARSED_APP = ((0xE1, b"Exif"), (0xE2, b"MPF\0"), (0xED, b"Photoshop"))
 
 _JPEG_RST = range(0xD0, 0xD8)
 # The end of a scan's entropy-coded data: 0xFF followed by a marker other than a stuffed zero, a
@@ -54,18 +74,31 @@ def _too_complex(message: str, setting: str) -> ImageRejected:
     return ImageRejected(422, "image_too_complex", f"{message} (limit: {setting})")
 
 
-def check_structure(data: bytes, image_format: str, limits: StructureLimits) -> int:
-    """Passes over the pixels that decoding `data` will make (>= 1); raises `ImageRejected` when its
-    structure breaks a limit. Data it cannot walk is left for Pillow to refuse (truncated, corrupt)."""
+@dataclass(frozen=True)
+class Structure:
+    """What the walk found: decoding costs width x height x `passes` + `metadata_cost`."""
+
+    passes: int = 1  # passes over the pixels (>= 1)
+    metadata_cost: int = 0  # in pixel-passes
+    size: tuple[int, int] | None = None  # (width, height) as Pillow reads it, when the walk read it
+
+    def cost(self, width: int, height: int) -> int:
+        return width * height * self.passes + self.metadata_cost
+
+
+def check_structure(data: bytes, image_format: str, limits: StructureLimits) -> Structure:
+    """The passes over the pixels and the metadata cost of decoding `data`; raises `ImageRejected`
+    when its structure breaks a limit. Data it cannot walk is left for Pillow to refuse (truncated,
+    corrupt)."""
     if image_format == "JPEG":
         return _check_jpeg(data, limits)
     if image_format == "BMP":
-        return _check_bmp(data, limits)
+        return Structure(_check_bmp(data, limits))
     if image_format == "PNG":
         return _check_png(data, limits)
     if image_format == "WEBP":
         return _check_webp(data, limits)
-    return 1
+    return Structure()
 
 
 @dataclass
@@ -75,10 +108,11 @@ class _Frame:
     components: dict[int, tuple[int, int]]  # component id -> (horizontal, vertical) sampling
 
 
-def _check_jpeg(data: bytes, limits: StructureLimits) -> int:
+def _check_jpeg(data: bytes, limits: StructureLimits) -> Structure:
     pos, size = 2, len(data)
-    scans = segments = metadata_bytes = restart_interval = 0
+    scans = segments = metadata_bytes = metadata_cost = restart_interval = 0
     frame: _Frame | None = None
+    declared: tuple[int, int] | None = None  # the frame Pillow reads: the last one before the first scan
     while pos + 4 <= size:
         if data[pos] != 0xFF:
             # Not a marker. libjpeg and Pillow skip such junk to the next marker and read on, so
@@ -102,6 +136,8 @@ def _check_jpeg(data: bytes, limits: StructureLimits) -> int:
         if length < 2 or body_end > size:
             break  # truncated: Pillow refuses it
         if marker == 0xDA:  # SOS, then the scan's entropy-coded data up to the next marker
+            if scans == 0 and frame is not None:
+                declared = (frame.width, frame.height)
             scans += 1
             if scans > limits.jpeg_max_scans:
                 raise _too_complex(
@@ -126,12 +162,14 @@ def _check_jpeg(data: bytes, limits: StructureLimits) -> int:
                     f"the JPEG's APPn and COM segments hold more than {limits.jpeg_max_metadata_bytes} bytes",
                     "DEDE_JPEG_MAX_METADATA_BYTES",
                 )
+            parsed = any(marker == m and data.startswith(tag, body_start) for m, tag in _JPEG_PARSED_APP)
+            metadata_cost += (length - 2) * (METADATA_PASSES if parsed else 1)
         elif marker == 0xDD and length >= 4:  # DRI
             (restart_interval,) = struct.unpack_from(">H", data, body_start)
         elif marker in _JPEG_SOF:
             frame = _parse_frame(data, body_start, body_end)
         pos = body_end
-    return max(1, scans)
+    return Structure(max(1, scans), metadata_cost, declared)
 
 
 def _parse_frame(data: bytes, start: int, end: int) -> _Frame | None:
@@ -211,24 +249,45 @@ def _check_bmp(data: bytes, limits: StructureLimits) -> int:
     return RLE_PASSES
 
 
-def _check_png(data: bytes, limits: StructureLimits) -> int:
-    pos, size, chunks, passes = 8, len(data), 0, 1
+def _check_png(data: bytes, limits: StructureLimits) -> Structure:
+    pos, size, chunks, passes, metadata_cost, profiles = 8, len(data), 0, 1, 0, 0
+    declared: tuple[int, int] | None = None
+    seen_data = False
     while pos + 8 <= size:
         (length,) = struct.unpack_from(">I", data, pos)
         kind = data[pos + 4 : pos + 8]
         chunks += 1
         if chunks > limits.png_max_chunks:
             raise _too_complex(f"the PNG has more than {limits.png_max_chunks} chunks", "DEDE_PNG_MAX_CHUNKS")
-        if kind == b"IHDR" and length >= 13 and pos + 21 <= size and data[pos + 20] == 1:
-            passes = 2  # Adam7 interlacing: seven passes over a buffer of the whole image
+        if kind == b"IHDR" and length >= 13 and pos + 21 <= size:
+            if data[pos + 20] == 1:
+                passes = 2  # Adam7 interlacing: seven passes over a buffer of the whole image
+            if not seen_data:  # Pillow reads the chunks up to the first IDAT; the last IHDR wins
+                declared = struct.unpack_from(">II", data, pos + 8)
+        elif kind == b"IDAT":
+            seen_data = True
+        elif kind in _PNG_COMPRESSED:
+            if kind == b"iCCP":
+                profiles += 1
+                if profiles > 1:
+                    raise ImageRejected(
+                        400,
+                        "corrupt_image",
+                        "the PNG holds more than one iCCP chunk; the format allows one ICC profile",
+                    )
+            metadata_cost += min(PNG_MAX_INFLATED, DEFLATE_MAX_RATIO * length)
+        elif kind == b"eXIf":
+            metadata_cost += METADATA_PASSES * length
+        else:
+            metadata_cost += length if kind == b"tEXt" else 0
         if kind == b"IEND":
             break
         pos += 12 + length
-    return passes
+    return Structure(passes, metadata_cost, declared)
 
 
-def _check_webp(data: bytes, limits: StructureLimits) -> int:
-    pos, size, frames, others = 12, len(data), 0, 0
+def _check_webp(data: bytes, limits: StructureLimits) -> Structure:
+    pos, size, frames, others, metadata_cost = 12, len(data), 0, 0, 0
     while pos + 8 <= size:
         kind = data[pos : pos + 4]
         (length,) = struct.unpack_from("<I", data, pos + 4)
@@ -245,5 +304,9 @@ def _check_webp(data: bytes, limits: StructureLimits) -> int:
                     f"the WebP has more than {WEBP_OTHER_CHUNKS} chunks besides its frames",
                     "DEDE_WEBP_MAX_FRAMES",
                 )
+            if kind == b"EXIF":
+                metadata_cost += METADATA_PASSES * length
+            elif kind in (b"ICCP", b"XMP "):
+                metadata_cost += length
         pos += 8 + length + (length & 1)
-    return 1
+    return Structure(1, metadata_cost)

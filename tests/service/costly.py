@@ -15,6 +15,8 @@ Classes (`COSTLY_CLASSES`):
   jpeg_many_app         ~100k tiny APP1 (EXIF) segments before the frame;
   bmp_rle               a large RLE8 BMP made of end-of-line codes (Pillow pads each row in Python);
   png_many_chunks       tens of thousands of ancillary chunks before the image data;
+  png_many_iccp         a 1x1 PNG with thousands of iCCP chunks, each inflating to 1 MiB (Pillow inflates
+                        every one when it opens the file: 4,000 of them took 5 s);
   webp_many_frames      an animated WebP with thousands of frames.
 """
 
@@ -167,6 +169,34 @@ def png_many_chunks(chunks: int = 50_000, width: int = 32, height: int = 32) -> 
     return data[:ihdr_end] + _png_chunk(b"prVt", b"") * chunks + data[ihdr_end:]
 
 
+def png_many_iccp(chunks: int = 4_000, width: int = 1, height: int = 1) -> bytes:
+    """A small PNG with `chunks` iCCP chunks, each a profile of 1 MiB of zeros (~1 KB deflated)."""
+    data = _encode(_flat_image(width, height), "PNG")
+    ihdr_end = 8 + 8 + 13 + 4
+    profile = _png_chunk(b"iCCP", b"icc\0\0" + zlib.compress(bytes(1 << 20), 9))
+    return data[:ihdr_end] + profile * chunks + data[ihdr_end:]
+
+
+def png_with_text(chunks: int = 64, width: int = 1, height: int = 1) -> bytes:
+    """A small PNG with `chunks` zTXt chunks, each 1 MiB of zeros (~1 KB deflated): as much as
+    Pillow inflates (64 MiB in all) before it refuses more text."""
+    data = _encode(_flat_image(width, height), "PNG")
+    ihdr_end = 8 + 8 + 13 + 4
+    text = _png_chunk(b"zTXt", b"note\0\0" + zlib.compress(bytes(1 << 20), 9))
+    return data[:ihdr_end] + text * chunks + data[ihdr_end:]
+
+
+def jpeg_with_exif(entries: int = 5_400, width: int = 8, height: int = 8) -> bytes:
+    """A small JPEG whose APP1 EXIF directory holds `entries` entries (5,400 fill the 64 KiB segment):
+    Pillow reads the directory in Python when it opens the file, and again to orient it."""
+    directory = struct.pack("<H", entries) + b"".join(
+        struct.pack("<HHLL", 0x9000 + i, 3, 1, 1) for i in range(entries)
+    )
+    exif = b"Exif\0\0" + b"II*\0\x08\0\0\0" + directory + b"\0\0\0\0"
+    data = _encode(_flat_image(width, height), "JPEG")
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", 2 + len(exif)) + exif + data[2:]
+
+
 def webp_many_frames(frames: int = 2_000, width: int = 16, height: int = 16) -> bytes:
     """An animated WebP of `frames` frames (alternating two pictures, so none is merged away)."""
     first = _flat_image(width, height)
@@ -206,5 +236,6 @@ COSTLY_CLASSES = (
     CostlyClass("jpeg_many_app", lambda: jpeg_many_app(100_000), lambda: jpeg_many_app(2_000)),
     CostlyClass("bmp_rle", lambda: bmp_rle(4000, 4000), lambda: bmp_rle(1500, 1500)),
     CostlyClass("png_many_chunks", lambda: png_many_chunks(200_000), lambda: png_many_chunks(20_000)),
+    CostlyClass("png_many_iccp", lambda: png_many_iccp(4_000), lambda: png_many_iccp(16)),
     CostlyClass("webp_many_frames", lambda: webp_many_frames(5_000), lambda: webp_many_frames(2_000)),
 )

@@ -22,13 +22,22 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from conftest import ServerProcess, encode, random_images, start_server
-from costly import COSTLY_CLASSES, bmp_rle, jpeg_many_scans, jpeg_restart_broken, webp_many_frames
+from costly import (
+    COSTLY_CLASSES,
+    bmp_rle,
+    jpeg_many_scans,
+    jpeg_restart_broken,
+    jpeg_with_exif,
+    png_with_text,
+    webp_many_frames,
+)
 from PIL import Image
 
 from models.bundle import InputSpec
 from service.decode_step import Abandonment
 from service.decoding import DecodeLimits, ImageRejected, decode_cost, decode_image
 from service.errors import ServiceError
+from service.settings import Settings
 from service.structure import StructureLimits
 
 SPEC = InputSpec(height=32, width=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -43,6 +52,7 @@ EXPECTED = {
     "jpeg_many_app": (422, "DEDE_JPEG_MAX_SEGMENTS"),
     "bmp_rle": (422, "DEDE_BMP_MAX_RLE_PIXELS"),
     "png_many_chunks": (422, "DEDE_PNG_MAX_CHUNKS"),
+    "png_many_iccp": (400, "more than one iCCP chunk"),
     "webp_many_frames": (422, "DEDE_WEBP_MAX_FRAMES"),
 }
 GOOD = encode(random_images(1, seed=3)[0])
@@ -160,9 +170,33 @@ def test_junk_between_segments_does_not_hide_the_scans_behind_it() -> None:
 
 def test_the_limits_are_settings() -> None:
     lenient = DecodeLimits(25_000_000, StructureLimits(jpeg_max_scans=400))
-    assert decode_cost(jpeg_many_scans(64, 64, 300), lenient) == 64 * 64 * 300  # pixels x scans
+    # pixels x scans, plus a pass per byte of the JFIF segment's 14 (metadata Pillow only copies)
+    assert decode_cost(jpeg_many_scans(64, 64, 300), lenient) == 64 * 64 * 300 + 14
     with pytest.raises(ImageRejected, match="restart"):
         decode_cost(jpeg_restart_broken(64, 64, "missing"), lenient)  # not a limit: always checked
+
+
+def test_metadata_is_charged_to_the_cost_and_never_opened_on_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 1x1 image is a thumbnail by its pixels, but Pillow parses an EXIF directory in Python and
+    inflates every compressed PNG chunk when it opens the file: 64 such files in one request held the
+    event loop for seconds (decoded there as thumbnails, opened there to read their size)."""
+    settings = Settings()
+    heavy = {"png_text": png_with_text(64), "jpeg_exif": jpeg_with_exif(5_400)}
+    plain = {"png": encode(random_images(1, seed=9)[0]), "jpeg": encode(random_images(1, seed=9)[0], "JPEG")}
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cost of a JPEG or PNG is read without opening it with Pillow")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("service.decoding.Image.open", refuse)
+        costs = {name: decode_cost(data, LIMITS) for name, data in {**heavy, **plain}.items()}
+    assert costs["png_text"] > settings.inprocess_decode_max_cost  # 64 MiB to inflate: a worker's
+    assert costs["jpeg_exif"] > settings.inline_decode_max_pixels  # off the event loop
+    assert costs["png"] == 32 * 32 and costs["jpeg"] < 2 * 32 * 32  # thumbnails stay thumbnails
+    for data in heavy.values():
+        assert decode_image(data, SPEC, LIMITS).shape == (3, 32, 32)  # refused by nothing: only routed
 
 
 # -- a real server -----------------------------------------------------------------------------------
