@@ -254,7 +254,75 @@ def load_bundle(path: str | Path) -> Bundle:
                 f"{file_path}: sha256 {actual[:12]}... does not match the manifest's "
                 f"{entry.sha256[:12]}...: the file was changed or corrupted; re-export the bundle"
             )
+    _refuse_external_data(root / ONNX_NAME)
     return Bundle(root, manifest)
+
+
+# ONNX protobuf fields that lead to tensors (onnx/onnx.proto): message -> {field: message kind}.
+_ONNX_TENSOR_PATHS: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 25: "function"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _external_tensors(data: memoryview, kind: str) -> int:
+    """How many tensors inside this ONNX message keep their data outside the graph file."""
+    found, pos, fields = 0, 0, _ONNX_TENSOR_PATHS.get(kind, {})
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+            if kind == "tensor" and field == _TENSOR_DATA_LOCATION and value != 0:
+                found += 1
+        elif wire == 1 or wire == 5:
+            pos += 8 if wire == 1 else 4
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > len(data):
+                raise ValueError("a field runs past the end of its message")
+            if kind == "tensor" and field == _TENSOR_EXTERNAL_DATA:
+                found += 1
+            elif field in fields:
+                found += _external_tensors(data[pos : pos + length], fields[field])
+            pos += length
+        else:
+            raise ValueError(f"wire type {wire} is not used by ONNX")
+    if pos != len(data):
+        raise ValueError("a field runs past the end of its message")
+    return min(found, 1) if kind == "tensor" else found
+
+
+def _refuse_external_data(onnx_path: Path) -> None:
+    """A bundle's graph holds all its weights: dede never writes external data, and a tensor whose
+    data lies in another file (ONNX's external data) would be read from a path the graph names, past
+    the manifest's hashes, even outside the bundle on ONNX Runtimes that do not check the path."""
+    try:
+        external = _external_tensors(memoryview(onnx_path.read_bytes()), "model")
+    except (OSError, ValueError, RecursionError) as exc:
+        raise BundleError(f"{onnx_path} is not a readable ONNX graph: {exc}") from exc
+    if external:
+        raise BundleError(
+            f"{onnx_path}: {external} tensor(s) keep their data in external files; a bundle's graph must "
+            "hold all its weights (re-export the bundle with `dede export`)"
+        )
 
 
 def write_manifest(root: Path, manifest_fields: dict) -> Manifest:

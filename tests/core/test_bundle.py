@@ -103,3 +103,60 @@ def test_resize_rules() -> None:
     wide = Image.new("RGB", (96, 32), (0, 0, 0))
     wide.paste((255, 255, 255), (32, 0, 64, 32))  # white centre third
     assert prepare_image(wide, crop).min() == 255  # only the centre survives the crop
+
+
+def _with_external_tensor(bundle: Path, location: str, in_subgraph: bool) -> None:
+    """Give the bundle's graph one more tensor whose data lies in `location` (ONNX external data), as
+    an initializer or inside a Constant node's attribute, and list the graph's new hash."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(bundle / "detector.onnx"))
+    tensor = helper.make_tensor("stolen", TensorProto.FLOAT, [4], vals=[0.0] * 4)
+    tensor.ClearField("float_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in {"location": location, "offset": "0", "length": "16"}.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    if in_subgraph:
+        model.graph.node.append(helper.make_node("Constant", [], ["stolen_out"], value=tensor))
+    else:
+        model.graph.initializer.append(tensor)
+    (bundle / "detector.onnx").write_bytes(model.SerializeToString())
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    from models.bundle import sha256_file
+
+    for entry in manifest["files"]:
+        if entry["path"] == "detector.onnx":
+            entry["sha256"] = sha256_file(bundle / "detector.onnx")
+            entry["bytes"] = (bundle / "detector.onnx").stat().st_size
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "location, in_subgraph",
+    [("../outside.bin", False), ("/etc/hostname", False), ("weights.bin", False), ("../outside.bin", True)],
+)
+def test_a_graph_with_external_data_is_refused(
+    tiny_bundle: Path, tmp_path: Path, location: str, in_subgraph: bool
+) -> None:
+    """External data is read from a path the graph names, past the manifest's hashes (a file in the
+    bundle that the manifest does not list, or one outside it): refused before any session opens."""
+    bundle = _copy(tiny_bundle, tmp_path)
+    (tmp_path / "outside.bin").write_bytes(bytes(16))
+    (bundle / "weights.bin").write_bytes(bytes(16))
+    _with_external_tensor(bundle, location, in_subgraph)
+    with pytest.raises(BundleError, match="1 tensor\\(s\\) keep their data in external files"):
+        load_bundle(bundle)
+
+
+def test_a_graph_that_is_not_protobuf_is_refused_by_the_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = _copy(tiny_bundle, tmp_path)
+    (bundle / "detector.onnx").write_bytes(b"\x0a\xff\xff\xff\xff\x0f" + bytes(8))  # a field past the end
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    from models.bundle import sha256_file
+
+    manifest["files"][0].update(sha256=sha256_file(bundle / "detector.onnx"), bytes=14)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not a readable ONNX graph"):
+        load_bundle(bundle)
