@@ -16,13 +16,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import stat
+import struct
 import tarfile
 import tempfile
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
@@ -394,9 +397,28 @@ def prepare_array(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     return np.stack([prepare_image(Image.fromarray(img), spec) for img in images])
 
 
+# The formats an image file may hold, offline as online (service/decoding.py): Pillow is told to try
+# these alone, so a file cannot reach another of its decoders (EPS runs Ghostscript on it).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+
+
 def load_image_file(path: str | Path, spec: InputSpec) -> np.ndarray:
-    """An image file -> uint8 [3, H, W]. Offline use; the service adds upload limits first."""
-    data = Path(path).read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return prepare_image(image, spec)
+    """An image file -> uint8 [3, H, W]. Offline use; the service adds upload limits first.
+
+    Raises OSError for a path that is not a regular file (a FIFO would block the read forever, a
+    device never end) or data that does not decode, UnidentifiedImageError for another format."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read()
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            image.load()
+            return prepare_image(image, spec)
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"{path} is not a JPEG, PNG, WebP or BMP image") from None
+    except (SyntaxError, EOFError, IndexError, TypeError, ValueError, struct.error) as exc:
+        # Malformed headers surface from Pillow's plugins as any of these.
+        raise OSError(f"{path} cannot be decoded: {exc}") from exc

@@ -48,8 +48,14 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             y = archive["y"] if "y" in archive.files else np.full(len(x), -1, dtype=np.int64)
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"{path}: not an .npz with uint8 'x' [N, H, W, 3] ({exc})") from exc
+    except MemoryError as exc:  # a header may declare any shape; numpy allocates it before reading
+        raise DataError(f"{path}: an array's declared shape does not fit in memory ({exc})") from exc
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise DataError(f"{path}: 'x' is {x.dtype} {x.shape}; expected uint8 [N, H, W, 3]")
+    if y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "biu":
+        raise DataError(
+            f"{path}: 'y' is {y.dtype} {y.shape}; expected integer labels [{len(x)}], one per image"
+        )
     return x, y.astype(np.int64)
 
 

@@ -60,3 +60,71 @@ def test_the_demo_sets_are_disjoint_random_draws_over_every_class() -> None:
     for name, labels in (("shadow", train_y), ("fit", train_y), ("calibration", test_y)):
         counts = np.bincount(labels[splits[name]], minlength=10)
         assert counts.min() > 0.7 * counts.mean(), (name, counts)  # no class left out or dominant
+
+
+def test_npz_labels_that_do_not_match_the_images_are_refused(tmp_path: Path) -> None:
+    x = np.zeros((4, 8, 8, 3), np.uint8)
+    for name, y in {
+        "short": np.zeros(2, np.int64),
+        "text": np.array(list("abcd")),
+        "2d": np.zeros((4, 3)),
+    }.items():
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+        with pytest.raises(DataError, match="expected integer labels \\[4\\], one per image"):
+            load_images(str(tmp_path / f"{name}.npz"), SPEC)
+
+
+def test_an_npz_declaring_a_shape_past_memory_is_refused_before_reading(tmp_path: Path) -> None:
+    """numpy allocates the shape a .npy header declares before it reads the data: 273 TiB here."""
+    import struct
+    import zipfile
+
+    header = b"{'descr': '|u1', 'fortran_order': False, 'shape': (100000000, 1000, 1000, 3), }"
+    header += b" " * (127 - 10 - len(header)) + b"\n"
+    npy = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + bytes(64)
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as archive:
+        archive.writestr("x.npy", npy)
+    with pytest.raises(DataError, match="declared shape does not fit in memory"):
+        load_images(str(tmp_path / "huge.npz"), SPEC)
+
+
+def test_an_image_folder_reaches_no_other_decoder_and_no_special_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An EPS file named .png must never reach Pillow's EPS plugin (it runs Ghostscript on the file),
+    and a FIFO named .png must not block the read forever: each is a one-line DataError."""
+    import io
+    import os
+    import threading
+
+    from PIL import EpsImagePlugin, Image
+
+    def ghostscript(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ghostscript was run on a data file")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    buffer = io.BytesIO()
+    Image.new("RGB", (9, 9)).save(buffer, "PNG")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a_good.png").write_bytes(buffer.getvalue())
+    (folder / "eps.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\nshowpage\n")
+    with pytest.raises(DataError, match="eps.png: .*not a JPEG, PNG, WebP or BMP image"):
+        load_images(str(folder), SPEC)
+    (folder / "eps.png").unlink()
+
+    os.mkfifo(folder / "fifo.png")
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            load_images(str(folder), SPEC)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert outcome, "reading a FIFO named .png blocked"
+    assert isinstance(outcome[0], DataError) and "fifo.png is not a regular file" in str(outcome[0])
