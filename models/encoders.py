@@ -86,9 +86,12 @@ def load_state_dict_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str,
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        return load_file(str(path)), metadata
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            return load_file(str(path)), metadata
+        except Exception as exc:  # SafetensorError (bad header, truncated data) is no OSError
+            raise EncoderLoadError(f"{path} is not a readable .safetensors file: {exc}") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a file that is not a safe state dict

@@ -117,3 +117,18 @@ def test_factory_and_unknown_specs() -> None:
 
 def tiny_factory() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xff\xff\xff\xff\xff\xff\xff\x7f{}",  # a header length of 2^63
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{" + b'"a":{"dtype":',  # a header cut short
+        b'\x02\x00\x00\x00\x00\x00\x00\x00{}{"a"',  # data after an empty header
+    ],
+)
+def test_a_safetensors_file_with_a_bad_header_is_a_one_line_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "encoder.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(EncoderLoadError, match="not a readable .safetensors file"):
+        load_encoder(str(path))
