@@ -52,6 +52,8 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: an array's declared shape does not fit in memory ({exc})") from exc
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise DataError(f"{path}: 'x' is {x.dtype} {x.shape}; expected uint8 [N, H, W, 3]")
+    if 0 in x.shape[1:3]:  # resized to the encoder's input, an empty image is all NaN: the fit learns nothing
+        raise DataError(f"{path}: 'x' is {x.shape}: its images have no pixels")
     if y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "biu":
         raise DataError(
             f"{path}: 'y' is {y.dtype} {y.shape}; expected integer labels [{len(x)}], one per image"

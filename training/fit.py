@@ -400,6 +400,12 @@ def _fit_decoder(
         embeddings = ddp.gather_rows(embeddings, len(everything))
         if ddp.is_main:
             np.save(embeddings_path, embeddings)
+    bad = int((~np.isfinite(embeddings).all(axis=1)).sum())
+    if bad:  # the decoder would train on NaN for its whole budget and export a detector of NaN scores
+        raise RunError(
+            f"the encoder's embeddings of {bad} of {len(embeddings)} auxiliary views hold NaN or "
+            "infinite values: the encoder is broken, or these images make it overflow"
+        )
     train_z, val_z = embeddings[: len(train_images)], embeddings[len(train_images) :]
     spread = embedding_spread(embeddings)
     if spread["collapsed"] and ddp.is_main:

@@ -128,3 +128,11 @@ def test_an_image_folder_reaches_no_other_decoder_and_no_special_file(
     worker.join(timeout=20)
     assert outcome, "reading a FIFO named .png blocked"
     assert isinstance(outcome[0], DataError) and "fifo.png is not a regular file" in str(outcome[0])
+
+
+def test_an_npz_of_images_without_pixels_is_refused(tmp_path: Path) -> None:
+    """Resized to the encoder's input, a 0 x 0 image is all NaN: a fit on them ran with a NaN loss."""
+    for shape in ((5, 0, 0, 3), (5, 32, 0, 3)):
+        np.savez(tmp_path / "empty.npz", x=np.zeros(shape, np.uint8), y=np.zeros(5, np.int64))
+        with pytest.raises(DataError, match="its images have no pixels"):
+            load_images(str(tmp_path / "empty.npz"), SPEC)

@@ -240,3 +240,22 @@ def test_torchscript_encoder_exports_through_the_torchscript_exporter(
     manifest = export_bundle(load_run(run_dir), tmp_path / "bundle")
     assert manifest.encoder.kind == "torchscript" and len(manifest.encoder.sha256 or "") == 64
     assert manifest.parity["max_relative_diff_ort_vs_torch"] <= 1e-4
+
+
+def test_a_fit_refuses_an_encoder_whose_embeddings_are_not_finite(
+    tiny_data: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """An encoder that overflows on some images would train the decoder on NaN for its whole budget."""
+    real_embed = fit_module.embed_images
+
+    def overflowing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        z = real_embed(*args, **kwargs)
+        z[3, 0] = np.inf
+        return z
+
+    monkeypatch.setattr(fit_module, "embed_images", overflowing)
+    encoder = load_encoder("random:cifar_resnet18", width=8)
+    settings = FitSettings(preset="tiny", epochs=1, batch_size=64)
+    with pytest.raises(fit_module.RunError, match="1 of .* auxiliary views hold NaN or infinite"):
+        fit_decoder(encoder, _images(tiny_data["aux"], 40), tmp_path / "run", settings)
+    assert not (tmp_path / "run" / "decoder.safetensors").exists()
