@@ -699,7 +699,7 @@ def _tpr_fpr(method: dict, key: str) -> str:
     return f"{100 * at['tpr']:.1f}% / {100 * at['realised_fpr']:.1f}%" if at else "-"
 
 
-def check_section(results: dict, prefix: str, heading: list[str]) -> list[str]:
+def check_section(results: dict, prefix: str) -> list[str]:
     """The shipped score (`max_all`) on the cases named `prefix`*, against the issue's goals."""
     cases = {n: c for n, c in results["cases"].items() if n.startswith(prefix)}
     if not cases:
@@ -771,8 +771,11 @@ def check_section(results: dict, prefix: str, heading: list[str]) -> list[str]:
             + "; ".join(f"{goal} {'met' if ok else '**missed**'}" for goal, ok in checks.items())
             + "."
         )
+    title, intro = CHECK_SECTIONS[prefix]
     return [
-        *heading,
+        f"## {title}",
+        "",
+        intro,
         "",
         "| case | attack ASR / BA | AUROC max_all | TPR / FPR id | TPR / FPR ood (crops) "
         "| TPR / FPR ood (held-out aux) | TPR@1%FPR | AUROC pixel sse | strongest decoder-free cue |",
@@ -784,38 +787,27 @@ def check_section(results: dict, prefix: str, heading: list[str]) -> list[str]:
     ]
 
 
-def held_out_check(results: dict) -> list[str]:
-    return check_section(
-        results,
-        HELD_OUT_CHECK_PREFIX,
-        [
-            "## The held-out check",
-            "",
-            "The shipped score (`max_all`) on attacks it was never run on, fixed before they were trained "
-            '(benchmarks/detection/README.md, "A held-out check"): the lab-heldout suite\'s attacks '
-            "(`heldout/REPORT.md`), each scored once. No decision rides on them. Attack: probe ASR / BA "
-            "(`heldout/results.json`). The strongest cue is the decoder-free baseline farthest from 0.5 (an "
-            "AUROC far below 0.5 separates with the opposite sign).",
-        ],
-    )
-
-
-def clip_check(results: dict) -> list[str]:
-    return check_section(
-        results,
-        CLIP_CHECK_PREFIX,
-        [
-            "## The CLIP check",
-            "",
-            "The shipped score (`max_all`) on CLIP image towers, fixed before they were trained "
-            '(benchmarks/detection/README.md, "A CLIP check"): the CLIP suite\'s clean CLIP (the control), '
-            "its data-poisoned CLIP, and the BadEncoder and norm-preserving fine-tunes of the clean tower, "
-            "64 px, each scored once with the README's workflow (the fit on the 2,000 Tiny-ImageNet images "
-            "at 64 px; CIFAR-10 test images resized to 64 px). No decision rides on them. Attack: zero-shot "
-            "ASR / BA on CIFAR-10 test, recorded in each case's result. The strongest cue is the "
-            "decoder-free baseline farthest from 0.5.",
-        ],
-    )
+# The check sections of the report: cases named <prefix>*, their heading and what they are.
+CHECK_SECTIONS = {
+    HELD_OUT_CHECK_PREFIX: (
+        "The held-out check",
+        "The shipped score (`max_all`) on attacks it was never run on, fixed before they were trained "
+        '(benchmarks/detection/README.md, "A held-out check"): the lab-heldout suite\'s attacks '
+        "(`heldout/REPORT.md`), each scored once. No decision rides on them. Attack: probe ASR / BA "
+        "(`heldout/results.json`). The strongest cue is the decoder-free baseline farthest from 0.5 (an "
+        "AUROC far below 0.5 separates with the opposite sign).",
+    ),
+    CLIP_CHECK_PREFIX: (
+        "The CLIP check",
+        "The shipped score (`max_all`) on CLIP image towers, fixed before they were trained "
+        '(benchmarks/detection/README.md, "A CLIP check"): the CLIP suite\'s clean CLIP (the control), '
+        "its data-poisoned CLIP, and the BadEncoder and norm-preserving fine-tunes of the clean tower, "
+        "64 px, each scored once with the README's workflow (the fit on the 2,000 Tiny-ImageNet images "
+        "at 64 px; CIFAR-10 test images resized to 64 px). No decision rides on them. Attack: zero-shot "
+        "ASR / BA on CIFAR-10 test, recorded in each case's result. The strongest cue is the "
+        "decoder-free baseline farthest from 0.5.",
+    ),
+}
 
 
 def report(results: dict) -> str:
@@ -840,8 +832,8 @@ def report(results: dict) -> str:
     lines += decision(results)
     lines += third_decision(results)
     lines += fourth_decision(results)
-    lines += held_out_check(results)
-    lines += clip_check(results)
+    for prefix in CHECK_SECTIONS:
+        lines += check_section(results, prefix)
     for name, case in results["cases"].items():
         fit = case.get("fit") or {}
         run = case.get("run")

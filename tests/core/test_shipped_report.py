@@ -60,7 +60,7 @@ def test_the_held_out_check_reads_each_goal_and_the_strongest_inverted_cue(suite
             "heldout_clean": _case("runs/lab-heldout/simclr_clean/encoder.safetensors", 0.6, 0.6, 0.5),
         }
     }
-    text = "\n".join(shipped.held_out_check(results))
+    text = "\n".join(shipped.check_section(results, shipped.HELD_OUT_CHECK_PREFIX))
     assert "| heldout_drupe | 98.0% / 60.0% | 0.993 | 97.0% / 1.0% | 92.0% / 1.0% |" in text
     assert "knn_distance 0.005" in text
     drupe = next(line for line in text.splitlines() if line.startswith("- heldout_drupe:"))
@@ -107,9 +107,11 @@ def test_a_clip_case_records_its_zero_shot_figures_and_is_read_in_the_clip_check
             "clip_badencoder": clip_case("attack_badencoder", "encoder.safetensors"),
         }
     }
-    text = "\n".join(shipped.clip_check(results))
+    text = "\n".join(shipped.check_section(results, shipped.CLIP_CHECK_PREFIX))
     assert "| clip_poisoned | 96.9% / 69.8% | 0.950 |" in text
     assert "- clip_poisoned: AUROC >= 0.99 **missed**" in text
     assert "- clip_clean: the clean control; AUROC 0.950" in text
     assert "- clip_badencoder: the attack did not take (zero-shot ASR 20.0%, below 40%)" in text
-    assert shipped.held_out_check(results) == []  # the CLIP cases are not the held-out check's
+    assert (
+        shipped.check_section(results, shipped.HELD_OUT_CHECK_PREFIX) == []
+    )  # the CLIP cases are not the held-out check's
