@@ -402,15 +402,29 @@ def prepare_array(images: np.ndarray, spec: InputSpec) -> np.ndarray:
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 
 
+# An offline image file larger than this is refused before it is read: the read holds the whole
+# file in memory, and 64 MiB is already several times the largest photo a camera writes, and far
+# more than any encoder's input needs (the service's own upload limit is 16 MiB).
+MAX_IMAGE_FILE_BYTES = 64 * 1024 * 1024
+
+
 def load_image_file(path: str | Path, spec: InputSpec) -> np.ndarray:
     """An image file -> uint8 [3, H, W]. Offline use; the service adds upload limits first.
 
     Raises OSError for a path that is not a regular file (a FIFO would block the read forever, a
-    device never end) or data that does not decode, UnidentifiedImageError for another format."""
+    device never end), a file over MAX_IMAGE_FILE_BYTES or data that does not decode,
+    UnidentifiedImageError for another format."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise OSError(f"{path} is not a regular file")
+    if info.st_size > MAX_IMAGE_FILE_BYTES:
+        os.close(fd)
+        raise OSError(
+            f"{path} has {info.st_size:,} bytes, over the {MAX_IMAGE_FILE_BYTES:,} "
+            f"({MAX_IMAGE_FILE_BYTES // 2**20} MiB) an image file may have"
+        )
     with os.fdopen(fd, "rb") as handle:
         data = handle.read()
     try:

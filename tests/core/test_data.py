@@ -130,6 +130,35 @@ def test_an_image_folder_reaches_no_other_decoder_and_no_special_file(
     assert isinstance(outcome[0], DataError) and "fifo.png is not a regular file" in str(outcome[0])
 
 
+def test_an_image_file_over_the_size_limit_is_refused_before_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read holds the whole file in memory: an oversized file is a one-line DataError first."""
+    import io
+    import os
+
+    from PIL import Image
+
+    from models import bundle
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    buffer = io.BytesIO()
+    Image.new("RGB", (9, 9)).save(buffer, "PNG")
+    (folder / "a_good.png").write_bytes(buffer.getvalue())
+    with open(folder / "huge.png", "wb") as handle:  # sparse: nothing is written to disk
+        handle.write(buffer.getvalue())
+        os.truncate(handle.fileno(), bundle.MAX_IMAGE_FILE_BYTES + 1)
+    reads: list[int] = []
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: reads.append(1) or real_fdopen(*a, **k))
+    with pytest.raises(DataError, match=r"huge.png has 67,108,865 bytes, over the 67,108,864 \(64 MiB\)"):
+        load_images(str(folder), SPEC)
+    assert len(reads) == 1  # the good file was read; the huge one never opened for reading
+    (folder / "huge.png").unlink()
+    assert load_images(str(folder), SPEC)[0].shape == (1, 3, 8, 8)
+
+
 def test_an_npz_of_images_without_pixels_is_refused(tmp_path: Path) -> None:
     """Resized to the encoder's input, a 0 x 0 image is all NaN: a fit on them ran with a NaN loss."""
     for shape in ((5, 0, 0, 3), (5, 32, 0, 3)):
