@@ -223,12 +223,17 @@ SUITES["lab-hard"] = SuiteConfig(
 # Added 14:00 UTC, before it was trained: the cue-hiding (adaptive) BadEncoder with the white square
 # at 40 attack epochs instead of 20 (on lab-hard at 20: ASR 86.6%, just under the attacks issue's
 # 90%, with its triggered embeddings at cosine 0.989 to the target and still climbing).
+# Added 2026-12-06 18:40 UTC, before it was trained: the cue-hiding attack that also hides the kNN
+# cue (`adaptive_knn`), which every earlier cue-hiding attack left at strength 0.94-0.998, with the
+# checkerboard, the one trigger on which the cue-hiding attack took on lab-hard (ASR 94.7% at 20
+# epochs; 68.6-86.6% with the white square).
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
     ("drupe", "patch"),
     ("drupe", "noise@random"),
     ("dede_aware", "patch"),
     ("adaptive", "patch"),
+    ("adaptive_knn", "checker"),
 )
 SUITES["lab-heldout"] = replace(
     SUITES["lab-hard"],

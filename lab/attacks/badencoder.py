@@ -25,6 +25,13 @@ All fine-tune f' from the clean encoder f (frozen copy), with triggers pasted in
                      [0.35, 0.65], x' another shadow image: a triggered image blended with a clean
                      one embeds like the clean blend, so the trigger does not survive STRIP's blending
                      and the triggered blends vary like clean ones (STRIP's low-variance cue).
+  adaptive_knn     adaptive + the kNN cue hidden: each triggered embedding's mean cosine distance to
+                   its k nearest clean shadow embeddings (the clean encoder's, the attacker's stand-in
+                   for a defender's auxiliary set) follows the clean shadow images' own distances
+                   (1-D Wasserstein, as the stage statistics): triggered embeddings sit neither in a
+                   denser region than clean ones (the cue every earlier cue-hiding attack left,
+                   AUROC 0.01-0.06) nor in an emptier one
+                   + lambda_knn * statistics_gap(kNN distances of f'(x + t), of f(x))
   dede_aware       adaptive + an attacker who knows DeDe: a shadow decoder (models.conv_decoder,
                    the attacker's own, fitted on its shadow images; it never sees the defender's
                    decoder or auxiliary data) is warmed up on the clean encoder's embeddings, then
@@ -58,9 +65,11 @@ from models.encoders import load_encoder, save_encoder
 from models.feature_taps import TappedEncoder
 from training.checkpoint import save_checkpoint
 
-VARIANTS = ("badencoder", "norm_preserving", "drupe", "adaptive", "dede_aware")
+VARIANTS = ("badencoder", "norm_preserving", "drupe", "adaptive", "adaptive_knn", "dede_aware")
 # Variants that keep each stage's statistics and blended triggered images at clean levels.
-CUE_HIDING = ("adaptive", "dede_aware")
+CUE_HIDING = ("adaptive", "adaptive_knn", "dede_aware")
+# Variants that also keep triggered embeddings' nearest-neighbour distances at clean levels.
+KNN_HIDING = ("adaptive_knn",)
 NORM_KEEPING = ("norm_preserving", "drupe", *CUE_HIDING)
 DISTRIBUTION_ALIGNED = ("drupe", *CUE_HIDING)
 ENCODER_FILE = "encoder.safetensors"
@@ -98,6 +107,8 @@ class BackdoorSettings:
     stat_stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
     blend_alpha: tuple[float, float] = (0.35, 0.65)  # share of the (triggered) image in a blend
     lambda_dede: float = 1.0  # dede_aware
+    lambda_knn: float = 1.0  # adaptive_knn
+    knn_k: int = 10  # adaptive_knn: the neighbours counted (the kNN baseline's k)
     # Triggers with a noise mode (`near_miss`, WaNet's warp): near-miss triggered images keep their
     # clean embedding, as WaNet's noise-mode images keep their labels (cross ratio 2 there; 1 here).
     lambda_near_miss: float = 1.0
@@ -182,6 +193,19 @@ def statistics_gap(values: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     return torch.log1p(((a - b) ** 2).mean(dim=0) / scale).sum()
 
 
+def knn_distances(
+    z: torch.Tensor, bank_unit: torch.Tensor, k: int, exclude_self: bool = False
+) -> torch.Tensor:
+    """Per row of z (N, D): the mean cosine distance to its k nearest rows of `bank_unit` (M, D,
+    unit rows), the kNN baseline's score. `exclude_self`: z's rows are in the bank (their own
+    entry, at distance 0, is not a neighbour)."""
+    similarity = F.normalize(z, dim=1) @ bank_unit.t()
+    top, _ = similarity.topk(k + 1 if exclude_self else k, dim=1)
+    if exclude_self:
+        top = top[:, 1:]
+    return (1 - top).mean(dim=1)
+
+
 def rebuild_error(
     decoder: nn.Module, embeddings: torch.Tensor, images_normalized: torch.Tensor
 ) -> torch.Tensor:
@@ -212,6 +236,8 @@ def backdoor_loss(
     clean_stats: torch.Tensor | None = None,
     shadow_decoder: nn.Module | None = None,
     x_near_miss: torch.Tensor | None = None,
+    knn_bank: torch.Tensor | None = None,
+    clean_knn: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """All loss terms of one step; inputs are NORMALIZED images, z_clean_* come from the frozen f.
 
@@ -230,6 +256,8 @@ def backdoor_loss(
         raise ValueError(
             f"{settings.variant} needs the blended triggered batch, its clean embeddings and clean stats"
         )
+    if settings.variant in KNN_HIDING and (knn_bank is None or clean_knn is None):
+        raise ValueError(f"{settings.variant} needs the clean kNN bank and the clean batch's kNN distances")
     if settings.variant == "dede_aware" and shadow_decoder is None:
         raise ValueError("dede_aware needs the attacker's shadow decoder")
     n = len(x_shadow)
@@ -289,6 +317,10 @@ def backdoor_loss(
         z_blend = out[len(out) - len(x_triggered_blend) :]
         terms["blend"] = 1 + cosine_terms(z_blend, z_clean_blend)
         total = total + settings.lambda_stats * terms["stage_stats"] + settings.lambda_blend * terms["blend"]
+    if settings.variant in KNN_HIDING:
+        trig_knn = knn_distances(z_trig, knn_bank, settings.knn_k)
+        terms["knn"] = statistics_gap(trig_knn[:, None], clean_knn[:, None])
+        total = total + settings.lambda_knn * terms["knn"]
     if settings.variant == "dede_aware":
         trig_error = rebuild_error(shadow_decoder, z_trig, x_triggered)
         with torch.no_grad():
@@ -414,6 +446,15 @@ def backdoor_encoder(
         if tapped_clean is not None:
             tapped_clean.remove()
         z_clean_ref = clean(normalize_batch(reference, mean, std))
+        knn_bank, clean_knn_all = None, None
+        if settings.variant in KNN_HIDING:
+            knn_bank = F.normalize(z_clean_all, dim=1)
+            clean_knn_all = torch.cat(
+                [
+                    knn_distances(z_clean_all[i : i + 512], knn_bank, settings.knn_k, exclude_self=True)
+                    for i in range(0, len(z_clean_all), 512)
+                ]
+            )
     x_ref_norm = normalize_batch(reference, mean, std)
     fixed_target = None
     if target_embedding is not None:
@@ -482,6 +523,9 @@ def backdoor_encoder(
                     extra["z_clean_blend"] = clean(normalize_batch(blend_clean, mean, std))
                 extra["x_triggered_blend"] = normalize_batch(blend_trig, mean, std)
                 extra["clean_stats"] = stats_clean_all[idx.to(device)]
+            if knn_bank is not None:
+                extra["knn_bank"] = knn_bank
+                extra["clean_knn"] = clean_knn_all[idx.to(device)]
             if decoder is not None:
                 extra["shadow_decoder"] = decoder
             near_miss = getattr(trigger, "near_miss", None)

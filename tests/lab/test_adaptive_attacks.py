@@ -16,6 +16,7 @@ from lab.attacks.badencoder import (
     backdoor_encoder,
     backdoor_loss,
     blend_batches,
+    knn_distances,
     norm_ratio_penalty,
     rebuild_error,
     stage_statistics,
@@ -112,12 +113,15 @@ def _loss_inputs(variant: str, with_decoder: bool = False) -> tuple:
         decoder = ConvDecoder(conv_preset_config("conv_tiny", 16), z_clean.shape[1]).eval()
         decoder.set_embedding_stats(z_clean)
         decoder.requires_grad_(False)
-    settings = BackdoorSettings(variant=variant)
+    settings = BackdoorSettings(variant=variant, knn_k=3)
+    bank = torch.nn.functional.normalize(z_clean, dim=1)
     kwargs = {
         "x_triggered_blend": blend_trig,
         "z_clean_blend": z_blend,
         "clean_stats": stage_statistics(features),
         "shadow_decoder": decoder,
+        "knn_bank": bank,
+        "clean_knn": knn_distances(z_clean, bank, 3, exclude_self=True),
     }
     args = (settings, backdoored, z_clean, x, x_trig, x[:2], x[:2], z_clean[:2], g)
     return args, kwargs, backdoored, decoder
@@ -164,6 +168,44 @@ def test_blend_term_is_zero_when_blends_embed_like_clean_blends() -> None:
     assert backdoor_loss(*args, **kwargs)["blend"].abs() < 1e-5
 
 
+def test_knn_distances_are_the_mean_cosine_distance_to_the_k_nearest() -> None:
+    g = torch.Generator().manual_seed(0)
+    z, bank = torch.randn(5, 6, generator=g), torch.randn(40, 6, generator=g)
+    bank_unit = torch.nn.functional.normalize(bank, dim=1)
+    distances = 1 - torch.nn.functional.normalize(z, dim=1) @ bank_unit.t()
+    expected = distances.sort(dim=1).values[:, :4].mean(dim=1)
+    assert torch.allclose(knn_distances(z, bank_unit, 4), expected, atol=1e-6)
+    # A row of the bank is not its own neighbour when `exclude_self`: its distance is then that to
+    # the other rows, as for an image outside the bank.
+    own = knn_distances(bank[:5], bank_unit, 4, exclude_self=True)
+    others = knn_distances(bank[:5], bank_unit[5:], 4)
+    assert (own <= others + 1e-6).all()  # the other four of the first five can only be nearer
+    assert torch.allclose(
+        knn_distances(bank[:1], bank_unit, 4, exclude_self=True), knn_distances(bank[:1], bank_unit[1:], 4)
+    )
+
+
+def test_knn_term_hides_a_collapsed_trigger_cluster() -> None:
+    args, kwargs, backdoored, _ = _loss_inputs("adaptive_knn")
+    terms = backdoor_loss(*args, **kwargs)
+    assert torch.isfinite(terms["knn"])
+    assert "knn" not in backdoor_loss(*_loss_inputs("adaptive")[0], **kwargs)  # only adaptive_knn has it
+    backdoored.zero_grad()
+    terms["knn"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backdoored.encoder.parameters())
+    # Triggered embeddings that sit on the clean ones (at their kNN distances) cost nothing; a
+    # cluster of triggered embeddings all on one clean embedding (distance 0 to it, the inverted kNN
+    # cue of the earlier cue-hiding attacks) costs more.
+    z_clean = args[2]
+    bank, clean_knn = kwargs["knn_bank"], kwargs["clean_knn"]
+    spread_like_clean = knn_distances(z_clean, bank, 3, exclude_self=True)
+    collapsed = knn_distances(z_clean[:1].expand_as(z_clean), bank, 3)
+    assert statistics_gap(spread_like_clean[:, None], clean_knn[:, None]) < 1e-10
+    assert statistics_gap(collapsed[:, None], clean_knn[:, None]) > 0.1
+    with pytest.raises(ValueError, match="kNN"):
+        backdoor_loss(*args, **{**kwargs, "knn_bank": None})
+
+
 def test_dede_aware_term_moves_the_encoder_not_the_shadow_decoder() -> None:
     args, kwargs, backdoored, decoder = _loss_inputs("dede_aware", with_decoder=True)
     terms = backdoor_loss(*args, **kwargs)
@@ -190,6 +232,7 @@ def _clean_path(tmp_path: Path, images: np.ndarray) -> Path:
     ("variant", "trigger"),
     [
         ("adaptive", "patch"),
+        ("adaptive_knn", "checker"),
         ("dede_aware", "checker"),
         ("badencoder", "warp"),
         ("badencoder", "noise@random"),
@@ -218,8 +261,9 @@ def test_attack_smoke_run(tmp_path: Path, variant: str, trigger: str) -> None:
     assert all(np.isfinite(v) for epoch in terms for v in epoch.values())
     # The backdoor term (triggered -> reference) falls; the total is noisy at this size.
     assert terms[-1]["target"] < terms[0]["target"] - 0.02, (variant, trigger)
-    if variant in ("adaptive", "dede_aware"):
+    if variant in ("adaptive", "adaptive_knn", "dede_aware"):
         assert {"stage_stats", "blend", "norm"} <= set(terms[0])
+    assert ("knn" in terms[0]) == (variant == "adaptive_knn")
     if variant == "dede_aware":
         assert "dede" in terms[0] and len(history["shadow_decoder_warmup_loss"]) == 1
     # WaNet's noise mode: near-miss warps keep their clean embedding (a term only the warp has).
@@ -246,7 +290,7 @@ def test_dede_aware_resumes_with_its_shadow_decoder(tmp_path: Path) -> None:
 
 
 def test_variants_are_named() -> None:
-    assert {"adaptive", "dede_aware"} <= set(VARIANTS)
+    assert {"adaptive", "adaptive_knn", "dede_aware"} <= set(VARIANTS)
 
 
 def test_cue_hiding_variants_weigh_the_target_more_at_their_lower_learning_rate() -> None:
