@@ -4,6 +4,7 @@ fine-tune attack with every trigger family, on a tiny encoder and generated imag
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from lab.attacks.badencoder import (
     backdoor_encoder,
     backdoor_loss,
     blend_batches,
+    centres_target,
     knn_distances,
     norm_ratio_penalty,
     rebuild_error,
@@ -121,7 +123,7 @@ def _loss_inputs(variant: str, with_decoder: bool = False) -> tuple:
         "clean_stats": stage_statistics(features),
         "shadow_decoder": decoder,
         "knn_bank": bank,
-        "clean_knn": knn_distances(z_clean, bank, 3, exclude_self=True),
+        "centre": z_clean.mean(0, keepdim=True),
     }
     args = (settings, backdoored, z_clean, x, x_trig, x[:2], x[:2], z_clean[:2], g)
     return args, kwargs, backdoored, decoder
@@ -193,17 +195,39 @@ def test_knn_term_hides_a_collapsed_trigger_cluster() -> None:
     backdoored.zero_grad()
     terms["knn"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backdoored.encoder.parameters())
-    # Triggered embeddings that sit on the clean ones (at their kNN distances) cost nothing; a
-    # cluster of triggered embeddings all on one clean embedding (distance 0 to it, the inverted kNN
-    # cue of the earlier cue-hiding attacks) costs more.
-    z_clean = args[2]
-    bank, clean_knn = kwargs["knn_bank"], kwargs["clean_knn"]
-    spread_like_clean = knn_distances(z_clean, bank, 3, exclude_self=True)
-    collapsed = knn_distances(z_clean[:1].expand_as(z_clean), bank, 3)
-    assert statistics_gap(spread_like_clean[:, None], clean_knn[:, None]) < 1e-10
-    assert statistics_gap(collapsed[:, None], clean_knn[:, None]) > 0.1
+    # A cluster of triggered embeddings all on one clean embedding (distance 0 to it: the inverted
+    # kNN cue of the earlier cue-hiding attacks) costs more than other clean embeddings do.
+    z_clean, bank = args[2], kwargs["knn_bank"]
+    half_bank = bank[0::2]
+    clean_knn = knn_distances(z_clean[0::2], half_bank, 3, exclude_self=True)
+    other_clean = knn_distances(z_clean[1::2], half_bank, 3)
+    collapsed = knn_distances(z_clean[:1].expand(len(half_bank), -1), half_bank, 3)
+    collapsed_gap = statistics_gap(collapsed[:, None], clean_knn[:, None])
+    assert collapsed_gap > 0.1
+    assert collapsed_gap > 3 * statistics_gap(other_clean[:, None], clean_knn[:, None])
     with pytest.raises(ValueError, match="kNN"):
         backdoor_loss(*args, **{**kwargs, "knn_bank": None})
+
+
+def test_centred_target_is_the_cosine_about_the_clean_mean() -> None:
+    """Embeddings that share a large common component are all near any target by raw cosine; the
+    centred term measures the direction that sets them apart."""
+    args, kwargs, backdoored, _ = _loss_inputs("adaptive_knn")
+    settings, _, z_clean, x, x_trig, x_ref_aug, x_ref, *_rest = args
+    assert centres_target(settings) and not centres_target(BackdoorSettings(variant="adaptive"))
+    assert centres_target(BackdoorSettings(variant="adaptive", centred_target=True))
+    terms = backdoor_loss(*args, **kwargs)
+    with torch.no_grad():
+        z_trig, z_ref = backdoored(x_trig)[0], backdoored(x_ref)[0]
+    c = kwargs["centre"]
+    expected = -torch.nn.functional.cosine_similarity(
+        z_trig - c, (z_ref.mean(0) - c).expand_as(z_trig)
+    ).mean()
+    assert torch.isclose(terms["target"], expected, atol=1e-5)
+    raw = backdoor_loss(replace(settings, centred_target=False), *args[1:], **kwargs)["target"]
+    assert raw < terms["target"]  # the raw cosine sees the shared component: nearer -1
+    with pytest.raises(ValueError, match="centred target"):
+        backdoor_loss(*args, **{**kwargs, "centre": None})
 
 
 def test_dede_aware_term_moves_the_encoder_not_the_shadow_decoder() -> None:
