@@ -227,12 +227,12 @@ SUITES["lab-hard"] = SuiteConfig(
 # cue (`adaptive_knn`), which every earlier cue-hiding attack left at strength 0.94-0.998, with the
 # checkerboard, the one trigger on which the cue-hiding attack took on lab-hard (ASR 94.7% at 20
 # epochs; 68.6-86.6% with the white square). Its first run (3740be5, raw-cosine target) hid the kNN
-# cue (strength 0.785) but did not take (ASR 15.1%); run again at 19:20 UTC with its target term
+# cue (strength 0.785) but did not take (ASR 15.1%); run again at 19:00 UTC with its target term
 # centred on the clean shadow mean (lab/attacks/badencoder.py), the first run's encoder kept under
-# runs/lab-heldout/tries. Second run (centred target): ASR 85.4%, BA 56.4%, but the kNN cue back at
-# 0.985 (its term measured on the clean encoder's embeddings) and the embedding norm at 0.896. Run a
-# third time at 19:25 UTC with the kNN bank embedded by the encoder being trained and the term at
-# the target's weight (lambda_knn 4).
+# runs/lab-heldout/tries. Second run (centred target, the attack as it stands): ASR 85.4%, BA 56.4%,
+# but the kNN cue back at 0.985 and the embedding norm at 0.896. Two more runs with the kNN bank
+# embedded by the encoder being trained (weight 4, then 1) pulled the encoder apart within 3 epochs
+# (clean term -0.46 and -0.62) and were stopped; that bank is not in the code.
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
     ("drupe", "patch"),

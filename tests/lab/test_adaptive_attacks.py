@@ -123,6 +123,7 @@ def _loss_inputs(variant: str, with_decoder: bool = False) -> tuple:
         "clean_stats": stage_statistics(features),
         "shadow_decoder": decoder,
         "knn_bank": bank,
+        "clean_knn": knn_distances(z_clean, bank, 3, exclude_self=True),
         "centre": z_clean.mean(0, keepdim=True),
     }
     args = (settings, backdoored, z_clean, x, x_trig, x[:2], x[:2], z_clean[:2], g)
