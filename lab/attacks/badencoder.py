@@ -32,6 +32,14 @@ All fine-tune f' from the clean encoder f (frozen copy), with triggers pasted in
                    denser region than clean ones (the cue every earlier cue-hiding attack left,
                    AUROC 0.01-0.06) nor in an emptier one
                    + lambda_knn * statistics_gap(kNN distances of f'(x + t), of f(x)).
+                   The bank (`knn_bank`): `public`, a public out-of-distribution image set the
+                   attacker holds (the lab: GTSRB), since a defender's auxiliary images are out of
+                   distribution; against its own shadow images (`shadow`, second run) the attacker
+                   hid the cue from itself (AUROC 0.540) but not from the defender's Tiny-ImageNet
+                   bank (0.015: triggered embeddings sit nearer out-of-distribution images than
+                   clean ones do; benchmarks/detection/knn_banks.json). Its norm term weighs as the
+                   target (`lambda_norm` 4): at 1 the centred target pushed triggered norms up
+                   (embedding-norm cue 0.896).
                    (A memory bank of the encoder being trained, as the defender's bank is, pulled
                    the encoder apart within 3 epochs at weight 1 and at 4: clean term -0.62,
                    references -0.62 to their clean embeddings; benchmarks/detection/README.md);
@@ -102,7 +110,7 @@ class BackdoorSettings:
     # 20 epochs, ASR 19%); 4 at lr 0.01 pushes the target about as hard as BadEncoder's 1 at 0.05.
     lambda_target: float | None = None
     lambda_reference: float = 1.0  # reference keeps its embedding
-    lambda_norm: float = 1.0  # norm_preserving, drupe
+    lambda_norm: float | None = None  # None: 1, and 4 for adaptive_knn (module docstring)
     lambda_sw: float = 1.0  # drupe
     lambda_spread: float = 1.0  # drupe
     # drupe: triggered spread must reach this share of the clean spread. At 0.5 the anti-collapse
@@ -121,6 +129,7 @@ class BackdoorSettings:
     # The target term about the clean shadow mean (module docstring). None: on for adaptive_knn.
     centred_target: bool | None = None
     knn_k: int = 10  # adaptive_knn: the neighbours counted (the kNN baseline's k)
+    knn_bank: str = "public"  # adaptive_knn: "public" (an out-of-distribution set) or "shadow"
     # Triggers with a noise mode (`near_miss`, WaNet's warp): near-miss triggered images keep their
     # clean embedding, as WaNet's noise-mode images keep their labels (cross ratio 2 there; 1 here).
     lambda_near_miss: float = 1.0
@@ -136,6 +145,12 @@ def target_weight(settings: BackdoorSettings) -> float:
     if settings.lambda_target is not None:
         return settings.lambda_target
     return 4.0 if settings.variant in CUE_HIDING else 1.0
+
+
+def norm_weight(settings: BackdoorSettings) -> float:
+    if settings.lambda_norm is not None:
+        return settings.lambda_norm
+    return 4.0 if settings.variant in KNN_HIDING else 1.0
 
 
 def centres_target(settings: BackdoorSettings) -> bool:
@@ -318,7 +333,7 @@ def backdoor_loss(
         terms["norm"] = norm_ratio_penalty(z_trig, z_clean_shadow) + norm_ratio_penalty(
             z_shadow, z_clean_shadow
         )
-        total = total + settings.lambda_norm * terms["norm"]
+        total = total + norm_weight(settings) * terms["norm"]
     if settings.variant in DISTRIBUTION_ALIGNED:
         terms["sliced_wasserstein"] = sliced_wasserstein(
             z_trig, z_clean_shadow, settings.sw_projections, generator
@@ -408,12 +423,14 @@ def backdoor_encoder(
     resume: bool = True,
     progress: bool = True,
     target_embedding: np.ndarray | None = None,
+    public_nhwc_uint8: np.ndarray | None = None,
 ) -> Path:
     """Fine-tune the clean encoder into a backdoored one; returns out_dir/encoder.safetensors.
 
     shadow: the attacker's unlabeled images (a slice of the pre-training set); reference: a few
     images of the target class (their mean embedding is the target, unless `target_embedding` [D]
-    gives one: for a CLIP image tower, the target class's text embedding). The trigger is any
+    gives one: for a CLIP image tower, the target class's text embedding). public: images of
+    another distribution the attacker holds (adaptive_knn's kNN bank, `knn_bank="public"`). The trigger is any
     pixel-space trigger (`lab.attacks.triggers`), applied to [0, 1] images before normalization.
     """
     settings = settings or BackdoorSettings()
@@ -450,6 +467,7 @@ def backdoor_encoder(
             "lr": learning_rate(settings),
             "lambda_target": target_weight(settings),
             "centred_target": centres_target(settings),
+            "lambda_norm": norm_weight(settings),
         },
         "terms": [],
         "epoch_seconds": [],
@@ -479,10 +497,22 @@ def backdoor_encoder(
         z_clean_ref = clean(normalize_batch(reference, mean, std))
         knn_bank, clean_knn_all = None, None
         if settings.variant in KNN_HIDING:
-            knn_bank = F.normalize(z_clean_all, dim=1)
+            if settings.knn_bank == "shadow":
+                knn_bank, own = F.normalize(z_clean_all, dim=1), True
+            elif settings.knn_bank == "public" and public_nhwc_uint8 is not None:
+                public = to_unit_float(public_nhwc_uint8)
+                z_public = [
+                    clean(normalize_batch(public[i : i + 512].to(device), mean, std))
+                    for i in range(0, len(public), 512)
+                ]
+                knn_bank, own = F.normalize(torch.cat(z_public), dim=1), False
+            else:
+                raise ValueError(
+                    f"knn_bank {settings.knn_bank!r}: 'shadow', or 'public' with the public images given"
+                )
             clean_knn_all = torch.cat(
                 [
-                    knn_distances(z_clean_all[i : i + 512], knn_bank, settings.knn_k, exclude_self=True)
+                    knn_distances(z_clean_all[i : i + 512], knn_bank, settings.knn_k, exclude_self=own)
                     for i in range(0, len(z_clean_all), 512)
                 ]
             )

@@ -20,6 +20,7 @@ from lab.attacks.badencoder import (
     centres_target,
     knn_distances,
     norm_ratio_penalty,
+    norm_weight,
     rebuild_error,
     stage_statistics,
     statistics_gap,
@@ -277,8 +278,16 @@ def test_attack_smoke_run(tmp_path: Path, variant: str, trigger: str) -> None:
         shadow_decoder_warmup_epochs=1,
     )
     out = tmp_path / variant
+    public = smooth_images(24, seed=3) if variant == "adaptive_knn" else None
     path = backdoor_encoder(
-        clean, shadow, reference, make_trigger(trigger, (16, 16)), out, settings, progress=False
+        clean,
+        shadow,
+        reference,
+        make_trigger(trigger, (16, 16)),
+        out,
+        settings,
+        progress=False,
+        public_nhwc_uint8=public,
     )
     history = json.loads((out / "history.json").read_text())
     terms = history["terms"]
@@ -312,6 +321,18 @@ def test_dede_aware_resumes_with_its_shadow_decoder(tmp_path: Path) -> None:
     )
     history = json.loads((tmp_path / "a" / "history.json").read_text())
     assert len(history["terms"]) == 2 and history["finished"]
+
+
+def test_adaptive_knn_needs_its_public_bank_and_weighs_the_norm_as_the_target(tmp_path: Path) -> None:
+    shadow, reference = smooth_images(16, seed=1), smooth_images(2, seed=2)
+    clean = _clean_path(tmp_path, shadow)
+    settings = BackdoorSettings(variant="adaptive_knn", epochs=1, batch_size=8)
+    with pytest.raises(ValueError, match="'public' with the public images given"):
+        backdoor_encoder(
+            clean, shadow, reference, make_trigger("checker", (16, 16)), tmp_path / "a", settings
+        )
+    assert norm_weight(settings) == 4.0 and norm_weight(BackdoorSettings(variant="drupe")) == 1.0
+    assert norm_weight(BackdoorSettings(variant="adaptive_knn", lambda_norm=2.0)) == 2.0
 
 
 def test_variants_are_named() -> None:
