@@ -1,20 +1,22 @@
 """Which images the kNN cue is measured against decides whether a cue-hiding attacker hides it.
 
 The `adaptive_knn` attacker (lab/attacks/badencoder.py) holds each triggered embedding's kNN
-distance to its own shadow images, embedded by the clean encoder, at the clean images' level. The
+distance to a bank of images embedded by the clean encoder (its own shadow images in its second
+run, a public out-of-distribution set since) at the clean images' level. The
 defender's kNN cue (lab.baselines) measures the distance to the auxiliary images (Tiny-ImageNet),
 embedded by the encoder under test. This scores the kNN cue of the lab-heldout suite's cue-hiding
 encoders against three banks, on the suite's clean and triggered CIFAR-10 test images:
 
-  clean encoder, shadow images      the attacker's own term (what it was trained to hide)
+  clean encoder, shadow images      the second run's own term (what it was trained to hide)
+  clean encoder, public images      the later runs' term (GTSRB train, the lab's public set)
   attacked encoder, shadow images   the same images, embedded as a defender would
   attacked encoder, auxiliary       the suite's kNN cue (`heldout/REPORT.md`)
 
     DEDE_DATA_DIR=../shared/data python -m benchmarks.detection.knn_banks
 
 Writes benchmarks/detection/knn_banks.json with the machine, commit and command. The encoders come
-from `dede lab run --suite lab-heldout` (runs/lab-heldout); the first adaptive_knn run's encoder is
-read from runs/lab-heldout/tries where that run left it, and skipped when absent.
+from `dede lab run --suite lab-heldout` (runs/lab-heldout); the earlier adaptive_knn runs' encoders
+are read from runs/lab-heldout/tries where those runs were moved, and skipped when absent.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ ENCODERS = {
         "tries/adaptive_knn_checker_raw_target",
         "checker",
     ),
+    "adaptive_knn_checker (second run, bank of its shadow images)": ("tries/run2_centred/encoder", "checker"),
     "adaptive_knn_checker": ("encoders/adaptive_knn_checker", "checker"),
 }
 
@@ -51,6 +54,7 @@ def main() -> None:
     aux, _ = lab.aux_sets("ood")
     clean_encoder = load_encoder(str(lab.encoder_path("clean")))
     shadow_clean = embed_nchw(clean_encoder, shadow)
+    public_clean = embed_nchw(clean_encoder, to_input(lab.data.gtsrb[0]))
     results: dict[str, dict] = {}
     for name, (folder, trigger) in ENCODERS.items():
         path = lab.root / folder / "encoder.safetensors"
@@ -63,6 +67,7 @@ def main() -> None:
         z_clean, z_triggered = embed_nchw(encoder, clean_images), embed_nchw(encoder, triggered_images)
         banks = {
             "clean encoder, shadow images": shadow_clean,
+            "clean encoder, public images": public_clean,
             "attacked encoder, shadow images": embed_nchw(encoder, shadow),
             "attacked encoder, auxiliary images": embed_nchw(encoder, aux),
         }
