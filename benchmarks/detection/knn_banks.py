@@ -1,21 +1,22 @@
 """Which images the kNN cue is measured against decides whether a cue-hiding attacker hides it.
 
 The `adaptive_knn` attacker (lab/attacks/badencoder.py) holds each triggered embedding's kNN
-distance to a bank of images embedded by the clean encoder (its own shadow images in its second
-run, a public out-of-distribution set since) at the clean images' level. The
+distance to a bank of images (its shadow images; a public out-of-distribution set in runs 5-6)
+at the clean images' level. The
 defender's kNN cue (lab.baselines) measures the distance to the auxiliary images (Tiny-ImageNet),
 embedded by the encoder under test. This scores the kNN cue of the lab-heldout suite's cue-hiding
 encoders against three banks, on the suite's clean and triggered CIFAR-10 test images:
 
-  clean encoder, shadow images      the second run's own term (what it was trained to hide)
-  clean encoder, public images      the later runs' term (GTSRB train, the lab's public set)
+  clean encoder, shadow images      the term of runs 1-2 (what they were trained to hide)
+  clean encoder, public images      run 5's term (GTSRB train, the lab's public set)
   attacked encoder, shadow images   the same images, embedded as a defender would
+  attacked encoder, public images   run 6's term (once per epoch in its training)
   attacked encoder, auxiliary       the suite's kNN cue (`heldout/REPORT.md`)
 
     DEDE_DATA_DIR=../shared/data python -m benchmarks.detection.knn_banks
 
 Writes benchmarks/detection/knn_banks.json with the machine, commit and command. The encoders come
-from `dede lab run --suite lab-heldout` (runs/lab-heldout); the earlier adaptive_knn runs' encoders
+from `dede lab run --suite lab-heldout` (runs/lab-heldout); the other adaptive_knn runs' encoders
 are read from runs/lab-heldout/tries where those runs were moved, and skipped when absent.
 """
 
@@ -38,12 +39,13 @@ OUT = REPO_ROOT / "benchmarks" / "detection" / "knn_banks.json"
 # name -> (encoder path under the suite's root, trigger family)
 ENCODERS = {
     "adaptive": ("encoders/adaptive", "patch"),
-    "adaptive_knn_checker (first run, raw-cosine target)": (
-        "tries/adaptive_knn_checker_raw_target",
+    "adaptive_knn, run 1 (raw-cosine target)": ("tries/adaptive_knn_checker_raw_target", "checker"),
+    "adaptive_knn, run 2 (the attack as committed)": ("encoders/adaptive_knn_checker", "checker"),
+    "adaptive_knn, run 5 (public bank, norm term x4)": ("tries/run5_public/encoder", "checker"),
+    "adaptive_knn, run 6 (public bank embedded by the trained encoder)": (
+        "tries/run6_trained/encoder",
         "checker",
     ),
-    "adaptive_knn_checker (second run, bank of its shadow images)": ("tries/run2_centred/encoder", "checker"),
-    "adaptive_knn_checker": ("encoders/adaptive_knn_checker", "checker"),
 }
 
 
@@ -69,6 +71,7 @@ def main() -> None:
             "clean encoder, shadow images": shadow_clean,
             "clean encoder, public images": public_clean,
             "attacked encoder, shadow images": embed_nchw(encoder, shadow),
+            "attacked encoder, public images": embed_nchw(encoder, to_input(lab.data.gtsrb[0])),
             "attacked encoder, auxiliary images": embed_nchw(encoder, aux),
         }
         row = {}

@@ -20,7 +20,6 @@ from lab.attacks.badencoder import (
     centres_target,
     knn_distances,
     norm_ratio_penalty,
-    norm_weight,
     rebuild_error,
     stage_statistics,
     statistics_gap,
@@ -323,16 +322,50 @@ def test_dede_aware_resumes_with_its_shadow_decoder(tmp_path: Path) -> None:
     assert len(history["terms"]) == 2 and history["finished"]
 
 
-def test_adaptive_knn_needs_its_public_bank_and_weighs_the_norm_as_the_target(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("bank", "bank_encoder", "public"), [("shadow", "clean", False), ("public", "trained", True)]
+)
+def test_adaptive_knn_banks(tmp_path: Path, bank: str, bank_encoder: str, public: bool) -> None:
     shadow, reference = smooth_images(16, seed=1), smooth_images(2, seed=2)
     clean = _clean_path(tmp_path, shadow)
-    settings = BackdoorSettings(variant="adaptive_knn", epochs=1, batch_size=8)
+    settings = BackdoorSettings(
+        variant="adaptive_knn", epochs=2, batch_size=8, knn_bank=bank, knn_bank_encoder=bank_encoder, knn_k=3
+    )
+    trigger = make_trigger("checker", (16, 16))
+    public_images = smooth_images(12, seed=3) if public else None
+    backdoor_encoder(
+        clean,
+        shadow,
+        reference,
+        trigger,
+        tmp_path / "a",
+        settings,
+        progress=False,
+        public_nhwc_uint8=public_images,
+    )
+    terms = json.loads((tmp_path / "a" / "history.json").read_text())["terms"]
+    assert len(terms) == 2 and all(np.isfinite(t["knn"]) for t in terms)
     with pytest.raises(ValueError, match="'public' with the public images given"):
         backdoor_encoder(
-            clean, shadow, reference, make_trigger("checker", (16, 16)), tmp_path / "a", settings
+            clean,
+            shadow,
+            reference,
+            trigger,
+            tmp_path / "b",
+            replace(settings, knn_bank="public"),
+            progress=False,
         )
-    assert norm_weight(settings) == 4.0 and norm_weight(BackdoorSettings(variant="drupe")) == 1.0
-    assert norm_weight(BackdoorSettings(variant="adaptive_knn", lambda_norm=2.0)) == 2.0
+    with pytest.raises(ValueError, match="knn_bank_encoder"):
+        backdoor_encoder(
+            clean,
+            shadow,
+            reference,
+            trigger,
+            tmp_path / "c",
+            replace(settings, knn_bank_encoder="x"),
+            progress=False,
+            public_nhwc_uint8=public_images,
+        )
 
 
 def test_variants_are_named() -> None:
