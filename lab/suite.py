@@ -241,6 +241,9 @@ SUITES["lab-hard"] = SuiteConfig(
 # kNN cue 0.816, but ASR 11.0% and BA 46.6%. The attack as committed is the second run's (the
 # defaults of BackdoorSettings; runs 5-6 are its knn_bank / knn_bank_encoder / lambda_norm options),
 # the one that came nearest to taking; the others are under runs/lab-heldout/tries.
+# Added 20:08 UTC, before it was trained: adaptive_knn as committed with the white square, to
+# measure whether its centred target makes the cue-hiding attack take with the lab's first trigger
+# (the adaptive attack: ASR 68.6% here at 40 epochs, 86.6% on lab-hard at 20).
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
     ("drupe", "patch"),
@@ -248,6 +251,7 @@ _HELD_OUT_ATTACKS = (
     ("dede_aware", "patch"),
     ("adaptive", "patch"),
     ("adaptive_knn", "checker"),
+    ("adaptive_knn", "patch"),
 )
 SUITES["lab-heldout"] = replace(
     SUITES["lab-hard"],
