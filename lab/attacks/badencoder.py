@@ -452,12 +452,26 @@ def backdoor_encoder(
     shadow: the attacker's unlabeled images (a slice of the pre-training set); reference: a few
     images of the target class (their mean embedding is the target, unless `target_embedding` [D]
     gives one: for a CLIP image tower, the target class's text embedding). public: images of
-    another distribution the attacker holds (adaptive_knn's kNN bank, `knn_bank="public"`). The trigger is any
-    pixel-space trigger (`lab.attacks.triggers`), applied to [0, 1] images before normalization.
+    another distribution the attacker holds (adaptive_knn's kNN bank, `knn_bank="public"`). The
+    trigger is any pixel-space trigger (`lab.attacks.triggers`), applied to [0, 1] images before
+    normalization.
     """
     settings = settings or BackdoorSettings()
     if settings.variant not in VARIANTS:
         raise ValueError(f"unknown backdoor variant {settings.variant!r}; known: {', '.join(VARIANTS)}")
+    # Settings that cannot run are refused before the encoder is loaded.
+    if settings.variant in KNN_HIDING and not (
+        settings.knn_bank == "shadow" or (settings.knn_bank == "public" and public_nhwc_uint8 is not None)
+    ):
+        raise ValueError(
+            f"knn_bank {settings.knn_bank!r}: 'shadow', or 'public' with the public images given"
+        )
+    if settings.variant in KNN_HIDING and settings.knn_bank_encoder not in ("clean", "trained"):
+        raise ValueError(f"knn_bank_encoder {settings.knn_bank_encoder!r}: 'clean' or 'trained'")
+    if centres_target(settings) and target_embedding is not None:
+        raise ValueError(
+            "a centred target is measured about the references' embeddings: not with target_embedding"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -517,14 +531,6 @@ def backdoor_encoder(
             tapped_clean.remove()
         z_clean_ref = clean(normalize_batch(reference, mean, std))
         knn_bank, clean_knn_all = None, None
-        if settings.variant in KNN_HIDING and not (
-            settings.knn_bank == "shadow" or (settings.knn_bank == "public" and public_nhwc_uint8 is not None)
-        ):
-            raise ValueError(
-                f"knn_bank {settings.knn_bank!r}: 'shadow', or 'public' with the public images given"
-            )
-        if settings.variant in KNN_HIDING and settings.knn_bank_encoder not in ("clean", "trained"):
-            raise ValueError(f"knn_bank_encoder {settings.knn_bank_encoder!r}: 'clean' or 'trained'")
     x_ref_norm = normalize_batch(reference, mean, std)
     fixed_target = None
     if target_embedding is not None:

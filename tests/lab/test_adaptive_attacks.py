@@ -355,6 +355,18 @@ def test_adaptive_knn_banks(tmp_path: Path, bank: str, bank_encoder: str, public
             replace(settings, knn_bank="public"),
             progress=False,
         )
+    with pytest.raises(ValueError, match="centred target"):  # refused before any training
+        backdoor_encoder(
+            clean,
+            shadow,
+            reference,
+            trigger,
+            tmp_path / "d",
+            replace(settings, knn_bank="shadow"),
+            progress=False,
+            target_embedding=np.ones(32, dtype=np.float32),
+        )
+    assert not (tmp_path / "d" / "history.json").exists()
     with pytest.raises(ValueError, match="knn_bank_encoder"):
         backdoor_encoder(
             clean,
