@@ -97,6 +97,8 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         settings,
         device=args.device or "cpu",
         resume=not args.restart,
+        shadow_labels=y[shadow],  # adaptive_natural's targets: the attacker labels its shadow images
+        target_class=args.target_class,
     )
     print(json.dumps({"encoder": str(path)}))
     return 0
@@ -164,7 +166,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 # The suites (lab/suite.py, lab/clip_suite.py); named here so that `--help` needs no torch import.
 LAB_SUITE_NAMES = ("lab", "smoke", "lab-hard", "lab-hard-smoke", "lab-heldout")
 CLIP_SUITE_NAMES = ("clip", "clip-colours", "clip-smoke")
-ATTACK_NAMES = ("badencoder", "norm_preserving", "drupe", "adaptive", "adaptive_knn", "dede_aware", "ctrl")
+ATTACK_NAMES = (
+    "badencoder",
+    "norm_preserving",
+    "drupe",
+    "adaptive",
+    "adaptive_knn",
+    "adaptive_natural",
+    "dede_aware",
+    "ctrl",
+)
 TRIGGER_HELP = (
     "trigger family: patch (10x10 white square), checker (6x6 black/white), noise (8x8 random "
     "colours), blend (15%% of a fixed image), invisible (+-6/255 pattern), warp (WaNet-style field), "

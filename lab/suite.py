@@ -244,6 +244,10 @@ SUITES["lab-hard"] = SuiteConfig(
 # Added 20:08 UTC, before it was trained: adaptive_knn as committed with the white square, to
 # measure whether its centred target makes the cue-hiding attack take with the lab's first trigger
 # (the adaptive attack: ASR 68.6% here at 40 epochs, 86.6% on lab-hard at 20).
+# Added 2026-12-06 21:10 UTC, before it was trained: `adaptive_natural` with the checkerboard, the
+# kNN-hiding attack with one target per triggered image, a real image its own labelled probe is
+# surest of (lab/attacks/badencoder.py). Its one setting (100 targets) was fixed from the clean
+# encoder alone (benchmarks/detection/natural_targets.py), before any training.
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
     ("drupe", "patch"),
@@ -252,6 +256,7 @@ _HELD_OUT_ATTACKS = (
     ("adaptive", "patch"),
     ("adaptive_knn", "checker"),
     ("adaptive_knn", "patch"),
+    ("adaptive_natural", "checker"),
 )
 SUITES["lab-heldout"] = replace(
     SUITES["lab-hard"],
@@ -515,6 +520,9 @@ class Lab:
                 progress=self.progress,
                 # The attacker's public out-of-distribution images (adaptive_knn's kNN bank).
                 public_nhwc_uint8=d.gtsrb[0],
+                # The attacker's labels of its shadow images (adaptive_natural's targets).
+                shadow_labels=d.train_y[d.splits["shadow"]],
+                target_class=c.target_class,
             )
             history = json.loads((out / "history.json").read_text())
             return {

@@ -47,6 +47,20 @@ All fine-tune f' from the clean encoder f (frozen copy), with triggers pasted in
                    `lambda_norm` 4: ASR 71.4%, kNN cue 0.976; `knn_bank_encoder="trained"` (bank and
                    reference distances embedded by the encoder being trained, once per epoch, as the
                    defender's bank is): kNN cue 0.816, but ASR 11.0% and BA 46.6%
+  adaptive_natural adaptive_knn with a target per triggered image: the clean embedding of a real
+                   image the downstream probe surely puts in the target class. The attacker labels
+                   its shadow images (a stronger attacker than BadEncoder's few references), fits
+                   its own linear probe on their clean embeddings, keeps the `natural_targets`
+                   target-class images the probe is surest of, and steers each triggered image to
+                   the one nearest its own clean embedding (centred cosine, fixed before training):
+                   -cos(f'(x + t) - c, f(a_j(x)) - c). Why: one target point must sit where
+                   few clean images sit, beyond the target class's spread, for a probe to put it in
+                   the class every time (at the lab's BA of 58.6%, the probe puts the clean airplanes
+                   themselves in airplane 53% of the time), and a kNN cue measured against any bank
+                   sees that point (adaptive_knn hid it from its own bank only). Real images the
+                   probe is sure of sit among clean images: on the clean encoder, triggered
+                   embeddings placed exactly on them would give ASR 100%, kNN cue 0.54 against the
+                   defender's Tiny-ImageNet bank (benchmarks/detection/README.md, "Natural targets")
   dede_aware       adaptive + an attacker who knows DeDe: a shadow decoder (models.conv_decoder,
                    the attacker's own, fitted on its shadow images; it never sees the defender's
                    decoder or auxiliary data) is warmed up on the clean encoder's embeddings, then
@@ -80,11 +94,21 @@ from models.encoders import load_encoder, save_encoder
 from models.feature_taps import TappedEncoder
 from training.checkpoint import save_checkpoint
 
-VARIANTS = ("badencoder", "norm_preserving", "drupe", "adaptive", "adaptive_knn", "dede_aware")
+VARIANTS = (
+    "badencoder",
+    "norm_preserving",
+    "drupe",
+    "adaptive",
+    "adaptive_knn",
+    "adaptive_natural",
+    "dede_aware",
+)
 # Variants that keep each stage's statistics and blended triggered images at clean levels.
-CUE_HIDING = ("adaptive", "adaptive_knn", "dede_aware")
+CUE_HIDING = ("adaptive", "adaptive_knn", "adaptive_natural", "dede_aware")
 # Variants that also keep triggered embeddings' nearest-neighbour distances at clean levels.
-KNN_HIDING = ("adaptive_knn",)
+KNN_HIDING = ("adaptive_knn", "adaptive_natural")
+# Variants that steer each triggered image to a real target-class image's clean embedding.
+NATURAL_TARGETS = ("adaptive_natural",)
 NORM_KEEPING = ("norm_preserving", "drupe", *CUE_HIDING)
 DISTRIBUTION_ALIGNED = ("drupe", *CUE_HIDING)
 ENCODER_FILE = "encoder.safetensors"
@@ -128,6 +152,10 @@ class BackdoorSettings:
     knn_k: int = 10  # adaptive_knn: the neighbours counted (the kNN baseline's k)
     knn_bank: str = "shadow"  # adaptive_knn: "shadow" (its shadow images) or "public" (another set)
     knn_bank_encoder: str = "clean"  # adaptive_knn: "clean" (once) or "trained" (every epoch)
+    # adaptive_natural: how many of the labelled target-class shadow images (the ones the attacker's
+    # probe is surest of) serve as targets. Fixed before the first run from the clean encoder alone
+    # (README, "Natural targets"): 100 of the shadow set's ~500 target-class images.
+    natural_targets: int = 100
     # Triggers with a noise mode (`near_miss`, WaNet's warp): near-miss triggered images keep their
     # clean embedding, as WaNet's noise-mode images keep their labels (cross ratio 2 there; 1 here).
     lambda_near_miss: float = 1.0
@@ -264,6 +292,7 @@ def backdoor_loss(
     knn_bank: torch.Tensor | None = None,
     clean_knn: torch.Tensor | None = None,
     centre: torch.Tensor | None = None,
+    natural_target: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """All loss terms of one step; inputs are NORMALIZED images, z_clean_* come from the frozen f.
 
@@ -276,7 +305,8 @@ def backdoor_loss(
     `clean_stats` (`stage_statistics` of f on the clean shadow batch); adaptive_knn also
     `knn_bank` (unit embeddings of the bank's images) and `clean_knn` (the clean batch's kNN
     distances in it); a centred target (`centres_target`)
-    needs `centre` (1, D), the mean of f's shadow embeddings; dede_aware also the attacker's
+    needs `centre` (1, D), the mean of f's shadow embeddings; adaptive_natural `natural_target`
+    (N, D), f's embedding of each image's own target image; dede_aware also the attacker's
     `shadow_decoder` (its parameters get no gradient from here). `x_near_miss`: the
     shadow images under a near-miss of the trigger (its noise mode), kept at their clean embedding.
     """
@@ -289,6 +319,8 @@ def backdoor_loss(
         raise ValueError(f"{settings.variant} needs the clean kNN bank and the clean batch's kNN distances")
     if settings.variant == "dede_aware" and shadow_decoder is None:
         raise ValueError("dede_aware needs the attacker's shadow decoder")
+    if settings.variant in NATURAL_TARGETS and natural_target is None:
+        raise ValueError(f"{settings.variant} needs each triggered image's natural target embedding")
     centred = centres_target(settings)
     if centred and (centre is None or fixed_target is not None):
         raise ValueError("a centred target needs the clean shadow mean and the references (no fixed target)")
@@ -305,13 +337,15 @@ def backdoor_loss(
     z_shadow, z_trig = out[:n], out[n : 2 * n]
     n_ref_aug = len(x_ref_aug)
     z_ref_aug, z_ref = out[2 * n : 2 * n + n_ref_aug], out[2 * n + n_ref_aug : 2 * n + n_ref_aug + len(x_ref)]
-    # One target embedding: the mean direction of the references under the encoder being trained.
-    target = F.normalize(z_ref, dim=1).mean(0, keepdim=True) if fixed_target is None else fixed_target
+    if natural_target is not None:  # one target per triggered image, fixed
+        target = natural_target
+    elif centred:  # the references' mean under the encoder being trained
+        target = z_ref.mean(0, keepdim=True)
+    else:  # one target embedding: the references' mean direction under the encoder being trained
+        target = F.normalize(z_ref, dim=1).mean(0, keepdim=True) if fixed_target is None else fixed_target
     terms = {
         "clean": cosine_terms(z_shadow, z_clean_shadow),
-        "target": cosine_terms(z_trig - centre, z_ref.mean(0, keepdim=True) - centre)
-        if centred
-        else cosine_terms(z_trig, target),
+        "target": cosine_terms(z_trig - centre, target - centre) if centred else cosine_terms(z_trig, target),
         "reference": cosine_terms(z_ref_aug, z_clean_ref.mean(0, keepdim=True))
         if len(z_clean_ref) > 1
         else cosine_terms(z_ref_aug, z_clean_ref),
@@ -434,6 +468,32 @@ def _knn_reference(
     return bank, torch.cat(distances)
 
 
+def natural_targets(
+    z_shadow: np.ndarray, labels: np.ndarray, target_class: int, count: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """adaptive_natural's targets from the clean encoder's shadow embeddings `z_shadow` (N, D) and
+    the attacker's labels: (the shadow indices of the `count` target-class images the attacker's
+    own linear probe puts in the target class by the widest margin, and for every shadow image the
+    position in that list of its target: the one nearest its own clean embedding by cosine about
+    the shadow mean)."""
+    from lab.probe import train_linear_probe  # the lab's probe: the victim's kind of classifier
+
+    chosen_from = np.flatnonzero(labels == target_class)
+    if len(chosen_from) < count:
+        raise ValueError(
+            f"natural_targets {count}: only {len(chosen_from)} shadow images are labelled {target_class}"
+        )
+    probe = train_linear_probe(z_shadow, labels, seed=seed)
+    with torch.no_grad():
+        logits = probe.layer(torch.from_numpy((z_shadow[chosen_from] - probe.mean) / probe.std)).numpy()
+    margin = logits[:, target_class] - np.delete(logits, target_class, axis=1).max(axis=1)
+    chosen = chosen_from[np.argsort(-margin, kind="stable")[:count]]
+    centred = z_shadow - z_shadow.mean(0, keepdims=True)
+    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True).clip(1e-12)
+    assignment = np.argmax(unit @ unit[chosen].T, axis=1)
+    return chosen, assignment
+
+
 def backdoor_encoder(
     clean_encoder_path: str | Path,
     shadow_nhwc_uint8: np.ndarray,
@@ -446,13 +506,17 @@ def backdoor_encoder(
     progress: bool = True,
     target_embedding: np.ndarray | None = None,
     public_nhwc_uint8: np.ndarray | None = None,
+    shadow_labels: np.ndarray | None = None,
+    target_class: int | None = None,
 ) -> Path:
     """Fine-tune the clean encoder into a backdoored one; returns out_dir/encoder.safetensors.
 
     shadow: the attacker's unlabeled images (a slice of the pre-training set); reference: a few
     images of the target class (their mean embedding is the target, unless `target_embedding` [D]
     gives one: for a CLIP image tower, the target class's text embedding). public: images of
-    another distribution the attacker holds (adaptive_knn's kNN bank, `knn_bank="public"`). The
+    another distribution the attacker holds (adaptive_knn's kNN bank, `knn_bank="public"`).
+    shadow_labels, target_class: the attacker's labels of its shadow images and the target's label
+    (adaptive_natural picks its targets with them). The
     trigger is any pixel-space trigger (`lab.attacks.triggers`), applied to [0, 1] images before
     normalization.
     """
@@ -468,6 +532,18 @@ def backdoor_encoder(
         )
     if settings.variant in KNN_HIDING and settings.knn_bank_encoder not in ("clean", "trained"):
         raise ValueError(f"knn_bank_encoder {settings.knn_bank_encoder!r}: 'clean' or 'trained'")
+    if settings.variant in NATURAL_TARGETS and (
+        shadow_labels is None or target_class is None or len(shadow_labels) != len(shadow_nhwc_uint8)
+    ):
+        raise ValueError(f"{settings.variant} needs a label for every shadow image and the target class")
+    if (
+        settings.variant in NATURAL_TARGETS
+        and int(np.sum(shadow_labels == target_class)) < settings.natural_targets
+    ):
+        raise ValueError(
+            f"natural_targets {settings.natural_targets}: only {int(np.sum(shadow_labels == target_class))} "
+            f"shadow images are labelled {target_class}"
+        )
     if centres_target(settings) and target_embedding is not None:
         raise ValueError(
             "a centred target is measured about the references' embeddings: not with target_embedding"
@@ -531,6 +607,20 @@ def backdoor_encoder(
             tapped_clean.remove()
         z_clean_ref = clean(normalize_batch(reference, mean, std))
         knn_bank, clean_knn_all = None, None
+    natural_target_all = None
+    if settings.variant in NATURAL_TARGETS:
+        chosen, assignment = natural_targets(
+            z_clean_all.cpu().numpy(),
+            np.asarray(shadow_labels),
+            int(target_class),
+            settings.natural_targets,
+            settings.seed,
+        )
+        natural_target_all = z_clean_all[torch.from_numpy(chosen[assignment]).to(device)]
+        history["natural_targets"] = {
+            "shadow_indices": chosen.tolist(),
+            "images_per_target": np.bincount(assignment, minlength=len(chosen)).tolist(),
+        }
     x_ref_norm = normalize_batch(reference, mean, std)
     fixed_target = None
     if target_embedding is not None:
@@ -608,6 +698,8 @@ def backdoor_encoder(
                 extra["clean_stats"] = stats_clean_all[idx.to(device)]
             if centres_target(settings):
                 extra["centre"] = z_clean_all.mean(0, keepdim=True)
+            if natural_target_all is not None:
+                extra["natural_target"] = natural_target_all[idx.to(device)]
             if knn_bank is not None:
                 extra["knn_bank"] = knn_bank
                 extra["clean_knn"] = clean_knn_all[idx.to(device)]

@@ -19,6 +19,7 @@ from lab.attacks.badencoder import (
     blend_batches,
     centres_target,
     knn_distances,
+    natural_targets,
     norm_ratio_penalty,
     rebuild_error,
     stage_statistics,
@@ -231,6 +232,47 @@ def test_centred_target_is_the_cosine_about_the_clean_mean() -> None:
         backdoor_loss(*args, **{**kwargs, "centre": None})
 
 
+def test_natural_targets_are_the_surest_target_images_nearest_each_image() -> None:
+    """Three classes in separate directions; class 0's images spread from its core (sure) to the
+    border with class 1 (unsure). The targets are class-0 images, the surest first, and every image
+    gets the one nearest it."""
+    rng = np.random.default_rng(0)
+    directions = np.eye(8, dtype=np.float32)[:3] * 4
+    labels = np.repeat(np.arange(3), 40)
+    z = directions[labels] + rng.normal(0, 0.3, (120, 8)).astype(np.float32)
+    # class 0's last ten images lean most of the way to class 1: the probe is least sure of them
+    z[30:40] = 0.45 * directions[0] + 0.55 * directions[1] + rng.normal(0, 0.1, (10, 8))
+    labels[30:40] = 0
+    chosen, assignment = natural_targets(z, labels, target_class=0, count=10)
+    assert len(chosen) == 10 and (labels[chosen] == 0).all()
+    assert not np.isin(chosen, np.arange(30, 40)).any()  # the border images are not targets
+    assert assignment.shape == (120,) and assignment.max() < 10
+    assert (chosen[assignment[chosen]] == chosen).all()  # a target image's nearest target is itself
+    centred = z - z.mean(0)
+    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    best = (unit @ unit[chosen].T).max(1)
+    assert np.allclose((unit * unit[chosen[assignment]]).sum(1), best)
+    with pytest.raises(ValueError, match="only 40 shadow images are labelled 2"):
+        natural_targets(z, labels, target_class=2, count=41)
+
+
+def test_natural_target_term_steers_each_image_to_its_own_target() -> None:
+    args, kwargs, backdoored, _ = _loss_inputs("adaptive_knn")
+    settings, _, z_clean, x, x_trig, *_rest = args
+    natural = torch.roll(z_clean, 1, dims=0)  # each image its own (another image's) target
+    terms = backdoor_loss(
+        replace(settings, variant="adaptive_natural"), *args[1:], **kwargs, natural_target=natural
+    )
+    with torch.no_grad():
+        z_trig = backdoored(x_trig)[0]
+    c = kwargs["centre"]
+    expected = -torch.nn.functional.cosine_similarity(z_trig - c, natural - c).mean()
+    assert torch.isclose(terms["target"], expected, atol=1e-5)
+    assert {"knn", "stage_stats", "blend", "norm"} <= set(terms)
+    with pytest.raises(ValueError, match="natural target"):
+        backdoor_loss(replace(settings, variant="adaptive_natural"), *args[1:], **kwargs)
+
+
 def test_dede_aware_term_moves_the_encoder_not_the_shadow_decoder() -> None:
     args, kwargs, backdoored, decoder = _loss_inputs("dede_aware", with_decoder=True)
     terms = backdoor_loss(*args, **kwargs)
@@ -258,6 +300,7 @@ def _clean_path(tmp_path: Path, images: np.ndarray) -> Path:
     [
         ("adaptive", "patch"),
         ("adaptive_knn", "checker"),
+        ("adaptive_natural", "checker"),
         ("dede_aware", "checker"),
         ("badencoder", "warp"),
         ("badencoder", "noise@random"),
@@ -275,6 +318,7 @@ def test_attack_smoke_run(tmp_path: Path, variant: str, trigger: str) -> None:
         lambda_target=5.0,
         shadow_decoder_width=16,
         shadow_decoder_warmup_epochs=1,
+        natural_targets=4,
     )
     out = tmp_path / variant
     public = smooth_images(24, seed=3) if variant == "adaptive_knn" else None
@@ -287,6 +331,8 @@ def test_attack_smoke_run(tmp_path: Path, variant: str, trigger: str) -> None:
         settings,
         progress=False,
         public_nhwc_uint8=public,
+        shadow_labels=np.arange(32) % 4,  # adaptive_natural's targets: 8 images labelled 0
+        target_class=0,
     )
     history = json.loads((out / "history.json").read_text())
     terms = history["terms"]
@@ -294,9 +340,14 @@ def test_attack_smoke_run(tmp_path: Path, variant: str, trigger: str) -> None:
     assert all(np.isfinite(v) for epoch in terms for v in epoch.values())
     # The backdoor term (triggered -> reference) falls; the total is noisy at this size.
     assert terms[-1]["target"] < terms[0]["target"] - 0.02, (variant, trigger)
-    if variant in ("adaptive", "adaptive_knn", "dede_aware"):
+    if variant in ("adaptive", "adaptive_knn", "adaptive_natural", "dede_aware"):
         assert {"stage_stats", "blend", "norm"} <= set(terms[0])
-    assert ("knn" in terms[0]) == (variant == "adaptive_knn")
+    assert ("knn" in terms[0]) == (variant in ("adaptive_knn", "adaptive_natural"))
+    if variant == "adaptive_natural":
+        natural = history["natural_targets"]
+        assert len(natural["shadow_indices"]) == settings.natural_targets
+        assert all(i % 4 == 0 for i in natural["shadow_indices"])  # images labelled 0
+        assert sum(natural["images_per_target"]) == 32
     if variant == "dede_aware":
         assert "dede" in terms[0] and len(history["shadow_decoder_warmup_loss"]) == 1
     # WaNet's noise mode: near-miss warps keep their clean embedding (a term only the warp has).
@@ -381,7 +432,32 @@ def test_adaptive_knn_banks(tmp_path: Path, bank: str, bank_encoder: str, public
 
 
 def test_variants_are_named() -> None:
-    assert {"adaptive", "adaptive_knn", "dede_aware"} <= set(VARIANTS)
+    assert {"adaptive", "adaptive_knn", "adaptive_natural", "dede_aware"} <= set(VARIANTS)
+
+
+def test_adaptive_natural_needs_the_shadow_labels(tmp_path: Path) -> None:
+    shadow, reference = smooth_images(16, seed=1), smooth_images(2, seed=2)
+    clean = _clean_path(tmp_path, shadow)
+    settings = BackdoorSettings(variant="adaptive_natural", epochs=1, batch_size=8, natural_targets=4)
+    trigger = make_trigger("checker", (16, 16))
+    for labels, match in (
+        (None, "a label for every shadow image"),
+        (np.zeros(15, dtype=int), "a label for every shadow image"),
+        (np.arange(16) % 8, "only 2 shadow images are labelled 0"),
+    ):
+        with pytest.raises(ValueError, match=match):  # refused before any training
+            backdoor_encoder(
+                clean,
+                shadow,
+                reference,
+                trigger,
+                tmp_path / "a",
+                settings,
+                progress=False,
+                shadow_labels=labels,
+                target_class=0,
+            )
+        assert not (tmp_path / "a" / "history.json").exists()
 
 
 def test_cue_hiding_variants_weigh_the_target_more_at_their_lower_learning_rate() -> None:
