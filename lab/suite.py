@@ -247,7 +247,11 @@ SUITES["lab-hard"] = SuiteConfig(
 # Added 2026-12-06 21:10 UTC, before it was trained: `adaptive_natural` with the checkerboard, the
 # kNN-hiding attack with one target per triggered image, a real image its own labelled probe is
 # surest of (lab/attacks/badencoder.py). Its one setting (100 targets) was fixed from the clean
-# encoder alone (benchmarks/detection/natural_targets.py), before any training.
+# encoder alone (benchmarks/detection/natural_targets.py), before any training. First run (20
+# epochs, 720dcc3): every decoder-free cue at or under 0.71, the kNN cue against the defender's bank
+# included (0.593), but ASR 70.9% and BA 55.6%, its target term still climbing (centred cosine 0.77
+# at epoch 10, 0.83 at 20). Continued at 21:25 UTC to 40 epochs, as the adaptive attack runs here
+# (the first run's encoder kept under runs/lab-heldout/tries/natural_run1_20ep).
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
     ("drupe", "patch"),
@@ -264,7 +268,11 @@ SUITES["lab-heldout"] = replace(
     attacks=_HELD_OUT_ATTACKS,
     cue_encoders=("clean", *(encoder_name(v, t) for v, t in _HELD_OUT_ATTACKS)),
     root="runs/lab-heldout",
-    attack_settings={"dede_aware": {"lambda_dede": 0.2}, "adaptive": {"epochs": 40}},
+    attack_settings={
+        "dede_aware": {"lambda_dede": 0.2},
+        "adaptive": {"epochs": 40},
+        "adaptive_natural_checker": {"epochs": 40},
+    },
 )
 SUITES["lab-hard-smoke"] = replace(
     SUITES["smoke"],
