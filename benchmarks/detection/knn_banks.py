@@ -2,10 +2,11 @@
 
 The `adaptive_knn` attacker (lab/attacks/badencoder.py) holds each triggered embedding's kNN
 distance to a bank of images (its shadow images; a public out-of-distribution set in runs 5-6)
-at the clean images' level. The
-defender's kNN cue (lab.baselines) measures the distance to the auxiliary images (Tiny-ImageNet),
-embedded by the encoder under test. This scores the kNN cue of the lab-heldout suite's cue-hiding
-encoders against three banks, on the suite's clean and triggered CIFAR-10 test images:
+at the clean images' level; `adaptive_natural` also sends each triggered image to its own real
+target-class image. The defender's kNN cue (lab.baselines) measures the distance to the auxiliary
+images (Tiny-ImageNet), embedded by the encoder under test. This scores the kNN cue of the
+lab-heldout suite's cue-hiding encoders against five banks, on the suite's clean and triggered
+CIFAR-10 test images:
 
   clean encoder, shadow images      the term of runs 1-2 (what they were trained to hide)
   clean encoder, public images      run 5's term (GTSRB train, the lab's public set)
@@ -46,6 +47,9 @@ ENCODERS = {
         "tries/run6_trained/encoder",
         "checker",
     ),
+    # one target per triggered image (a real target-class image's clean embedding)
+    "adaptive_natural, 20 epochs": ("tries/natural_run1_20ep/encoder", "checker"),
+    "adaptive_natural, 40 epochs (the suite's)": ("encoders/adaptive_natural_checker", "checker"),
 }
 
 
