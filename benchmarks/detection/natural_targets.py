@@ -31,7 +31,7 @@ import json
 import numpy as np
 
 from benchmarks.provenance import REPO_ROOT, run_record
-from lab.attacks.badencoder import natural_targets
+from lab.attacks.badencoder import attacker_probe, natural_targets
 from lab.baselines import knn_distance_scores
 from lab.evaluate import auroc
 from lab.probe import embed_nchw, train_linear_probe
@@ -76,8 +76,9 @@ def main() -> None:
     shadow_unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
     test_unit = z_test[non_target] - z_shadow.mean(0, keepdims=True)
     test_unit /= np.linalg.norm(test_unit, axis=1, keepdims=True)
+    own_probe = attacker_probe(z_shadow, shadow_labels, seed=config.seed)
     for count in COUNTS:
-        chosen, _ = natural_targets(z_shadow, shadow_labels, target, count, seed=config.seed)
+        chosen, _ = natural_targets(z_shadow, shadow_labels, target, count, own_probe)
         nearest = chosen[np.argmax(test_unit @ shadow_unit[chosen].T, axis=1)]
         rows[f"natural targets, M = {count}"] = score(z_shadow[nearest])
         one_point = np.repeat(z_shadow[chosen].mean(0, keepdims=True), len(non_target), axis=0)

@@ -13,7 +13,9 @@ import torch
 
 from lab.attacks.badencoder import (
     VARIANTS,
+    AttackerProbe,
     BackdoorSettings,
+    attacker_probe,
     backdoor_encoder,
     backdoor_loss,
     blend_batches,
@@ -59,8 +61,9 @@ def tiny_encoder(images: np.ndarray) -> torch.nn.Module:
 
 
 def test_statistics_gap_is_zero_for_the_same_distribution_and_positive_otherwise() -> None:
-    clean = torch.randn(64, 8)
-    assert statistics_gap(clean[torch.randperm(64)], clean) < 1e-10  # same values, any order
+    generator = torch.Generator().manual_seed(0)  # torch's own seed differs per process
+    clean = torch.randn(64, 8, generator=generator)
+    assert statistics_gap(clean[torch.randperm(64, generator=generator)], clean) < 1e-10  # any order
     assert statistics_gap(clean + 0.5, clean) > 0.2  # shifted
     assert statistics_gap(clean * 2, clean) > 0.2  # wider
     # In units of the reference's variance: scaling both changes nothing.
@@ -243,7 +246,8 @@ def test_natural_targets_are_the_surest_target_images_nearest_each_image() -> No
     # class 0's last ten images lean most of the way to class 1: the probe is least sure of them
     z[30:40] = 0.45 * directions[0] + 0.55 * directions[1] + rng.normal(0, 0.1, (10, 8))
     labels[30:40] = 0
-    chosen, assignment = natural_targets(z, labels, target_class=0, count=10)
+    probe = attacker_probe(z, labels)
+    chosen, assignment = natural_targets(z, labels, target_class=0, count=10, probe=probe)
     assert len(chosen) == 10 and (labels[chosen] == 0).all()
     assert not np.isin(chosen, np.arange(30, 40)).any()  # the border images are not targets
     assert assignment.shape == (120,) and assignment.max() < 10
@@ -253,24 +257,35 @@ def test_natural_targets_are_the_surest_target_images_nearest_each_image() -> No
     best = (unit @ unit[chosen].T).max(1)
     assert np.allclose((unit * unit[chosen[assignment]]).sum(1), best)
     with pytest.raises(ValueError, match="only 40 shadow images are labelled 2"):
-        natural_targets(z, labels, target_class=2, count=41)
+        natural_targets(z, labels, target_class=2, count=41, probe=probe)
 
 
 def test_natural_target_term_steers_each_image_to_its_own_target() -> None:
     args, kwargs, backdoored, _ = _loss_inputs("adaptive_knn")
     settings, _, z_clean, x, x_trig, *_rest = args
     natural = torch.roll(z_clean, 1, dims=0)  # each image its own (another image's) target
-    terms = backdoor_loss(
-        replace(settings, variant="adaptive_natural"), *args[1:], **kwargs, natural_target=natural
-    )
+    labels = np.arange(len(z_clean)) % 3
+    probe = AttackerProbe(attacker_probe(z_clean.numpy(), labels))
+    natural_kwargs = {"natural_target": natural, "attacker_probe": probe, "target_class": 2}
+    settings = replace(settings, variant="adaptive_natural")
+    terms = backdoor_loss(settings, *args[1:], **kwargs, **natural_kwargs)
     with torch.no_grad():
         z_trig = backdoored(x_trig)[0]
     c = kwargs["centre"]
     expected = -torch.nn.functional.cosine_similarity(z_trig - c, natural - c).mean()
     assert torch.isclose(terms["target"], expected, atol=1e-5)
     assert {"knn", "stage_stats", "blend", "norm"} <= set(terms)
-    with pytest.raises(ValueError, match="natural target"):
-        backdoor_loss(replace(settings, variant="adaptive_natural"), *args[1:], **kwargs)
+    # The probe term is the cross-entropy of the attacker's probe toward the target class; it moves
+    # the encoder, not the probe.
+    wanted = torch.full((len(z_trig),), 2)
+    assert torch.isclose(terms["probe"], torch.nn.functional.cross_entropy(probe(z_trig), wanted), atol=1e-5)
+    backdoored.zero_grad()
+    terms["probe"].backward()
+    assert all(p.grad is None for p in probe.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backdoored.encoder.parameters())
+    for missing in ("natural_target", "attacker_probe", "target_class"):
+        with pytest.raises(ValueError, match="natural target embedding, its own probe"):
+            backdoor_loss(settings, *args[1:], **kwargs, **{**natural_kwargs, missing: None})
 
 
 def test_dede_aware_term_moves_the_encoder_not_the_shadow_decoder() -> None:
@@ -348,6 +363,7 @@ def test_attack_smoke_run(tmp_path: Path, variant: str, trigger: str) -> None:
         assert len(natural["shadow_indices"]) == settings.natural_targets
         assert all(i % 4 == 0 for i in natural["shadow_indices"])  # images labelled 0
         assert sum(natural["images_per_target"]) == 32
+        assert "probe" in terms[0]
     if variant == "dede_aware":
         assert "dede" in terms[0] and len(history["shadow_decoder_warmup_loss"]) == 1
     # WaNet's noise mode: near-miss warps keep their clean embedding (a term only the warp has).
