@@ -253,7 +253,7 @@ SUITES["lab-hard"] = SuiteConfig(
 # at epoch 10, 0.83 at 20). Continued at 21:25 UTC to 40 epochs, as the adaptive attack runs here
 # (the first run's encoder kept under runs/lab-heldout/tries/natural_run1_20ep). At 40 epochs:
 # ASR 78.4%, BA 55.7%, every cue at or under 0.673 (runs/lab-heldout/tries/natural_run2_40ep).
-# Trained again from the start at 21:47 UTC, 40 epochs, with the attacker's own probe's decision
+# Trained again from the start at 21:45 UTC, 40 epochs, with the attacker's own probe's decision
 # as a term (`lambda_probe` 1; 0 gives the run before), chosen on that run's ASR alone.
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
