@@ -63,8 +63,13 @@ All fine-tune f' from the clean encoder f (frozen copy), with triggers pasted in
                    defender's Tiny-ImageNet bank (benchmarks/detection/README.md, "Natural targets").
                    Trained so, the triggered embeddings reached centred cosine 0.89 to their targets
                    in 40 epochs, short of them, and the probe put 78% in the target class (cues
-                   hidden: <= 0.67). So the attacker also asks its own probe's decision directly:
-                   + lambda_probe * cross-entropy(attacker's probe(f'(x + t)), target class)
+                   hidden: <= 0.67), while a probe fitted on the clean encoder put 99.7% there and
+                   one fitted on the attacked encoder's shadow embeddings 92%: the victim's probe
+                   is fitted on the attacked encoder, on other images. So the attacker also asks
+                   for the decision of probes fitted as a victim would fit one, once per epoch on
+                   the encoder being trained, each on a random half of its labelled shadow images:
+                   + lambda_probe * mean over the `attacker_probes` probes of
+                     cross-entropy(probe(f'(x + t)), target class)
   dede_aware       adaptive + an attacker who knows DeDe: a shadow decoder (models.conv_decoder,
                    the attacker's own, fitted on its shadow images; it never sees the defender's
                    decoder or auxiliary data) is warmed up on the clean encoder's embeddings, then
@@ -161,8 +166,9 @@ class BackdoorSettings:
     # probe is surest of) serve as targets. Fixed before the first run from the clean encoder alone
     # (README, "Natural targets"): 100 of the shadow set's ~500 target-class images.
     natural_targets: int = 100
-    # adaptive_natural: its own probe's decision on the triggered embeddings (module docstring)
+    # adaptive_natural: its own probes' decision on the triggered embeddings (module docstring)
     lambda_probe: float = 1.0
+    attacker_probes: int = 4  # adaptive_natural: probes refitted every epoch (0: none, no probe term)
     # Triggers with a noise mode (`near_miss`, WaNet's warp): near-miss triggered images keep their
     # clean embedding, as WaNet's noise-mode images keep their labels (cross ratio 2 there; 1 here).
     lambda_near_miss: float = 1.0
@@ -329,8 +335,9 @@ def backdoor_loss(
         raise ValueError(f"{settings.variant} needs the clean kNN bank and the clean batch's kNN distances")
     if settings.variant == "dede_aware" and shadow_decoder is None:
         raise ValueError("dede_aware needs the attacker's shadow decoder")
+    probes_wanted = settings.variant in NATURAL_TARGETS and settings.attacker_probes > 0
     if settings.variant in NATURAL_TARGETS and (
-        natural_target is None or attacker_probe is None or target_class is None
+        natural_target is None or (probes_wanted and (attacker_probe is None or target_class is None))
     ):
         raise ValueError(
             f"{settings.variant} needs each triggered image's natural target embedding, "
@@ -400,9 +407,11 @@ def backdoor_loss(
         z_blend = out[len(out) - len(x_triggered_blend) :]
         terms["blend"] = 1 + cosine_terms(z_blend, z_clean_blend)
         total = total + settings.lambda_stats * terms["stage_stats"] + settings.lambda_blend * terms["blend"]
-    if settings.variant in NATURAL_TARGETS:
+    if probes_wanted:
+        logits = attacker_probe(z_trig)  # (N, classes), or (probes, N, classes)
+        logits = logits[None] if logits.dim() == 2 else logits
         wanted = torch.full((len(z_trig),), int(target_class), dtype=torch.long, device=z_trig.device)
-        terms["probe"] = F.cross_entropy(attacker_probe(z_trig), wanted)
+        terms["probe"] = torch.stack([F.cross_entropy(one, wanted) for one in logits]).mean()
         total = total + settings.lambda_probe * terms["probe"]
     if settings.variant in KNN_HIDING:
         trig_knn = knn_distances(z_trig, knn_bank, settings.knn_k)
@@ -499,6 +508,25 @@ class AttackerProbe(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.layer((z - self.mean) / self.std)
+
+
+class AttackerProbes(nn.Module):
+    """Several `AttackerProbe`s: embeddings -> logits (probes, N, classes)."""
+
+    def __init__(self, probes: list[LinearProbe]) -> None:
+        super().__init__()
+        self.probes = nn.ModuleList(AttackerProbe(probe) for probe in probes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.stack([probe(z) for probe in self.probes])
+
+
+def victim_like_probes(z_shadow: np.ndarray, labels: np.ndarray, count: int, seed: int) -> list[LinearProbe]:
+    """`count` probes as a victim would fit one, each on a random half of the labelled shadow
+    embeddings (the victim's probe is fitted on images the attacker does not have)."""
+    rng = np.random.default_rng(seed)
+    halves = [np.sort(rng.permutation(len(z_shadow))[: len(z_shadow) // 2]) for _ in range(count)]
+    return [train_linear_probe(z_shadow[h], labels[h], seed=seed + i) for i, h in enumerate(halves)]
 
 
 def attacker_probe(z_shadow: np.ndarray, labels: np.ndarray, seed: int = 0) -> LinearProbe:
@@ -651,7 +679,6 @@ def backdoor_encoder(
             z_shadow_np, labels_np, int(target_class), settings.natural_targets, probe
         )
         natural_target_all = z_clean_all[torch.from_numpy(chosen[assignment]).to(device)]
-        probe_module = AttackerProbe(probe).to(device)
         history["natural_targets"] = {
             "shadow_indices": chosen.tolist(),
             "images_per_target": np.bincount(assignment, minlength=len(chosen)).tolist(),
@@ -711,6 +738,20 @@ def backdoor_encoder(
             knn_bank, clean_knn_all = _knn_reference(
                 bank_encoder, settings, shadow, public, mean, std, device
             )
+        if settings.variant in NATURAL_TARGETS and settings.attacker_probes > 0:
+            # probes fitted as a victim would, on the encoder as it is now (seeded by epoch: resumes
+            # refit the same ones)
+            with torch.no_grad():
+                z_now = torch.cat(
+                    [
+                        backdoored(normalize_batch(shadow[i : i + 512].to(device), mean, std))
+                        for i in range(0, len(shadow), 512)
+                    ]
+                )
+            fitted = victim_like_probes(
+                z_now.cpu().numpy(), labels_np, settings.attacker_probes, settings.seed + 1000 * (epoch + 1)
+            )
+            probe_module = AttackerProbes(fitted).to(device)
         perm = torch.randperm(len(shadow), generator=generator)
         sums: dict[str, float] = {}
         bar = tqdm(
@@ -735,6 +776,7 @@ def backdoor_encoder(
                 extra["centre"] = z_clean_all.mean(0, keepdim=True)
             if natural_target_all is not None:
                 extra["natural_target"] = natural_target_all[idx.to(device)]
+            if probe_module is not None:
                 extra["attacker_probe"], extra["target_class"] = probe_module, int(target_class)
             if knn_bank is not None:
                 extra["knn_bank"] = knn_bank

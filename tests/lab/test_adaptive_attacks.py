@@ -14,6 +14,7 @@ import torch
 from lab.attacks.badencoder import (
     VARIANTS,
     AttackerProbe,
+    AttackerProbes,
     BackdoorSettings,
     attacker_probe,
     backdoor_encoder,
@@ -26,6 +27,7 @@ from lab.attacks.badencoder import (
     rebuild_error,
     stage_statistics,
     statistics_gap,
+    victim_like_probes,
 )
 from lab.attacks.triggers import make_trigger
 from models.architectures import build_architecture
@@ -283,6 +285,15 @@ def test_natural_target_term_steers_each_image_to_its_own_target() -> None:
     terms["probe"].backward()
     assert all(p.grad is None for p in probe.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backdoored.encoder.parameters())
+    # Several probes (fitted as a victim would, each on half the images): the mean of their terms.
+    probes = victim_like_probes(z_clean.numpy(), labels, count=2, seed=0)
+    several = AttackerProbes(probes)
+    assert several(z_trig).shape == (2, len(z_trig), 3)
+    mean_term = backdoor_loss(settings, *args[1:], **kwargs, **{**natural_kwargs, "attacker_probe": several})
+    each = [torch.nn.functional.cross_entropy(AttackerProbe(p)(z_trig), wanted) for p in probes]
+    assert torch.isclose(mean_term["probe"], (each[0] + each[1]) / 2, atol=1e-5)
+    no_probe = replace(settings, attacker_probes=0)  # the targets alone: no probe term, none needed
+    assert "probe" not in backdoor_loss(no_probe, *args[1:], **kwargs, natural_target=natural)
     for missing in ("natural_target", "attacker_probe", "target_class"):
         with pytest.raises(ValueError, match="natural target embedding, its own probe"):
             backdoor_loss(settings, *args[1:], **kwargs, **{**natural_kwargs, missing: None})
