@@ -359,12 +359,21 @@ def _fit_decoder(
     if ddp.is_main:
         if resume and run_file.exists():
             previous = json.loads(run_file.read_text())
+            # The same encoder path may hold another encoder (a retrained file): its weights'
+            # sha256 tells them apart, or a resumed fit would keep the other encoder's decoder.
+            recorded_sha = previous.get("encoder_identity", {}).get("sha256")
             if (
                 previous.get("decoder_config") != run_info["decoder_config"]
                 or previous.get("encoder") != encoder.load_args
+                or recorded_sha != encoder.identity.sha256
             ):
                 start["error"] = (
                     f"{run_dir} holds a run with another encoder or decoder config; use a new --out"
+                    + (
+                        f" (the encoder file changed: sha256 {encoder.identity.sha256} != {recorded_sha})"
+                        if recorded_sha != encoder.identity.sha256
+                        else ""
+                    )
                 )
             elif previous.get("status") == "fitted" and (run_dir / DECODER_FILE).exists():
                 start["fitted"] = True

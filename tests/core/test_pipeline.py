@@ -60,6 +60,27 @@ def test_a_killed_fit_resumes_to_the_same_weights(
     assert [row["step"] for row in log] == ["2", "4", "6", "8", "9"]  # 3 epochs of 3 steps
 
 
+def test_a_fit_refuses_to_resume_over_another_encoder_at_the_same_path(
+    tiny_data: dict[str, Path], tmp_path: Path
+) -> None:
+    """A retrained encoder saved over the old file: rerunning the fit into the same folder must not
+    keep the old encoder's decoder (the path alone is the same)."""
+    from models.architectures import build_architecture
+    from models.encoders import save_encoder
+
+    path = tmp_path / "encoder.safetensors"
+    torch.manual_seed(1)
+    save_encoder(path, build_architecture("cifar_resnet18", 8).eval(), "cifar_resnet18", 8)
+    images = _images(tiny_data["aux"], limit=100)
+    settings = FitSettings(preset="tiny", epochs=1, batch_size=64, eval_every=2, patience=100)
+    fit_decoder(load_encoder(str(path)), images, tmp_path / "run", settings)
+    assert fit_decoder(load_encoder(str(path)), images, tmp_path / "run", settings).is_file()  # same file
+    torch.manual_seed(2)
+    save_encoder(path, build_architecture("cifar_resnet18", 8).eval(), "cifar_resnet18", 8)
+    with pytest.raises(fit_module.RunError, match="the encoder file changed: sha256"):
+        fit_decoder(load_encoder(str(path)), images, tmp_path / "run", settings)
+
+
 def test_export_refuses_when_onnx_disagrees(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
     import training.export as export_module
 
