@@ -259,6 +259,10 @@ SUITES["lab-hard"] = SuiteConfig(
 # triggered images in airplane; one fitted on run 2's own shadow embeddings puts 92% there, the
 # suite's probe 78.4%. Trained again from the start at 21:56 UTC, 40 epochs, with that term taken
 # over 4 probes refitted every epoch on the encoder being trained, each on half the shadow images.
+# That run (4): ASR 93.0%, every cue at or under 0.688, but BA 53.5%, 5.1 points below clean; its
+# clean term fell to cosine 0.78 in epochs 2-10 while the probe term was 0.13-0.16 (run 1: 0.89).
+# Encoder under runs/lab-heldout/tries/natural_run4_probes. Trained again from the start at 22:32
+# UTC with the probe term at a quarter of its weight (`lambda_probe` 0.25), chosen on run 4's BA.
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
     ("drupe", "patch"),
@@ -278,7 +282,7 @@ SUITES["lab-heldout"] = replace(
     attack_settings={
         "dede_aware": {"lambda_dede": 0.2},
         "adaptive": {"epochs": 40},
-        "adaptive_natural_checker": {"epochs": 40},
+        "adaptive_natural_checker": {"epochs": 40, "lambda_probe": 0.25},
     },
 )
 SUITES["lab-hard-smoke"] = replace(
