@@ -48,8 +48,13 @@ ENCODERS = {
         "checker",
     ),
     # one target per triggered image (a real target-class image's clean embedding)
-    "adaptive_natural, 20 epochs": ("tries/natural_run1_20ep/encoder", "checker"),
-    "adaptive_natural, 40 epochs (the suite's)": ("encoders/adaptive_natural_checker", "checker"),
+    "adaptive_natural, run 1 (20 epochs)": ("tries/natural_run1_20ep/encoder", "checker"),
+    "adaptive_natural, run 2 (40 epochs)": ("tries/natural_run2_40ep/encoder", "checker"),
+    "adaptive_natural, run 4 (+ 4 refitted probes)": ("tries/natural_run4_probes/encoder", "checker"),
+    "adaptive_natural, run 5 (probe term x0.25, the suite's)": (
+        "encoders/adaptive_natural_checker",
+        "checker",
+    ),
 }
 
 
