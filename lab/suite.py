@@ -262,7 +262,9 @@ SUITES["lab-hard"] = SuiteConfig(
 # That run (4): ASR 93.0%, every cue at or under 0.688, but BA 53.5%, 5.1 points below clean; its
 # clean term fell to cosine 0.78 in epochs 2-10 while the probe term was 0.13-0.16 (run 1: 0.89).
 # Encoder under runs/lab-heldout/tries/natural_run4_probes. Trained again from the start at 22:32
-# UTC with the probe term at a quarter of its weight (`lambda_probe` 0.25), chosen on run 4's BA.
+# UTC with the probe term at a quarter of its weight (`lambda_probe` 0.25), chosen on run 4's BA:
+# ASR 94.5%, BA 56.0%, every decoder-free cue at or under 0.650 (the attack as committed; 0.25 is
+# now the default).
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
     ("drupe", "patch"),

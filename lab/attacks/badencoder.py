@@ -70,6 +70,8 @@ All fine-tune f' from the clean encoder f (frozen copy), with triggers pasted in
                    the encoder being trained, each on a random half of its labelled shadow images:
                    + lambda_probe * mean over the `attacker_probes` probes of
                      cross-entropy(probe(f'(x + t)), target class)
+                   lab-heldout, checkerboard, 40 epochs: ASR 94.5%, BA 56.0% (clean 58.6%), every
+                   decoder-free cue <= 0.650 against the suite's auxiliary bank
   dede_aware       adaptive + an attacker who knows DeDe: a shadow decoder (models.conv_decoder,
                    the attacker's own, fitted on its shadow images; it never sees the defender's
                    decoder or auxiliary data) is warmed up on the clean encoder's embeddings, then
@@ -166,8 +168,10 @@ class BackdoorSettings:
     # probe is surest of) serve as targets. Fixed before the first run from the clean encoder alone
     # (README, "Natural targets"): 100 of the shadow set's ~500 target-class images.
     natural_targets: int = 100
-    # adaptive_natural: its own probes' decision on the triggered embeddings (module docstring)
-    lambda_probe: float = 1.0
+    # adaptive_natural: its own probes' decision on the triggered embeddings (module docstring). At 1
+    # (lab-heldout run 4) BA ended 5.1 points below clean, the clean term at cosine 0.78 while this
+    # term was large; at 0.25 (run 5): ASR 94.5%, BA 2.6 points below, every cheap cue <= 0.650.
+    lambda_probe: float = 0.25
     attacker_probes: int = 4  # adaptive_natural: probes refitted every epoch (0: none, no probe term)
     # Triggers with a noise mode (`near_miss`, WaNet's warp): near-miss triggered images keep their
     # clean embedding, as WaNet's noise-mode images keep their labels (cross ratio 2 there; 1 here).

@@ -59,7 +59,10 @@ def test_every_suites_attack_settings_name_one_of_its_attacks_and_real_fields() 
     assert SUITES["lab-heldout"].attack_settings == {
         "dede_aware": {"lambda_dede": 0.2},
         "adaptive": {"epochs": 40},
+        "adaptive_natural_checker": {"epochs": 40, "lambda_probe": 0.25},
     }
+    natural = backdoor_settings(SUITES["lab-heldout"], "adaptive_natural_checker", "adaptive_natural")
+    assert (natural.epochs, natural.lambda_probe) == (40, 0.25)
     heldout = SUITES["lab-heldout"]
     assert backdoor_settings(heldout, "adaptive", "adaptive").epochs == 40  # over the suite's 20
     assert backdoor_settings(heldout, "drupe", "drupe").epochs == heldout.attack_epochs
