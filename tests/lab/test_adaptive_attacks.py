@@ -258,8 +258,9 @@ def test_natural_targets_are_the_surest_target_images_nearest_each_image() -> No
     unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
     best = (unit @ unit[chosen].T).max(1)
     assert np.allclose((unit * unit[chosen[assignment]]).sum(1), best)
-    with pytest.raises(ValueError, match="only 40 shadow images are labelled 2"):
-        natural_targets(z, labels, target_class=2, count=41, probe=probe)
+    for count in (41, 0):
+        with pytest.raises(ValueError, match="needs 1 to 40 \\(the shadow images labelled 2\\)"):
+            natural_targets(z, labels, target_class=2, count=count, probe=probe)
 
 
 def test_natural_target_term_steers_each_image_to_its_own_target() -> None:
@@ -462,6 +463,12 @@ def test_variants_are_named() -> None:
     assert {"adaptive", "adaptive_knn", "adaptive_natural", "dede_aware"} <= set(VARIANTS)
 
 
+def test_the_command_line_offers_every_variant() -> None:
+    from lab.commands import ATTACK_NAMES  # named there so that `--help` needs no torch import
+
+    assert (*VARIANTS, "ctrl") == ATTACK_NAMES
+
+
 def test_adaptive_natural_needs_the_shadow_labels(tmp_path: Path) -> None:
     shadow, reference = smooth_images(16, seed=1), smooth_images(2, seed=2)
     clean = _clean_path(tmp_path, shadow)
@@ -470,7 +477,7 @@ def test_adaptive_natural_needs_the_shadow_labels(tmp_path: Path) -> None:
     for labels, match in (
         (None, "a label for every shadow image"),
         (np.zeros(15, dtype=int), "a label for every shadow image"),
-        (np.arange(16) % 8, "only 2 shadow images are labelled 0"),
+        (np.arange(16) % 8, "needs 1 to 2 \\(the shadow images labelled 0\\)"),
     ):
         with pytest.raises(ValueError, match=match):  # refused before any training
             backdoor_encoder(
