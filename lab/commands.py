@@ -174,6 +174,7 @@ ATTACK_NAMES = (
     "adaptive_knn",
     "adaptive_natural",
     "dede_aware",
+    "dede_aware_natural",
     "ctrl",
 )
 TRIGGER_HELP = (

@@ -265,6 +265,13 @@ SUITES["lab-hard"] = SuiteConfig(
 # UTC with the probe term at a quarter of its weight (`lambda_probe` 0.25), chosen on run 4's BA:
 # ASR 94.5%, BA 56.0%, every decoder-free cue at or under 0.650 (the attack as committed; 0.25 is
 # now the default).
+# Added 2026-12-06 23:57 UTC, before they were trained, each run once: (1) the trigger families on
+# which the plain BadEncoder did not take on lab-hard (blend ASR 40.8%, invisible 65.8%, with the
+# triggered embeddings' norm far above clean: embedding-norm cue 1.000), with the norm-preserving
+# BadEncoder, which took with the white square here (ASR 99.9%) where the plain one did not on
+# lab-hard (61.1%); (2) the attacker who knows DeDe on top of adaptive_natural, the one cue-hiding
+# attack that took (`dede_aware_natural`, lab/attacks/badencoder.py), with adaptive_natural's suite
+# settings and the DeDe term at the weight dede_aware has here (0.2).
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
     ("drupe", "patch"),
@@ -274,6 +281,9 @@ _HELD_OUT_ATTACKS = (
     ("adaptive_knn", "checker"),
     ("adaptive_knn", "patch"),
     ("adaptive_natural", "checker"),
+    ("norm_preserving", "blend"),
+    ("norm_preserving", "invisible"),
+    ("dede_aware_natural", "checker"),
 )
 SUITES["lab-heldout"] = replace(
     SUITES["lab-hard"],
@@ -285,6 +295,7 @@ SUITES["lab-heldout"] = replace(
         "dede_aware": {"lambda_dede": 0.2},
         "adaptive": {"epochs": 40},
         "adaptive_natural_checker": {"epochs": 40, "lambda_probe": 0.25},
+        "dede_aware_natural_checker": {"epochs": 40, "lambda_probe": 0.25, "lambda_dede": 0.2},
     },
 )
 SUITES["lab-hard-smoke"] = replace(

@@ -329,6 +329,7 @@ def _clean_path(tmp_path: Path, images: np.ndarray) -> Path:
         ("adaptive_knn", "checker"),
         ("adaptive_natural", "checker"),
         ("dede_aware", "checker"),
+        ("dede_aware_natural", "checker"),
         ("badencoder", "warp"),
         ("badencoder", "noise@random"),
     ],
@@ -367,17 +368,19 @@ def test_attack_smoke_run(tmp_path: Path, variant: str, trigger: str) -> None:
     assert all(np.isfinite(v) for epoch in terms for v in epoch.values())
     # The backdoor term (triggered -> reference) falls; the total is noisy at this size.
     assert terms[-1]["target"] < terms[0]["target"] - 0.02, (variant, trigger)
-    if variant in ("adaptive", "adaptive_knn", "adaptive_natural", "dede_aware"):
+    if variant in ("adaptive", "adaptive_knn", "adaptive_natural", "dede_aware", "dede_aware_natural"):
         assert {"stage_stats", "blend", "norm"} <= set(terms[0])
-    assert ("knn" in terms[0]) == (variant in ("adaptive_knn", "adaptive_natural"))
-    if variant == "adaptive_natural":
+    assert ("knn" in terms[0]) == (variant in ("adaptive_knn", "adaptive_natural", "dede_aware_natural"))
+    if variant in ("adaptive_natural", "dede_aware_natural"):
         natural = history["natural_targets"]
         assert len(natural["shadow_indices"]) == settings.natural_targets
         assert all(i % 4 == 0 for i in natural["shadow_indices"])  # images labelled 0
         assert sum(natural["images_per_target"]) == 32
         assert "probe" in terms[0]
-    if variant == "dede_aware":
+    if variant in ("dede_aware", "dede_aware_natural"):
         assert "dede" in terms[0] and len(history["shadow_decoder_warmup_loss"]) == 1
+    else:
+        assert "dede" not in terms[0]
     # WaNet's noise mode: near-miss warps keep their clean embedding (a term only the warp has).
     assert ("near_miss" in terms[0]) == (trigger == "warp")
     assert load_encoder(str(path)).identity.embedding_dim == 32
@@ -460,7 +463,9 @@ def test_adaptive_knn_banks(tmp_path: Path, bank: str, bank_encoder: str, public
 
 
 def test_variants_are_named() -> None:
-    assert {"adaptive", "adaptive_knn", "adaptive_natural", "dede_aware"} <= set(VARIANTS)
+    assert {"adaptive", "adaptive_knn", "adaptive_natural", "dede_aware", "dede_aware_natural"} <= set(
+        VARIANTS
+    )
 
 
 def test_the_command_line_offers_every_variant() -> None:

@@ -60,6 +60,7 @@ def test_every_suites_attack_settings_name_one_of_its_attacks_and_real_fields() 
         "dede_aware": {"lambda_dede": 0.2},
         "adaptive": {"epochs": 40},
         "adaptive_natural_checker": {"epochs": 40, "lambda_probe": 0.25},
+        "dede_aware_natural_checker": {"epochs": 40, "lambda_probe": 0.25, "lambda_dede": 0.2},
     }
     natural = backdoor_settings(SUITES["lab-heldout"], "adaptive_natural_checker", "adaptive_natural")
     assert (natural.epochs, natural.lambda_probe) == (40, 0.25)
