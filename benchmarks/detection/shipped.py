@@ -325,17 +325,21 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"cases": {}}
+    # The commit and the tree's state are read before the first case: each case rewrites this
+    # script's own committed outputs, which would mark every later case's record dirty.
+    started = run_record()
     for case in args.case:
         name, _, rest = case.partition("=")
         rest, _, preset = rest.partition("#")
         encoder_path, _, trigger = rest.partition("@")
         print(f"[shipped] {name}: {encoder_path} ({trigger or 'patch'}, {preset or 'default'})", flush=True)
         case_result = run_case(name, encoder_path, trigger or "patch", Path(args.runs), data, preset or None)
-        case_result["run"] = run_record()  # each case keeps its own command and commit
+        # each case keeps its own command, commit and finishing time
+        case_result["run"] = {**run_record(), "commit": started["commit"], "dirty": started["dirty"]}
         # Read again before writing: another run of this script may have added cases meanwhile.
         results = json.loads(results_path.read_text()) if results_path.exists() else {"cases": {}}
         results["cases"][name] = case_result
-        results.update(run_record())
+        results.update({**run_record(), "commit": started["commit"], "dirty": started["dirty"]})
         results_path.write_text(json.dumps(results, indent=1, default=float) + "\n")
     (out / "REPORT.md").write_text(report(results))
     print(f"wrote {results_path} and REPORT.md")
