@@ -84,7 +84,10 @@ All fine-tune f' from the clean encoder f (frozen copy), with triggers pasted in
                    one cue-hiding attack that takes in the lab (dede_aware on `adaptive` did not:
                    ASR 18.9% on lab-heldout). Its natural targets are clean embeddings of real
                    target-class images, which a decoder rebuilds as those images, not as the
-                   triggered input: the DeDe term asks the encoder to carry both.
+                   triggered input: the DeDe term asks the encoder to carry both. lab-heldout,
+                   checkerboard, 40 epochs, lambda_dede 0.2: ASR 90.1%, BA 54.4% (clean 58.6%),
+                   every decoder-free cue <= 0.680; the term lost to the target term (the
+                   attacker's own rebuild-error ratio rose from 1.26 to 1.54 over the run)
 
 `backdoor_encoder` writes the attacked encoder (.safetensors), a per-epoch checkpoint (resume) and
 history.json (each loss term per epoch).
