@@ -164,7 +164,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # The suites (lab/suite.py, lab/clip_suite.py); named here so that `--help` needs no torch import.
-LAB_SUITE_NAMES = ("lab", "smoke", "lab-hard", "lab-hard-smoke", "lab-heldout")
+LAB_SUITE_NAMES = (
+    "lab",
+    "smoke",
+    "lab-hard",
+    "lab-hard-smoke",
+    "lab-heldout",
+    "lab-heldout-plain",
+    "lab-heldout-hiding",
+)
 CLIP_SUITE_NAMES = ("clip", "clip-colours", "clip-smoke")
 ATTACK_NAMES = (
     "badencoder",

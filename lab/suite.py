@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lab.attacks.badencoder import BackdoorSettings, backdoor_encoder
+from lab.attacks.badencoder import CUE_HIDING, BackdoorSettings, backdoor_encoder
 from lab.attacks.ctrl import poison_with_ctrl
 from lab.attacks.triggers import Trigger, make_trigger
 from lab.baselines import baseline_scores, cue_scores
@@ -297,6 +297,29 @@ SUITES["lab-heldout"] = replace(
         "adaptive_natural_checker": {"epochs": 40, "lambda_probe": 0.25},
         "dede_aware_natural_checker": {"epochs": 40, "lambda_probe": 0.25, "lambda_dede": 0.2},
     },
+)
+
+
+# lab-heldout in two parts that each stay within 3 hours on 2 CPU cores (the attacks issue's bound;
+# the whole suite's stages took 3.4 h here: benchmarks/detection/suite_hours.json). They share its
+# root and stage names, so what one part trained the other and lab-heldout reuse: run the parts one
+# after the other, then `dede lab report --suite lab-heldout` reports them all.
+def _heldout_part(name: str, attacks: tuple[tuple[str, str], ...]) -> SuiteConfig:
+    names = {encoder_name(v, t) for v, t in attacks}
+    return replace(
+        SUITES["lab-heldout"],
+        name=name,
+        attacks=attacks,
+        cue_encoders=("clean", *(encoder_name(v, t) for v, t in attacks)),
+        attack_settings={k: v for k, v in SUITES["lab-heldout"].attack_settings.items() if k in names},
+    )
+
+
+SUITES["lab-heldout-plain"] = _heldout_part(
+    "lab-heldout-plain", tuple(a for a in _HELD_OUT_ATTACKS if a[0] not in CUE_HIDING)
+)
+SUITES["lab-heldout-hiding"] = _heldout_part(
+    "lab-heldout-hiding", tuple(a for a in _HELD_OUT_ATTACKS if a[0] in CUE_HIDING)
 )
 SUITES["lab-hard-smoke"] = replace(
     SUITES["smoke"],

@@ -74,3 +74,35 @@ def test_every_suites_attack_settings_name_one_of_its_attacks_and_real_fields() 
             assert name in names, (suite.name, name)
             assert set(overrides) <= known, (suite.name, overrides)
             BackdoorSettings(**overrides)
+
+
+def test_the_heldout_parts_split_its_attacks_and_share_its_cache() -> None:
+    """lab-heldout's two parts (each within the 3-hour bound) run exactly its attacks between them,
+    with its settings, in its root: what one trains, the other and lab-heldout reuse."""
+    from lab.attacks.badencoder import CUE_HIDING
+    from lab.suite import SUITES, backdoor_settings, encoder_name
+
+    whole, plain, hiding = (SUITES[n] for n in ("lab-heldout", "lab-heldout-plain", "lab-heldout-hiding"))
+    assert set(plain.attacks) | set(hiding.attacks) == set(whole.attacks)
+    assert not set(plain.attacks) & set(hiding.attacks)
+    assert all(v in CUE_HIDING for v, _ in hiding.attacks) and all(
+        v not in CUE_HIDING for v, _ in plain.attacks
+    )
+    for part in (plain, hiding):
+        assert part.root == whole.root
+        assert part.cue_encoders == ("clean", *(encoder_name(v, t) for v, t in part.attacks))
+        for variant, trigger in part.attacks:
+            name = encoder_name(variant, trigger)
+            assert backdoor_settings(part, name, variant) == backdoor_settings(whole, name, variant)
+
+
+def test_a_suite_part_reports_into_its_own_folder() -> None:
+    from lab.runner import default_report_dir
+    from lab.suite import SUITES, Lab
+
+    folders = {
+        default_report_dir(Lab(SUITES[n], progress=False))
+        for n in ("lab-heldout-plain", "lab-heldout-hiding")
+    }
+    assert len(folders) == 2 and all(f.parent.name == "lab-heldout" for f in folders)
+    assert default_report_dir(Lab(SUITES["smoke"], progress=False)).name == "report"
