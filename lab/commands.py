@@ -168,6 +168,8 @@ LAB_SUITE_NAMES = (
     "lab",
     "smoke",
     "lab-hard",
+    "lab-hard-plain",
+    "lab-hard-hiding",
     "lab-hard-smoke",
     "lab-heldout",
     "lab-heldout-plain",

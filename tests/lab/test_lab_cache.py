@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,33 +77,44 @@ def test_every_suites_attack_settings_name_one_of_its_attacks_and_real_fields() 
             BackdoorSettings(**overrides)
 
 
-def test_the_heldout_parts_split_its_attacks_and_share_its_cache() -> None:
-    """lab-heldout's two parts (each within the 3-hour bound) run exactly its attacks between them,
-    with its settings, in its root: what one trains, the other and lab-heldout reuse."""
+@pytest.mark.parametrize("whole", ["lab-hard", "lab-heldout"])
+def test_a_suites_parts_split_its_attacks_and_share_its_cache(whole: str) -> None:
+    """A suite's two parts (each within the 3-hour bound) run exactly its attacks between them,
+    with its settings, in its root: what one trains, the other and the whole suite reuse."""
     from lab.attacks.badencoder import CUE_HIDING
+    from lab.commands import LAB_SUITE_NAMES
     from lab.suite import SUITES, backdoor_settings, encoder_name
 
-    whole, plain, hiding = (SUITES[n] for n in ("lab-heldout", "lab-heldout-plain", "lab-heldout-hiding"))
-    assert set(plain.attacks) | set(hiding.attacks) == set(whole.attacks)
+    suite, plain, hiding = (SUITES[n] for n in (whole, f"{whole}-plain", f"{whole}-hiding"))
+    assert set(LAB_SUITE_NAMES) == set(SUITES)  # the command line offers every suite
+    assert set(plain.attacks) | set(hiding.attacks) == set(suite.attacks)
     assert not set(plain.attacks) & set(hiding.attacks)
     assert all(v in CUE_HIDING for v, _ in hiding.attacks) and all(
         v not in CUE_HIDING for v, _ in plain.attacks
     )
     for part in (plain, hiding):
-        assert part.root == whole.root
+        assert part.root == suite.root
         assert part.cue_encoders == ("clean", *(encoder_name(v, t) for v, t in part.attacks))
         for variant, trigger in part.attacks:
             name = encoder_name(variant, trigger)
-            assert backdoor_settings(part, name, variant) == backdoor_settings(whole, name, variant)
+            assert backdoor_settings(part, name, variant) == backdoor_settings(suite, name, variant)
+
+
+def test_suite_hours_reads_every_stage_of_each_part_from_its_suites_report() -> None:
+    from benchmarks.detection.suite_hours import SUITE_NAMES, committed_report, suite_stages
+
+    assert committed_report("lab-heldout-plain").parent.name == "heldout"
+    assert committed_report("lab-hard-hiding").parent.name == "attacks"
+    for name in SUITE_NAMES:
+        walls = json.loads(committed_report(name).read_text())["stage_wall_seconds"]
+        assert set(suite_stages(name)) <= set(walls), name
 
 
 def test_a_suite_part_reports_into_its_own_folder() -> None:
     from lab.runner import default_report_dir
     from lab.suite import SUITES, Lab
 
-    folders = {
-        default_report_dir(Lab(SUITES[n], progress=False))
-        for n in ("lab-heldout-plain", "lab-heldout-hiding")
-    }
+    parts = ("lab-heldout-plain", "lab-heldout-hiding")
+    folders = {default_report_dir(Lab(SUITES[n], progress=False)) for n in parts}
     assert len(folders) == 2 and all(f.parent.name == "lab-heldout" for f in folders)
     assert default_report_dir(Lab(SUITES["smoke"], progress=False)).name == "report"
