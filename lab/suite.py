@@ -272,6 +272,10 @@ SUITES["lab-hard"] = SuiteConfig(
 # lab-hard (61.1%); (2) the attacker who knows DeDe on top of adaptive_natural, the one cue-hiding
 # attack that took (`dede_aware_natural`, lab/attacks/badencoder.py), with adaptive_natural's suite
 # settings and the DeDe term at the weight dede_aware has here (0.2).
+# Added 2026-12-07 01:26 UTC, before they were trained, each run once: DRUPE-style with the same two
+# whole-image triggers, to measure whether the shipped score's miss on the norm-preserving
+# BadEncoder with them (AUROC 0.794 and 0.761, against 0.995 with the white square) holds for the
+# other norm-keeping attack of the shipped-detector issue.
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
     ("drupe", "patch"),
@@ -284,6 +288,8 @@ _HELD_OUT_ATTACKS = (
     ("norm_preserving", "blend"),
     ("norm_preserving", "invisible"),
     ("dede_aware_natural", "checker"),
+    ("drupe", "blend"),
+    ("drupe", "invisible"),
 )
 SUITES["lab-heldout"] = replace(
     SUITES["lab-hard"],
