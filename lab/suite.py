@@ -272,7 +272,7 @@ SUITES["lab-hard"] = SuiteConfig(
 # lab-hard (61.1%); (2) the attacker who knows DeDe on top of adaptive_natural, the one cue-hiding
 # attack that took (`dede_aware_natural`, lab/attacks/badencoder.py), with adaptive_natural's suite
 # settings and the DeDe term at the weight dede_aware has here (0.2).
-# Added 2026-12-07 01:26 UTC, before they were trained, each run once: DRUPE-style with the same two
+# Added 2026-12-07 01:25 UTC, before they were trained, each run once: DRUPE-style with the same two
 # whole-image triggers, to measure whether the shipped score's miss on the norm-preserving
 # BadEncoder with them (AUROC 0.794 and 0.761, against 0.995 with the white square) holds for the
 # other norm-keeping attack of the shipped-detector issue.
@@ -307,7 +307,7 @@ SUITES["lab-heldout"] = replace(
 
 
 # lab-hard and lab-heldout each in two parts that stay within 3 hours on 2 CPU cores (the attacks
-# issue's bound; the whole suites' stages took 4.4 h and 3.4 h here:
+# issue's bound; the whole suites' stages took 4.4 h and 3.6 h here:
 # benchmarks/detection/suite_hours.json): the plain attacks and the cue-hiding ones. A part shares
 # its suite's root and stage names, so what one part trained the other and the whole suite reuse:
 # run the parts one after the other, then `dede lab report --suite <suite>` reports them all.
