@@ -8,6 +8,7 @@ dede attack ctrl --data cifar10_train --out runs/ctrl
 dede eval --run runs/fit_dir --trigger patch --calibration tinyimagenet_val --out eval.json
 dede attack adaptive --encoder ... --trigger checker@random --out runs/adaptive
 dede lab run --suite smoke|lab|lab-hard|lab-heldout    dede lab report --suite lab
+(lab-hard and lab-heldout also run in two parts under 3 hours each: <suite>-plain, <suite>-hiding)
 dede demo                              dede fit ... --poison-rate 0.01 --trigger patch
 """
 
