@@ -190,7 +190,8 @@ ATTACK_NAMES = (
 )
 TRIGGER_HELP = (
     "trigger family: patch (10x10 white square), checker (6x6 black/white), noise (8x8 random "
-    "colours), blend (15%% of a fixed image), invisible (+-6/255 pattern), warp (WaNet-style field), "
+    "colours), blend (15%% of a fixed image), invisible (+-6/255 pattern), sig (20/255 sine stripes), "
+    "warp (WaNet-style field), "
     "ctrl; a patch family with @random moves it per image (checker@random); or a .npz/.png patch file"
 )
 

@@ -276,6 +276,11 @@ SUITES["lab-hard"] = SuiteConfig(
 # whole-image triggers, to measure whether the shipped score's miss on the norm-preserving
 # BadEncoder with them (AUROC 0.794 and 0.761, against 0.995 with the white square) holds for the
 # other norm-keeping attack of the shipped-detector issue.
+# Added 2026-12-07 02:43 UTC, before they were trained, each run once: the fifth test's attacks
+# (benchmarks/detection/README.md, "A fifth test"), which judge `max_all_relative` against
+# `max_all`: the two norm-keeping attacks with SIG's sine stripes (a family added with the test),
+# the norm-preserving BadEncoder with the WaNet warp, DRUPE-style with the checkerboard at random
+# places, and the kNN-hiding attack with the noise patch.
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
     ("drupe", "patch"),
@@ -290,6 +295,11 @@ _HELD_OUT_ATTACKS = (
     ("dede_aware_natural", "checker"),
     ("drupe", "blend"),
     ("drupe", "invisible"),
+    ("norm_preserving", "sig"),
+    ("drupe", "sig"),
+    ("norm_preserving", "warp"),
+    ("drupe", "checker@random"),
+    ("adaptive_knn", "noise"),
 )
 SUITES["lab-heldout"] = replace(
     SUITES["lab-hard"],

@@ -26,7 +26,7 @@ from torch import nn
 
 from models.conv_decoder import ConvDecoder
 from models.decoder import TOKEN_GRID, DeDeDecoder, patchify, unpatchify
-from models.feature_taps import TappedEncoder, stage_discrepancy
+from models.feature_taps import TappedEncoder
 
 PIXEL_SCORES = ("sse", "max_patch")
 SCORE_KINDS = (*PIXEL_SCORES, "feature")
@@ -36,19 +36,56 @@ SCORE_KINDS = (*PIXEL_SCORES, "feature")
 # without the detail no rebuild has.
 PIXEL_SCALE_FACTORS = (1, 2, 4, 8)
 COMBINES = ("max", "mean")
+# How one depth's two maps (the input's, the rebuild's) are compared (`depth_discrepancies`).
+DISCREPANCIES = ("squared", "relative")
+
+
+def compared(of_input: torch.Tensor, of_rebuild: torch.Tensor, discrepancy: str) -> torch.Tensor:
+    """Two batch-first maps of one depth -> (N,): their mean squared difference ("squared"), or
+    that over the sum of their mean squares ("relative"; 0 for two zero maps)."""
+    a, b = of_input.float().flatten(1), of_rebuild.float().flatten(1)
+    squared = (a - b).pow(2).mean(dim=1)
+    if discrepancy == "squared":
+        return squared
+    if discrepancy != "relative":
+        raise ValueError(f"depth discrepancy {discrepancy!r} is not one of {DISCREPANCIES}")
+    energy = a.pow(2).mean(dim=1) + b.pow(2).mean(dim=1)
+    return squared / torch.clamp(energy, min=torch.finfo(torch.float32).tiny)
 
 
 def pixel_scale_discrepancies(
-    x: torch.Tensor, rebuild: torch.Tensor, factors: tuple[int, ...]
+    x: torch.Tensor, rebuild: torch.Tensor, factors: tuple[int, ...], discrepancy: str = "squared"
 ) -> torch.Tensor:
-    """Normalized images and their rebuilds -> (N, len(factors)): per factor, the mean squared
-    difference after k x k average pooling (k = 1: the pixels as they are)."""
-    diff = x.float() - rebuild.float()
-    columns = []
-    for k in factors:
-        pooled = diff if k == 1 else nn.functional.avg_pool2d(diff, kernel_size=k, stride=k)
-        columns.append(pooled.pow(2).flatten(1).mean(dim=1))
+    """Normalized images and their rebuilds -> (N, len(factors)): per factor, the two compared
+    (`compared`) after k x k average pooling (k = 1: the pixels as they are)."""
+
+    def pooled(t: torch.Tensor, k: int) -> torch.Tensor:
+        return t if k == 1 else nn.functional.avg_pool2d(t, kernel_size=k, stride=k)
+
+    x, rebuild = x.float(), rebuild.float()
+    if discrepancy == "squared":  # pooling the difference: the same figure, as it was first exported
+        diff = x - rebuild
+        columns = [pooled(diff, k).pow(2).flatten(1).mean(dim=1) for k in factors]
+    else:
+        columns = [compared(pooled(x, k), pooled(rebuild, k), discrepancy) for k in factors]
     return torch.stack(columns, dim=1)
+
+
+def depth_discrepancies(
+    x: torch.Tensor,
+    rebuild: torch.Tensor,
+    of_input: list[torch.Tensor],
+    of_rebuild: list[torch.Tensor],
+    pixel_factors: tuple[int, ...] = (),
+    discrepancy: str = "squared",
+) -> torch.Tensor:
+    """The feature score's depths -> (N, pixel factors + stages): the normalized images against
+    their rebuilds at each pooling factor, then each stage's maps of the input against the
+    rebuild's. The one definition the torch detector, the fit's statistics and the ONNX export use."""
+    d = torch.stack([compared(a, b, discrepancy) for a, b in zip(of_input, of_rebuild, strict=True)], dim=1)
+    if pixel_factors:
+        d = torch.cat([pixel_scale_discrepancies(x, rebuild, pixel_factors, discrepancy), d], dim=1)
+    return d
 
 
 class Normalize(nn.Module):
@@ -168,12 +205,16 @@ class FeatureDetector(nn.Module):
         head: DetectorHead,
         standardiser: FeatureStandardiser,
         pixel_factors: tuple[int, ...] = (),
+        discrepancy: str = "squared",
     ) -> None:
         super().__init__()
+        if discrepancy not in DISCREPANCIES:
+            raise ValueError(f"depth discrepancy {discrepancy!r} is not one of {DISCREPANCIES}")
         self.tapped = tapped
         self.head = head
         self.standardiser = standardiser
         self.pixel_factors = tuple(pixel_factors)
+        self.discrepancy = discrepancy
 
     def depth_discrepancies(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images -> (per-depth discrepancies (N, pixel factors + stages), rebuild)."""
@@ -181,9 +222,7 @@ class FeatureDetector(nn.Module):
         embedding, of_input = self.tapped(x)
         rebuild = self.head.rebuild(x, embedding)
         _, of_rebuild = self.tapped(rebuild)
-        d = torch.stack([stage_discrepancy(a, b) for a, b in zip(of_input, of_rebuild, strict=True)], dim=1)
-        if self.pixel_factors:
-            d = torch.cat([pixel_scale_discrepancies(x, rebuild, self.pixel_factors), d], dim=1)
+        d = depth_discrepancies(x, rebuild, of_input, of_rebuild, self.pixel_factors, self.discrepancy)
         return d, rebuild
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(FEATURE_RULE_NAMES),
         help="depths of the feature score and how they combine: max_all (default: the pixels at four "
         "scales and the stages, max of their robust z-scores), max_all_tail (the same depths each "
-        "scaled by its clean upper tail), or mean_stages (the stages alone, mean; the first default); "
+        "scaled by its clean upper tail), max_all_relative (the same depths, each discrepancy over its two "
+        "maps' mean squares), or mean_stages (the stages alone, mean; the first default); "
         "benchmarks/detection/README.md measures each",
     )
     fit.add_argument("--epochs", type=int, help="a step budget in passes over the images instead")

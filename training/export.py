@@ -29,9 +29,8 @@ from models.bundle import (
     load_bundle,
     write_manifest,
 )
-from models.detector import error_patch_size, pixel_scale_discrepancies
+from models.detector import depth_discrepancies, error_patch_size
 from models.encoders import onnx_with_outputs
-from models.feature_taps import stage_discrepancy
 from training.evidence import EVIDENCE_OUTPUTS, EvidenceError, add_evidence_outputs, explain_fields
 from training.fit import FittedRun
 from training.scoring import score_run
@@ -51,7 +50,11 @@ SCORE_NAMES = {
 }
 # The feature scores that read the pixels at several scales beside the stages and take the max,
 # by the rule of the run's statistics (training/fit.py FEATURE_RULES).
-DEPTHS_SCORE_NAMES = {"max_all": "depths_robust_z_max", "max_all_tail": "depths_tail_z_max"}
+DEPTHS_SCORE_NAMES = {
+    "max_all": "depths_robust_z_max",
+    "max_all_tail": "depths_tail_z_max",
+    "max_all_relative": "depths_relative_robust_z_max",
+}
 
 
 def score_name(run: FittedRun, score_kind: str) -> str:
@@ -64,7 +67,7 @@ def score_name(run: FittedRun, score_kind: str) -> str:
 def _feature_spec(run: FittedRun) -> dict:
     s = run.feature_stats
     spec = {k: s[k] for k in ("stages", "centre", "scale", "n_images", "source", "rule")}
-    spec.update({k: s[k] for k in ("pixel_factors", "depths", "combine") if k in s})
+    spec.update({k: s[k] for k in ("pixel_factors", "depths", "combine", "discrepancy") if k in s})
     return spec
 
 
@@ -152,16 +155,16 @@ class _FeatureTail(torch.nn.Module):
         self.standardiser = run.standardiser()
         self.normalize = run.head().normalize
         self.pixel_factors = run.pixel_factors
+        self.discrepancy = run.discrepancy
         self.stages = stages
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        a, b = tensors[: self.stages], tensors[self.stages : 2 * self.stages]
-        d = torch.stack([stage_discrepancy(x, y) for x, y in zip(a, b, strict=True)], dim=1)
+        a, b = list(tensors[: self.stages]), list(tensors[self.stages : 2 * self.stages])
+        x = rebuild = torch.zeros(0)
         if self.pixel_factors:
             images, rebuild = tensors[2 * self.stages :]
-            pixels = pixel_scale_discrepancies(self.normalize(images), rebuild, self.pixel_factors)
-            d = torch.cat([pixels, d], dim=1)
-        return self.standardiser(d)
+            x = self.normalize(images)
+        return self.standardiser(depth_discrepancies(x, rebuild, a, b, self.pixel_factors, self.discrepancy))
 
 
 def _encoder_input_node(model: onnx.ModelProto, run: FittedRun) -> None:

@@ -37,10 +37,10 @@ from models.detector import (
     FeatureStandardiser,
     Normalize,
     error_patch_size,
-    pixel_scale_discrepancies,
 )
+from models.detector import depth_discrepancies as discrepancies_of_maps
 from models.encoders import LoadedEncoder, encoder_from_args
-from models.feature_taps import TappedEncoder, default_stages, stage_discrepancy
+from models.feature_taps import TappedEncoder, default_stages
 from training import DEFAULT_FEATURE_RULE, DEFAULT_PRESET, FEATURE_RULE_NAMES
 from training.checkpoint import save_checkpoint
 from training.distributed import Distributed
@@ -128,13 +128,22 @@ FEATURE_STATS_FILE = "feature_stats.json"
 #                median) instead of its MAD, so that every depth crosses 1 on as few clean images
 #                and no heavy-tailed depth sets the max's clean tail alone. Measured, not chosen:
 #                it is more than 0.01 AUROC below max_all on the warp and the invisible pattern.
-# Each rule: (pixel pooling factors, how the depths combine, how each depth is scaled).
+#   max_all_relative max_all's depths, each discrepancy divided by the sum of the two maps' mean
+#                squares (models/detector.py `compared`): a scale-free figure, so that how much
+#                energy an image's maps carry (contrast, texture) does not set its clean score.
+# Each rule: (pixel pooling factors, how the depths combine, how each depth is scaled, how each
+# depth's two maps are compared).
 FEATURE_RULES = {
-    "max_all": (PIXEL_SCALE_FACTORS, "max", "mad"),
-    "mean_stages": ((), "mean", "mad"),
-    "max_all_tail": (PIXEL_SCALE_FACTORS, "max", "q95"),
+    "max_all": (PIXEL_SCALE_FACTORS, "max", "mad", "squared"),
+    "mean_stages": ((), "mean", "mad", "squared"),
+    "max_all_tail": (PIXEL_SCALE_FACTORS, "max", "q95", "squared"),
+    "max_all_relative": (PIXEL_SCALE_FACTORS, "max", "mad", "relative"),
 }
 TAIL_QUANTILE = 0.95
+DISCREPANCY_TEXT = {
+    "squared": "d the mean squared difference",
+    "relative": "d the mean squared difference over the sum of the two maps' mean squares",
+}
 assert tuple(FEATURE_RULES) == FEATURE_RULE_NAMES  # the command line names them without torch
 
 
@@ -692,7 +701,7 @@ def feature_statistics(
     tap."""
     if feature_rule not in FEATURE_RULES:
         raise ValueError(f"unknown feature rule {feature_rule!r}: one of {', '.join(FEATURE_RULES)}")
-    pixel_factors, combine, scaling = FEATURE_RULES[feature_rule]
+    pixel_factors, combine, scaling, discrepancy = FEATURE_RULES[feature_rule]
     side = min(images.shape[2:]) if images.ndim == 4 else 0
     pixel_factors = tuple(k for k in pixel_factors if k <= side // 2 or k == 1)
     stages = resolve_stages(encoder, feature_stages)
@@ -700,7 +709,9 @@ def feature_statistics(
         return None
     visible = fixed_visible_patches(decoder.config) if isinstance(decoder, DeDeDecoder) else []
     head = DetectorHead(decoder, visible, encoder.mean, encoder.std).to(device).eval()
-    d = depth_discrepancies(encoder, head, stages, images, device, pixel_factors=pixel_factors)
+    d = depth_discrepancies(
+        encoder, head, stages, images, device, pixel_factors=pixel_factors, discrepancy=discrepancy
+    )
     roots = np.sqrt(np.sqrt(d))
     centre = np.median(roots, axis=0)
     scale = depth_scale(roots, centre, scaling)
@@ -710,12 +721,14 @@ def feature_statistics(
         "pixel_factors": list(pixel_factors),
         "depths": depths,
         "combine": combine,
+        "discrepancy": discrepancy,
         "centre": centre.tolist(),
         "scale": scale.tolist(),
         "n_images": int(len(images)),
         "source": "clean held-out auxiliary images (the fit's validation split)",
         "rule": (
-            f"{feature_rule}: per depth ({', '.join(depths)}): d ** 0.25 standardised by median and "
+            f"{feature_rule}: per depth ({', '.join(depths)}): d ** 0.25 ({DISCREPANCY_TEXT[discrepancy]}) "
+            "standardised by median and "
             f"{'1.4826 MAD' if scaling == 'mad' else f'the {TAIL_QUANTILE:g} quantile minus the median'}; "
             f"score = {combine} over depths"
         ),
@@ -743,9 +756,11 @@ def depth_discrepancies(
     device: torch.device,
     batch_size: int = 256,
     pixel_factors: tuple[int, ...] = (),
+    discrepancy: str = "squared",
 ) -> np.ndarray:
     """uint8 [N, 3, H, W] -> per-depth discrepancies [N, pixel factors + stages]: the pixels'
-    at each pooling factor, then each stage's feature maps' (torch or ONNX encoder)."""
+    at each pooling factor, then each stage's feature maps' (torch or ONNX encoder), compared as
+    `discrepancy` says (models/detector.py `compared`)."""
     out = []
     tapped = TappedEncoder(encoder.module, stages) if encoder.module is not None else None
     try:
@@ -760,11 +775,7 @@ def depth_discrepancies(
                 z, of_input = encoder.embed_with_features(batch, stages)
                 rebuild = head.rebuild(x, z)
                 of_rebuild = encoder.features_of_normalized(rebuild, stages)
-            d = torch.stack(
-                [stage_discrepancy(a, b) for a, b in zip(of_input, of_rebuild, strict=True)], dim=1
-            )
-            if pixel_factors:
-                d = torch.cat([pixel_scale_discrepancies(x, rebuild, pixel_factors), d], dim=1)
+            d = discrepancies_of_maps(x, rebuild, of_input, of_rebuild, pixel_factors, discrepancy)
             out.append(d.cpu().numpy())
     finally:
         if tapped is not None:
@@ -806,7 +817,7 @@ class FittedRun:
         if score_kind != "feature":
             return Detector(self.encoder.module, self.head(score_kind)).eval()
         return FeatureDetector(
-            self.tapped(), self.head("sse"), self.standardiser(), self.pixel_factors
+            self.tapped(), self.head("sse"), self.standardiser(), self.pixel_factors, self.discrepancy
         ).eval()
 
     def head(self, score_kind: str = "sse") -> DetectorHead:
@@ -834,6 +845,11 @@ class FittedRun:
     def pixel_factors(self) -> tuple[int, ...]:
         """The pixel depths of the feature score (none in runs fitted before they existed)."""
         return tuple((self.feature_stats or {}).get("pixel_factors", ()))
+
+    @property
+    def discrepancy(self) -> str:
+        """How the feature score compares each depth's two maps (runs made before the choice: squared)."""
+        return (self.feature_stats or {}).get("discrepancy", "squared")
 
     def standardiser(self) -> FeatureStandardiser:
         s = self.feature_stats

@@ -38,7 +38,14 @@ def score_run(
         if not stages:
             run.standardiser()  # raises the clear error: no statistics for the feature score
         d = depth_discrepancies(
-            run.encoder, head, stages, images, torch.device("cpu"), batch_size, run.pixel_factors
+            run.encoder,
+            head,
+            stages,
+            images,
+            torch.device("cpu"),
+            batch_size,
+            run.pixel_factors,
+            run.discrepancy,
         )
         with torch.no_grad():
             return run.standardiser()(torch.from_numpy(d.astype(np.float32))).numpy()

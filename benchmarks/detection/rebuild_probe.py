@@ -21,9 +21,9 @@ import torch
 from benchmarks.provenance import REPO_ROOT, run_record
 from lab.attacks.triggers import make_trigger
 from models.bundle import prepare_array
-from models.feature_taps import TappedEncoder
+from models.feature_taps import TappedEncoder, stage_discrepancy
 from training.data import data_dir, limited_indices, load_npz
-from training.fit import load_run, stage_discrepancy
+from training.fit import load_run
 
 N = 500
 

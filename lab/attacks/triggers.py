@@ -10,6 +10,8 @@ attacker would upload). Families, by name (`make_trigger`, `dede attack --trigge
   noise      a random-noise patch: 8x8 uniform random colours (fixed seed) at 22-29
   blend      a full-image blend: x * (1 - 0.15) + 0.15 * a fixed random-colour image (Chen et al. 2017)
   invisible  a low-amplitude additive pattern: x + 6/255 * a fixed random +-1 pattern, clamped
+  sig        a sinusoidal signal (Barni et al. 2019, SIG): x + 20/255 * sin(2 pi * 6 * col / W),
+             the same horizontal stripes on every row and channel, clamped
   warp       a WaNet-style smooth warping field (Nguyen & Tran 2021): a fixed random 4x4 flow grid,
              upsampled bicubically to the image, displaces pixels by up to ~1 px; no pixel is added
   ctrl       CTRL's frequency trigger (below)
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-TRIGGER_FAMILIES = ("patch", "checker", "noise", "blend", "invisible", "warp", "ctrl")
+TRIGGER_FAMILIES = ("patch", "checker", "noise", "blend", "invisible", "sig", "warp", "ctrl")
 PATCH_FAMILIES = ("patch", "checker", "noise")
 RANDOM_POSITION = "@random"
 
@@ -178,6 +180,17 @@ def invisible_pattern(size: tuple[int, int], amplitude: float = 6 / 255, seed: i
     h, w = size
     signs = np.random.default_rng(seed).integers(0, 2, (3, h, w)).astype(np.float32) * 2 - 1
     return AdditiveTrigger(pattern=signs, amplitude=amplitude)
+
+
+def sinusoidal_signal(
+    size: tuple[int, int], amplitude: float = 20 / 255, frequency: int = 6
+) -> AdditiveTrigger:
+    """SIG's ramp-free signal: `frequency` periods of a sine across the image's width, the same on
+    every row and channel, scaled to `amplitude` (SIG's 20 of 255 and 6 periods on 32 px images)."""
+    h, w = size
+    stripes = np.sin(2 * np.pi * frequency * np.arange(w) / w).astype(np.float32)
+    pattern = np.broadcast_to(stripes, (3, h, w))
+    return AdditiveTrigger(pattern=np.ascontiguousarray(pattern), amplitude=amplitude)
 
 
 @dataclass(frozen=True)
@@ -344,6 +357,7 @@ def make_trigger(kind: str, size: tuple[int, int] = (32, 32)) -> Trigger:
         "noise": noise_patch,
         "blend": random_blend,
         "invisible": invisible_pattern,
+        "sig": sinusoidal_signal,
         "warp": smooth_warp,
     }
     if family == "ctrl":

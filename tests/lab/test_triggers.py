@@ -142,6 +142,17 @@ def test_invisible_trigger_is_low_amplitude_everywhere() -> None:
     assert (change > 0).mean() > 0.9  # but everywhere (clamping spares only saturated pixels)
 
 
+def test_sig_adds_the_same_horizontal_sine_to_every_row_and_channel() -> None:
+    trigger = make_trigger("sig")
+    assert isinstance(trigger, AdditiveTrigger)
+    grey = np.full((2, 3, 32, 32), 128, np.uint8)  # mid-grey: no clamping
+    change = trigger.apply_uint8_nchw(grey).astype(int) - 128
+    columns = np.rint(20 * np.sin(2 * np.pi * 6 * np.arange(32) / 32))
+    assert (np.abs(change - columns) <= 1).all()  # 20/255 amplitude, 6 periods across the width
+    assert change.max() == 20 and change.min() == -20
+    assert (change == change[:, :1, :1, :]).all()  # every row and channel alike
+
+
 def test_warp_moves_pixels_smoothly_without_adding_any() -> None:
     import torch
 
@@ -177,7 +188,7 @@ def test_torch_and_uint8_forms_are_one_rule() -> None:
     import torch
 
     images = _nchw()
-    for family in ("patch", "checker", "noise", "blend", "invisible", "warp"):
+    for family in ("patch", "checker", "noise", "blend", "invisible", "sig", "warp"):
         trigger = make_trigger(family)
         x = torch.from_numpy(images).float() / 255
         via_torch = np.clip(np.rint(trigger.apply_torch(x).numpy() * 255), 0, 255).astype(np.uint8)
