@@ -640,6 +640,101 @@ def fourth_decision(results: dict) -> list[str]:
     ]
 
 
+# The fifth test (README, fixed 2026-12-07 02:43 UTC before its attacks were trained): its cases in
+# the order they were fixed, and how far below max_all's worst counted AUROC the candidate's may be.
+FIFTH_TEST = (
+    "heldout_norm_preserving_sig",
+    "heldout_drupe_sig",
+    "heldout_norm_preserving_warp",
+    "heldout_drupe_checker_random",
+    "heldout_adaptive_knn_noise",
+)
+FIFTH_WORST_TOLERANCE = 0.01
+
+
+def fifth_verdict(counted: list[tuple[float, float, float, float]]) -> tuple[str, list[str]]:
+    """(the rule, the conditions' lines) from the counted cases' (AUROC relative, AUROC max_all,
+    TPR id relative, TPR id max_all): max_all_relative iff its mean AUROC is above, its worst at most
+    FIFTH_WORST_TOLERANCE below max_all's worst, and its mean id TPR not below."""
+    if not counted:
+        return "max_all", ["No counted case: `max_all` stays."]
+    auc_rel, auc_all, tpr_rel, tpr_all = (np.array(c, dtype=float) for c in zip(*counted, strict=True))
+    conditions = [
+        (f"mean AUROC {auc_rel.mean():.3f} against {auc_all.mean():.3f}", auc_rel.mean() > auc_all.mean()),
+        (
+            f"worst AUROC {auc_rel.min():.3f} against {auc_all.min():.3f} (at most {FIFTH_WORST_TOLERANCE} below)",
+            auc_rel.min() >= auc_all.min() - FIFTH_WORST_TOLERANCE,
+        ),
+        (
+            f"mean TPR at the id threshold {100 * tpr_rel.mean():.1f}% against {100 * tpr_all.mean():.1f}%",
+            tpr_rel.mean() >= tpr_all.mean(),
+        ),
+    ]
+    lines = [f"- {text}: {'met' if ok else '**not met**'}" for text, ok in conditions]
+    return ("max_all_relative" if all(ok for _, ok in conditions) else "max_all"), lines
+
+
+def fifth_decision(results: dict) -> list[str]:
+    """The fifth test applied: `max_all_relative` against `max_all` on its cases, and the candidate's
+    figures on every other case measured with it (no decision rides on those)."""
+    rows, counted, others = [], [], []
+    for name, case in results["cases"].items():
+        rel, plain = _method(case["methods"], MAX_ALL_RELATIVE), _method(case["methods"], MAX_ALL)
+        if name not in FIFTH_TEST and rel is not None and plain is not None:
+            others.append(
+                f"| {name} | {rel['auroc']:.3f} | {plain['auroc']:.3f} | "
+                f"{_tpr_fpr(rel, 'id')} | {_tpr_fpr(plain, 'id')} |"
+            )
+    for name in FIFTH_TEST:
+        case = results["cases"].get(name)
+        if case is None:
+            rows.append(f"| {name} | not run | | | | | |")
+            continue
+        methods = case["methods"]
+        rel, plain = _method(methods, MAX_ALL_RELATIVE), _method(methods, MAX_ALL)
+        asr, source = _probe_asr(case["encoder"])
+        takes = asr is not None and asr >= TOOK
+        if takes:
+            counted.append((rel["auroc"], plain["auroc"], rel["id"]["tpr"], plain["id"]["tpr"]))
+        shown = f"{100 * asr:.1f}% ({source})" if asr is not None else source
+        rows.append(
+            f"| {name} | {shown} | {'yes' if takes else 'no'} | {rel['auroc']:.3f} | {plain['auroc']:.3f} | "
+            f"{_tpr_fpr(rel, 'id')} | {_tpr_fpr(plain, 'id')} |"
+        )
+    verdict, conditions = fifth_verdict(counted)
+    lines = [
+        "## The fifth test, applied",
+        "",
+        "`max_all_relative` (max_all's depths, each discrepancy over the sum of its two maps' mean squares) "
+        "against `max_all`, on lab-heldout attacks trained after the test was fixed "
+        '(benchmarks/detection/README.md, "A fifth test"): `max_all_relative` becomes the default iff, over '
+        "the cases whose attack took, its mean AUROC is above, its worst AUROC at most "
+        f"{FIFTH_WORST_TOLERANCE} below max_all's worst, and its mean TPR at the id threshold not below.",
+        "",
+        "| case | probe ASR | counted | AUROC max_all_relative | AUROC max_all | TPR / FPR id max_all_relative "
+        "| TPR / FPR id max_all |",
+        "| --- | ---: | :---: | ---: | ---: | ---: | ---: |",
+        *rows,
+        "",
+        f"Over {len(counted)} counted:" if counted else "",
+        *conditions,
+        "",
+        f"**Verdict: {verdict}.**",
+        "",
+    ]
+    if others:
+        lines += [
+            "The candidate on the other cases measured with it (its rule was formed after the held-out "
+            "cases were seen; no decision rides on these):",
+            "",
+            "| case | AUROC max_all_relative | AUROC max_all | TPR / FPR id max_all_relative | TPR / FPR id max_all |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *others,
+            "",
+        ]
+    return lines
+
+
 def decision(results: dict) -> list[str]:
     """The two decisions fixed before their runs (benchmarks/detection/README.md), applied.
     First run: max_all replaces mean_stages iff, over the cases whose attack took, its worst AUROC is
@@ -851,6 +946,7 @@ def report(results: dict) -> str:
     lines += decision(results)
     lines += third_decision(results)
     lines += fourth_decision(results)
+    lines += fifth_decision(results)
     for prefix in CHECK_SECTIONS:
         lines += check_section(results, prefix)
     for name, case in results["cases"].items():

@@ -115,3 +115,39 @@ def test_a_clip_case_records_its_zero_shot_figures_and_is_read_in_the_clip_check
     assert (
         shipped.check_section(results, shipped.HELD_OUT_CHECK_PREFIX) == []
     )  # the CLIP cases are not the held-out check's
+
+
+def test_the_fifth_test_needs_a_higher_mean_a_worst_case_held_and_no_fewer_flagged() -> None:
+    # (AUROC relative, AUROC max_all, TPR id relative, TPR id max_all) per counted case
+    assert shipped.fifth_verdict([(0.99, 0.80, 0.5, 0.1), (0.80, 0.79, 0.1, 0.1)])[0] == "max_all_relative"
+    # a higher mean, but the worst case falls by 0.05 (the attacker's choice)
+    assert shipped.fifth_verdict([(0.99, 0.80, 0.5, 0.1), (0.70, 0.75, 0.1, 0.1)])[0] == "max_all"
+    # ranks better on average, flags fewer at the id threshold
+    verdict, lines = shipped.fifth_verdict([(0.95, 0.90, 0.2, 0.3), (0.95, 0.94, 0.2, 0.2)])
+    assert verdict == "max_all" and lines[2].endswith("**not met**") and lines[0].endswith(": met")
+    assert shipped.fifth_verdict([])[0] == "max_all"
+
+
+def test_the_fifth_test_counts_only_its_cases_whose_attack_took(suite_results: None) -> None:
+    def with_relative(encoder: str, relative_auroc: float, plain_auroc: float) -> dict:
+        case = _case(encoder, plain_auroc, 0.9, 0.5)
+        case["methods"][shipped.MAX_ALL_RELATIVE] = _entry(relative_auroc, 0.97, 0.01, 0.9, 0.01)
+        return case
+
+    results = {
+        "cases": {
+            # drupe took (0.98): counted; norm_preserving did not (0.1): shown, not counted
+            "heldout_drupe_sig": with_relative(
+                "runs/lab-heldout/encoders/drupe/encoder.safetensors", 0.99, 0.8
+            ),
+            "heldout_norm_preserving_sig": with_relative(
+                "runs/lab-heldout/encoders/norm_preserving/encoder.safetensors", 0.3, 0.9
+            ),
+            "heldout_drupe": with_relative("runs/lab-heldout/encoders/drupe/encoder.safetensors", 0.5, 0.99),
+        }
+    }
+    text = "\n".join(shipped.fifth_decision(results))
+    assert "Over 1 counted:" in text and "**Verdict: max_all_relative.**" in text
+    assert "| heldout_norm_preserving_sig | 10.0% (heldout/results.json) | no | 0.300 | 0.900 |" in text
+    assert "| heldout_drupe_checker_random | not run |" in text
+    assert "| heldout_drupe | 0.500 | 0.990 |" in text  # an earlier case: shown, no decision on it
