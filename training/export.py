@@ -32,7 +32,7 @@ from models.bundle import (
 from models.detector import depth_discrepancies, error_patch_size
 from models.encoders import onnx_with_outputs
 from training.evidence import EVIDENCE_OUTPUTS, EvidenceError, add_evidence_outputs, explain_fields
-from training.fit import FittedRun
+from training.fit import FittedRun, narrow_spread
 from training.scoring import score_run
 
 OPSET = 18
@@ -400,7 +400,11 @@ def verify_parity(path: Path, run: FittedRun, images: np.ndarray, threshold: flo
         "flag_mismatches": float(flag_mismatches),
     }
     if relative.max() > PARITY_RTOL or flag_mismatches or batch_relative.max() > PARITY_RTOL:
-        raise ExportError(f"ONNX Runtime disagrees with PyTorch; bundle not written: {json.dumps(figures)}")
+        why = narrow_spread(run.feature_stats) if score_kind == "feature" else None
+        raise ExportError(
+            f"ONNX Runtime disagrees with PyTorch; bundle not written: {json.dumps(figures)}"
+            + (f"; {why} (the disagreement is float noise measured in that narrow unit)" if why else "")
+        )
     return figures
 
 

@@ -484,3 +484,22 @@ def test_embedding_spread_tells_a_collapsed_encoder_from_a_spread_one() -> None:
     # Scale does not matter (a warp backdoor inflated the norms 12x): only directions count.
     varied_norms = collapsed * rng.uniform(1, 20, (500, 1))
     assert embedding_spread(varied_norms) == embedding_spread(collapsed)
+
+
+def test_a_fit_that_learnt_nothing_is_named_as_such(
+    tiny_data: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    from training.fit import NARROW_SPREAD, narrow_spread
+
+    stats = {"depths": ["pixels/1", "layer2"], "centre": [1.0, 2.0], "scale": [0.2, 0.01]}
+    why = narrow_spread(stats)
+    assert why is not None and "layer2 is 0.50% of its level" in why and "learnt little" in why
+    assert narrow_spread({**stats, "scale": [0.2, 2 * NARROW_SPREAD * 2.0]}) is None
+    assert narrow_spread(None) is None
+
+    # A random encoder and 20 steps: every rebuild is about as far from its input (spread ~0.1%).
+    encoder = load_encoder("random:cifar_resnet18", width=8)
+    aux, _ = load_images(str(tiny_data["aux"]), encoder.identity.input_spec())
+    settings = FitSettings(preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10)
+    fit_decoder(encoder, aux, tmp_path / "run", replace(settings, feature_rule="max_all_relative"))
+    assert "warning: the feature score's clean spread at" in capsys.readouterr().out
