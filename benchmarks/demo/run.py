@@ -3,7 +3,7 @@ bundle's ONNX graph (test images outside the demo's calibration set, target clas
 
     python -m benchmarks.demo.run --bundle bundles/demo
 
-Writes benchmarks/demo/results.json (with commit, machine and command). Where the demo's work folder
+Writes benchmarks/demo/results.json, or --out (with commit, machine and command). Where the demo's work folder
 is beside the bundle, it also measures the backdoor itself: a linear probe on the backdoored
 encoder's embeddings of 5,000 CIFAR-10 train images gives the attack's success rate on the same
 triggered images, and the flag rate is split by whether the backdoor fired on each image (an image
@@ -35,6 +35,11 @@ def main() -> None:
     )
     parser.add_argument("--bundle", default=str(REPO_ROOT / "bundles" / "demo"))
     parser.add_argument("--n", type=int, default=2000, help="clean images (and as many triggered)")
+    parser.add_argument(
+        "--out",
+        default=str(REPO_ROOT / "benchmarks" / "demo" / "results.json"),
+        help="where to write the figures (the README's are results.json, the shipped default's)",
+    )
     args = parser.parse_args()
 
     bundle = load_bundle(args.bundle)
@@ -85,7 +90,7 @@ def main() -> None:
     timings = encoder.parent.parent / "timings.json"  # the build's own stage times (lab/demo.py)
     if timings.exists():
         result["build_stage_seconds"] = json.loads(timings.read_text())
-    out = REPO_ROOT / "benchmarks" / "demo" / "results.json"
+    out = Path(args.out)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         json.dumps({k: result[k] for k in ("metrics", "tpr_at_bundle_threshold", "fpr_at_bundle_threshold")})
