@@ -120,8 +120,9 @@ FEATURE_STATS_FILE = "feature_stats.json"
 # The feature score's rules (models/detector.py): the depths it reads and how it combines them.
 #   max_all      the pixels at four scales and the stages; the max (any depth that departs from
 #                clean is evidence: an attacker who holds some depths at clean levels is seen at
-#                the others). The default from the second test to the fifth (kept against
-#                max_all_tail; benchmarks/detection/README.md says how, and what each rule measured).
+#                the others). The default, by the second test; kept against max_all_tail (third and
+#                fourth tests) and, for now, against max_all_relative (the fifth test's verdict was
+#                withheld: benchmarks/detection/README.md says how, and what each rule measured).
 #   mean_stages  the stages alone; the mean (the first default, kept to compare and reproduce).
 #   max_all_tail max_all's depths, each scaled by its clean upper tail (95th percentile minus the
 #                median) instead of its MAD, so that every depth crosses 1 on as few clean images
@@ -130,7 +131,9 @@ FEATURE_STATS_FILE = "feature_stats.json"
 #   max_all_relative max_all's depths, each discrepancy divided by the sum of the two maps' mean
 #                squares (models/detector.py `compared`): a scale-free figure, so that how much
 #                energy an image's maps carry (contrast, texture) does not set its clean score.
-#                The default, by the fifth test, fixed before its attacks were trained.
+#                The fifth test chose it (norm-keeping and cue-hiding attacks); withheld as the
+#                default because it falls on the plain BadEncoder of the demo (0.987 -> 0.913 AUROC),
+#                which holds no activation at clean levels and whose magnitude cue it divides away.
 # Each rule: (pixel pooling factors, how the depths combine, how each depth is scaled, how each
 # depth's two maps are compared).
 FEATURE_RULES = {

@@ -39,11 +39,7 @@ def rn_bundle(tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     run, bundle = root / "run", root / "bundle"
     steps = [
         ["fit", "--encoder", str(root / "clip.pt"), "--arch", ARCH, "--data", str(tiny_data["aux"])]
-        + ["--limit", "128", "--preset", "tiny", "--epochs", "1", "--out", str(run)]
-        # A random tower's rebuilds carry nothing of their inputs: the default rule's clean spread is
-        # then at float-noise level and the export refuses it (training/fit.py NARROW_SPREAD). This
-        # test is about the tower's preprocessing and serving, so it reads plain squared differences.
-        + ["--feature-rule", "max_all"],
+        + ["--limit", "128", "--preset", "tiny", "--epochs", "1", "--out", str(run)],
         ["calibrate", "--run", str(run), "--data", str(tiny_data["clean"]), "--fpr", "0.05"],
         ["export", "--run", str(run), "--out", str(bundle), "--name", "clip-rn-test", "--version", "0"],
     ]
