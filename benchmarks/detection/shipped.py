@@ -702,6 +702,24 @@ def fifth_decision(results: dict) -> list[str]:
             f"{_tpr_fpr(rel, 'id')} | {_tpr_fpr(plain, 'id')} |"
         )
     verdict, conditions = fifth_verdict(counted)
+    withheld = []
+    demo, demo_relative = (
+        REPO_ROOT / "benchmarks" / "demo" / f for f in ("results.json", "max_all_relative.json")
+    )
+    if verdict == "max_all_relative" and demo.exists() and demo_relative.exists():
+        plain, rel = (json.loads(f.read_text()) for f in (demo, demo_relative))
+        withheld = [
+            "**Withheld as the default.** Applied to the demo bundle (a plain BadEncoder with the white square, "
+            "its decoder fitted on CIFAR-10; `python -m benchmarks.demo.run`), the rule falls: AUROC "
+            f"{rel['metrics']['auroc']:.3f} against {plain['metrics']['auroc']:.3f}, "
+            f"{100 * rel['tpr_at_bundle_threshold']:.1f}% flagged at its threshold against "
+            f"{100 * plain['tpr_at_bundle_threshold']:.1f}% (`benchmarks/demo/max_all_relative.json` against "
+            "`results.json`). The test's attacks all hold the embedding norm or hide the cues; none was a plain "
+            "BadEncoder, whose triggered inputs carry more energy than clean ones (the white square's pixels, "
+            "inflated activations): the squared discrepancy counts that energy, the relative one divides it away "
+            "(a likely reason, not measured here). `max_all` stays the default; `max_all_relative` is `dede fit --feature-rule max_all_relative`.",
+            "",
+        ]
     lines = [
         "## The fifth test, applied",
         "",
@@ -721,6 +739,7 @@ def fifth_decision(results: dict) -> list[str]:
         "",
         f"**Verdict: {verdict}.**",
         "",
+        *withheld,
     ]
     if others:
         lines += [
