@@ -281,6 +281,9 @@ SUITES["lab-hard"] = SuiteConfig(
 # `max_all`: the two norm-keeping attacks with SIG's sine stripes (a family added with the test),
 # the norm-preserving BadEncoder with the WaNet warp, DRUPE-style with the checkerboard at random
 # places, and the kNN-hiding attack with the noise patch.
+# Added 2026-12-07 04:09 UTC, before they were trained, each run once: the sixth test's attacks
+# (README, "A sixth test", `max_all_both` against `max_all`): the plain BadEncoder with the
+# checkerboard and with the noise patch at random places, and DRUPE-style with the WaNet warp.
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
     ("drupe", "patch"),
@@ -300,6 +303,9 @@ _HELD_OUT_ATTACKS = (
     ("norm_preserving", "warp"),
     ("drupe", "checker@random"),
     ("adaptive_knn", "noise"),
+    ("badencoder", "checker"),
+    ("badencoder", "noise@random"),
+    ("drupe", "warp"),
 )
 SUITES["lab-heldout"] = replace(
     SUITES["lab-hard"],

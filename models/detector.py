@@ -36,8 +36,9 @@ SCORE_KINDS = (*PIXEL_SCORES, "feature")
 # without the detail no rebuild has.
 PIXEL_SCALE_FACTORS = (1, 2, 4, 8)
 COMBINES = ("max", "mean")
-# How one depth's two maps (the input's, the rebuild's) are compared (`depth_discrepancies`).
-DISCREPANCIES = ("squared", "relative")
+# How one depth's two maps (the input's, the rebuild's) are compared (`depth_discrepancies`);
+# "both" keeps each depth twice, squared then relative.
+DISCREPANCIES = ("squared", "relative", "both")
 
 
 def compared(of_input: torch.Tensor, of_rebuild: torch.Tensor, discrepancy: str) -> torch.Tensor:
@@ -81,7 +82,16 @@ def depth_discrepancies(
 ) -> torch.Tensor:
     """The feature score's depths -> (N, pixel factors + stages): the normalized images against
     their rebuilds at each pooling factor, then each stage's maps of the input against the
-    rebuild's. The one definition the torch detector, the fit's statistics and the ONNX export use."""
+    rebuild's. The one definition the torch detector, the fit's statistics and the ONNX export use.
+    "both": every depth squared, then every depth relative (twice the columns)."""
+    if discrepancy == "both":
+        return torch.cat(
+            [
+                depth_discrepancies(x, rebuild, of_input, of_rebuild, pixel_factors, kind)
+                for kind in ("squared", "relative")
+            ],
+            dim=1,
+        )
     d = torch.stack([compared(a, b, discrepancy) for a, b in zip(of_input, of_rebuild, strict=True)], dim=1)
     if pixel_factors:
         d = torch.cat([pixel_scale_discrepancies(x, rebuild, pixel_factors, discrepancy), d], dim=1)

@@ -134,6 +134,8 @@ FEATURE_STATS_FILE = "feature_stats.json"
 #                The fifth test chose it (norm-keeping and cue-hiding attacks); withheld as the
 #                default because it falls on the plain BadEncoder of the demo (0.987 -> 0.913 AUROC),
 #                which holds no activation at clean levels and whose magnitude cue it divides away.
+#   max_all_both max_all's depths twice, squared and relative (fourteen z-scores at CIFAR's size), the
+#                max: the sixth test's candidate, fixed before its attacks were trained.
 # Each rule: (pixel pooling factors, how the depths combine, how each depth is scaled, how each
 # depth's two maps are compared).
 FEATURE_RULES = {
@@ -141,11 +143,13 @@ FEATURE_RULES = {
     "mean_stages": ((), "mean", "mad", "squared"),
     "max_all_tail": (PIXEL_SCALE_FACTORS, "max", "q95", "squared"),
     "max_all_relative": (PIXEL_SCALE_FACTORS, "max", "mad", "relative"),
+    "max_all_both": (PIXEL_SCALE_FACTORS, "max", "mad", "both"),
 }
 TAIL_QUANTILE = 0.95
 DISCREPANCY_TEXT = {
     "squared": "d the mean squared difference",
     "relative": "d the mean squared difference over the sum of the two maps' mean squares",
+    "both": "d each depth's mean squared difference, then the same over the sum of the two maps' mean squares",
 }
 assert tuple(FEATURE_RULES) == FEATURE_RULE_NAMES  # the command line names them without torch
 
@@ -721,6 +725,8 @@ def feature_statistics(
     centre = np.median(roots, axis=0)
     scale = depth_scale(roots, centre, scaling)
     depths = [f"pixels/{k}" for k in pixel_factors] + list(stages)
+    if discrepancy == "both":
+        depths += [f"{depth} relative" for depth in depths]
     return {
         "stages": stages,
         "pixel_factors": list(pixel_factors),

@@ -110,11 +110,14 @@ def _activation_norms(run, images: np.ndarray) -> dict[str, np.ndarray]:  # noqa
 #                                2026-12-06 after the adaptive attack, before the DeDe-aware one);
 #   pixel scales max, stages max the two halves of max_all, to show what each adds;
 #   dede_depths_tail_z_max       rule max_all_tail: max_all's depths scaled by their clean tails;
+#   dede_depths_both_robust_z_max      rule max_all_both: max_all's and max_all_relative's z-scores
+#                                together, the max (the sixth test's candidate, README);
 #   dede_depths_relative_robust_z_max  rule max_all_relative: max_all with each depth's discrepancy over
 #                                the two maps' mean squares (the fifth test's candidate, README).
 # The rule the bundle ships is scored through the bundle and not again here.
 MEAN_STAGES, MAX_ALL = "dede_feature_robust_z_mean", "dede_depths_robust_z_max"
 MAX_ALL_RELATIVE = "dede_depths_relative_robust_z_max"
+MAX_ALL_BOTH = "dede_depths_both_robust_z_max"
 VARIANTS = {
     MEAN_STAGES: ("stages", "mean", "mad", "squared"),
     MAX_ALL: ("pixels+stages", "max", "mad", "squared"),
@@ -123,6 +126,7 @@ VARIANTS = {
     "dede_stages_max": ("stages", "max", "mad", "squared"),
     "dede_depths_tail_z_max": ("pixels+stages", "max", "q95", "squared"),
     MAX_ALL_RELATIVE: ("pixels+stages", "max", "mad", "relative"),
+    MAX_ALL_BOTH: ("pixels+stages", "max", "mad", "both"),
 }
 
 

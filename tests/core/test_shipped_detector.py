@@ -425,6 +425,23 @@ def test_both_rules_export_and_a_fitted_run_restates_its_statistics_for_the_othe
     batched = _ort_scores(bundle, clean[:24], 24)
     assert np.array_equal(batched, _ort_scores(bundle, clean[:24], 1))
     assert np.allclose(batched, score_run(load_run(run_dir), clean[:24]), rtol=1e-4, atol=1e-4)
+    relative_scores, relative_stats = batched, load_run(run_dir).feature_stats
+
+    # Both views of every depth: the squared depths, then the same depths relative, max of all.
+    fit_decoder(encoder, aux, run_dir, replace(settings, max_steps=200, feature_rule="max_all_both"))
+    both = load_run(run_dir).feature_stats
+    assert both["depths"] == restated["depths"] + [f"{d} relative" for d in restated["depths"]]
+    half = len(restated["depths"])
+    assert both["centre"][half:] == pytest.approx(relative_stats["centre"], rel=1e-6)
+    assert both["scale"][half:] == pytest.approx(relative_stats["scale"], rel=1e-6)
+    calibrate_run(run_dir, clean, 0.05, "clean.npz")
+    bundle = tmp_path / "max_all_both"
+    manifest = export_bundle(load_run(run_dir), bundle)
+    assert manifest.decoder.score == "depths_both_robust_z_max" and manifest.parity["flag_mismatches"] == 0
+    batched = _ort_scores(bundle, clean[:24], 24)
+    assert np.array_equal(batched, _ort_scores(bundle, clean[:24], 1))
+    assert np.allclose(batched, score_run(load_run(run_dir), clean[:24]), rtol=1e-4, atol=1e-4)
+    assert (batched >= relative_scores - 1e-4).all()  # the max over a superset of this run's z-scores
 
 
 def test_relative_discrepancy_matches_a_float64_reference() -> None:
