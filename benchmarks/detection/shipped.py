@@ -758,6 +758,89 @@ def fifth_decision(results: dict) -> list[str]:
     return lines
 
 
+# The sixth test (README, fixed 2026-12-07 04:09 UTC before its attacks were trained).
+SIXTH_TEST = ("heldout_badencoder_checker", "heldout_badencoder_noise_random", "heldout_drupe_warp")
+SIXTH_GUARD = 0.01  # no guarded case (the demo included) more than this AUROC below max_all
+DEMO_FIGURES = {
+    rule: REPO_ROOT / "benchmarks" / "demo" / name
+    for rule, name in (("max_all", "results.json"), ("max_all_both", "max_all_both.json"))
+}
+
+
+def sixth_decision(results: dict) -> list[str]:
+    """max_all_both against max_all: the fifth test's three conditions on the sixth test's counted
+    cases, and a guard over those, the fifth test's cases and the demo bundle."""
+    rows, counted, guarded, unmeasured = [], [], [], []
+    for name in (*SIXTH_TEST, *FIFTH_TEST):
+        case = results["cases"].get(name)
+        if case is None:
+            rows.append(f"| {name} | {'sixth' if name in SIXTH_TEST else 'fifth'} | not run | | | | | |")
+            continue
+        both, plain = _method(case["methods"], MAX_ALL_BOTH), _method(case["methods"], MAX_ALL)
+        if both is None:
+            rows.append(f"| {name} | fifth (guard) | measured before the rule existed | | | | | |")
+            unmeasured.append(name)
+            continue
+        asr, source = _probe_asr(case["encoder"])
+        takes = asr is not None and asr >= TOOK
+        if takes and name in SIXTH_TEST:
+            counted.append((both["auroc"], plain["auroc"], both["id"]["tpr"], plain["id"]["tpr"]))
+        if takes:
+            guarded.append((name, both["auroc"], plain["auroc"]))
+        shown = f"{100 * asr:.1f}% ({source})" if asr is not None else source
+        rows.append(
+            f"| {name} | {'sixth' if name in SIXTH_TEST else 'fifth (guard)'} | {shown} | "
+            f"{'yes' if takes else 'no'} | {both['auroc']:.3f} | {plain['auroc']:.3f} | "
+            f"{_tpr_fpr(both, 'id')} | {_tpr_fpr(plain, 'id')} |"
+        )
+    demo = {r: json.loads(p.read_text()) for r, p in DEMO_FIGURES.items() if p.exists()}
+    if len(demo) == 2:
+        guarded.append(
+            ("demo bundle", demo["max_all_both"]["metrics"]["auroc"], demo["max_all"]["metrics"]["auroc"])
+        )
+        rows.append(
+            f"| demo bundle | guard | plain BadEncoder, {100 * demo['max_all']['backdoor']['asr']:.1f}% | yes | "
+            f"{demo['max_all_both']['metrics']['auroc']:.3f} | {demo['max_all']['metrics']['auroc']:.3f} | "
+            f"{100 * demo['max_all_both']['tpr_at_bundle_threshold']:.1f}% / "
+            f"{100 * demo['max_all_both']['fpr_at_bundle_threshold']:.1f}% | "
+            f"{100 * demo['max_all']['tpr_at_bundle_threshold']:.1f}% / "
+            f"{100 * demo['max_all']['fpr_at_bundle_threshold']:.1f}% |"
+        )
+    verdict, conditions = fifth_verdict(counted)
+    verdict = "max_all_both" if verdict == "max_all_relative" else verdict
+    below = [(n, round(p - b, 3)) for n, b, p in guarded if b < p - SIXTH_GUARD]
+    if len(demo) < 2:
+        unmeasured.append("the demo bundle")
+    if unmeasured:
+        conditions.append(f"- guarded cases not measured under the rule: **{', '.join(unmeasured)}**")
+        verdict = "max_all"
+    conditions.append(
+        "- guard (no guarded case more than 0.01 below): "
+        + ("met" if not below else "**not met**: " + ", ".join(f"{n} {g:.3f}" for n, g in below))
+    )
+    if below:
+        verdict = "max_all"
+    return [
+        "## The sixth test, applied",
+        "",
+        "`max_all_both` (max_all's depths squared and relative, the max of the fourteen z-scores) against "
+        "`max_all`, on lab-heldout attacks trained after the test was fixed (benchmarks/detection/README.md, "
+        '"A sixth test"): the fifth test\'s three conditions over its counted cases, and no guarded case (its '
+        "cases, the fifth test's, the demo bundle) more than 0.01 AUROC below `max_all`.",
+        "",
+        "| case | test | probe ASR | counted | AUROC max_all_both | AUROC max_all | TPR / FPR id max_all_both "
+        "| TPR / FPR id max_all |",
+        "| --- | --- | ---: | :---: | ---: | ---: | ---: | ---: |",
+        *rows,
+        "",
+        f"Over {len(counted)} counted:" if counted else "",
+        *conditions,
+        "",
+        f"**Verdict: {verdict}.**",
+        "",
+    ]
+
+
 def decision(results: dict) -> list[str]:
     """The two decisions fixed before their runs (benchmarks/detection/README.md), applied.
     First run: max_all replaces mean_stages iff, over the cases whose attack took, its worst AUROC is
@@ -970,6 +1053,7 @@ def report(results: dict) -> str:
     lines += third_decision(results)
     lines += fourth_decision(results)
     lines += fifth_decision(results)
+    lines += sixth_decision(results)
     for prefix in CHECK_SECTIONS:
         lines += check_section(results, prefix)
     for name, case in results["cases"].items():

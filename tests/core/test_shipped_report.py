@@ -151,3 +151,27 @@ def test_the_fifth_test_counts_only_its_cases_whose_attack_took(suite_results: N
     assert "| heldout_norm_preserving_sig | 10.0% (heldout/results.json) | no | 0.300 | 0.900 |" in text
     assert "| heldout_drupe_checker_random | not run |" in text
     assert "| heldout_drupe | 0.500 | 0.990 |" in text  # an earlier case: shown, no decision on it
+
+
+def test_the_sixth_test_stays_with_max_all_unless_every_guarded_case_was_measured(
+    suite_results: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def with_both(both_auroc: float, plain_auroc: float) -> dict:
+        case = _case("runs/lab-heldout/encoders/drupe/encoder.safetensors", plain_auroc, 0.9, 0.5)
+        case["methods"][shipped.MAX_ALL_BOTH] = _entry(both_auroc, 0.99, 0.01, 0.9, 0.01)
+        return case
+
+    demo = {"metrics": {"auroc": 0.98}, "tpr_at_bundle_threshold": 0.9, "fpr_at_bundle_threshold": 0.01}
+    figures = {"max_all": tmp_path / "plain.json", "max_all_both": tmp_path / "both.json"}
+    figures["max_all"].write_text(json.dumps({**demo, "backdoor": {"asr": 0.8}}))
+    monkeypatch.setattr(shipped, "DEMO_FIGURES", figures)
+    cases = {name: with_both(0.99, 0.9) for name in (*shipped.SIXTH_TEST, *shipped.FIFTH_TEST)}
+    # the demo not yet measured under the rule: max_all stays, and the report says why
+    text = "\n".join(shipped.sixth_decision({"cases": cases}))
+    assert "**Verdict: max_all.**" in text and "not measured under the rule: **the demo bundle**" in text
+    figures["max_all_both"].write_text(json.dumps({**demo, "metrics": {"auroc": 0.975}}))
+    assert "**Verdict: max_all_both.**" in "\n".join(shipped.sixth_decision({"cases": cases}))
+    # the demo falls by more than 0.01: the guard keeps max_all
+    figures["max_all_both"].write_text(json.dumps({**demo, "metrics": {"auroc": 0.96}}))
+    text = "\n".join(shipped.sixth_decision({"cases": cases}))
+    assert "**Verdict: max_all.**" in text and "demo bundle 0.020" in text
