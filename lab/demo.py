@@ -67,8 +67,15 @@ def demo_splits(train_count: int, test_count: int) -> dict[str, np.ndarray]:
     }
 
 
-def build_demo_bundle(out_dir: Path = DEFAULT_DEMO_DIR, rebuild: bool = False) -> Path:
-    """Build (or reuse) the demo bundle at `out_dir`; returns its path."""
+def build_demo_bundle(
+    out_dir: Path = DEFAULT_DEMO_DIR,
+    rebuild: bool = False,
+    feature_rule: str | None = None,
+    work: Path | None = None,
+) -> Path:
+    """Build (or reuse) the demo bundle at `out_dir`; returns its path. `feature_rule` (default: the
+    shipped one) and `work` (default: `<out_dir>-work`) let a benchmark build the same demo, from
+    the same stages, under another rule: the fit then only restates its clean statistics."""
     from lab.attacks.badencoder import BackdoorSettings, backdoor_encoder
     from lab.attacks.triggers import white_square
     from lab.ssl import pretrain_simclr
@@ -79,7 +86,7 @@ def build_demo_bundle(out_dir: Path = DEFAULT_DEMO_DIR, rebuild: bool = False) -
 
     if (out_dir / "manifest.json").exists() and not rebuild:
         return out_dir
-    work = out_dir.parent / f"{out_dir.name}-work"
+    work = work or out_dir.parent / f"{out_dir.name}-work"
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.time()
@@ -102,7 +109,10 @@ def build_demo_bundle(out_dir: Path = DEFAULT_DEMO_DIR, rebuild: bool = False) -
     print("[3/5] fitting the DeDe decoder (the shipped default) on clean CIFAR-10 train images")
     encoder = load_encoder(str(backdoored))
     aux = np.ascontiguousarray(train_x[splits["fit"]].transpose(0, 3, 1, 2))
-    fit_decoder(encoder, aux, work / "run", FitSettings(data_source="cifar10_train"))
+    settings = FitSettings(data_source="cifar10_train")
+    if feature_rule:
+        settings.feature_rule = feature_rule
+    fit_decoder(encoder, aux, work / "run", settings)
     timings["fit"] = time.time() - started - sum(timings.values())
 
     print("[4/5] calibrating the threshold on clean CIFAR-10 test images (1% FPR)")

@@ -40,8 +40,25 @@ def main() -> None:
         default=str(REPO_ROOT / "benchmarks" / "demo" / "results.json"),
         help="where to write the figures (the README's are results.json, the shipped default's)",
     )
+    parser.add_argument(
+        "--feature-rule",
+        help="measure the demo under this rule instead: bundles/demo-<rule>, built from the demo's own "
+        "stages (the same SimCLR, backdoor and decoder; the clean statistics restated for the rule)",
+    )
     args = parser.parse_args()
 
+    if args.feature_rule:
+        from lab.demo import build_demo_bundle
+
+        demo = Path(args.bundle)
+        args.bundle = str(
+            build_demo_bundle(
+                demo.parent / f"{demo.name}-{args.feature_rule}",
+                rebuild=True,
+                feature_rule=args.feature_rule,
+                work=demo.parent / f"{demo.name}-work",
+            )
+        )
     bundle = load_bundle(args.bundle)
     x, y = load_npz(data_dir() / "cifar10_test.npz")
     held_out = demo_splits(len(load_npz(data_dir() / "cifar10_train.npz")[1]), len(y))["evaluation"]
