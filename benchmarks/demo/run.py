@@ -26,6 +26,7 @@ from lab.evaluate import auprc, auroc, tpr_at_fpr
 from lab.probe import embed_nchw, train_linear_probe
 from models.bundle import ONNX_INPUT, ONNX_SCORE, load_bundle
 from models.encoders import load_encoder
+from training import FEATURE_RULE_NAMES
 from training.data import data_dir, load_npz
 
 
@@ -42,6 +43,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--feature-rule",
+        choices=list(FEATURE_RULE_NAMES),
         help="measure the demo under this rule instead: bundles/demo-<rule>, built from the demo's own "
         "stages (the same SimCLR, backdoor and decoder; the clean statistics restated for the rule)",
     )

@@ -38,7 +38,8 @@ RULES = ("max_all", "max_all_relative")
 
 
 class RawPixels(nn.Module):
-    """uint8 NHWC pixels -> the encoder's embedding, its normalization inside."""
+    """uint8 NHWC pixels -> the encoder's embedding, its normalization inside (a common export form;
+    the tests export their uint8 encoders with it too)."""
 
     def __init__(self, encoder: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()

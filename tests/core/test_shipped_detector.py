@@ -207,20 +207,10 @@ def test_feature_score_exports_with_parity_and_the_same_score_at_any_batch(
 def _onnx_encoder(path: Path, uint8_nhwc: bool) -> tuple[nn.Module, list[str]]:
     """A CIFAR ResNet exported as a black box; uint8_nhwc: raw uint8 NHWC pixels in, normalization
     inside the graph (a common export form). Returns the torch encoder and two inner tensor names."""
+    from benchmarks.detection.uint8_parity import RawPixels
+
     encoder = build_architecture("cifar_resnet18", 8).eval()
-
-    class RawPixels(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder = encoder
-            self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1))
-
-        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            x = pixels.permute(0, 3, 1, 2).float() / 255.0
-            return self.encoder((x - self.mean) / self.std)
-
-    module = RawPixels() if uint8_nhwc else encoder
+    module = RawPixels(encoder, CIFAR_MEAN, CIFAR_STD) if uint8_nhwc else encoder
     example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8) if uint8_nhwc else torch.zeros(2, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
