@@ -261,10 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--feature-rule",
         default=DEFAULT_FEATURE_RULE,
         choices=list(FEATURE_RULE_NAMES),
-        help="depths of the feature score and how they combine: max_all (default: the pixels at four "
-        "scales and the stages, max of their robust z-scores), max_all_relative (the same depths, each "
-        "discrepancy over its two maps' mean squares: ahead on norm-keeping attacks and whole-image "
-        "triggers, behind on the plain BadEncoder), max_all_tail (the same depths each scaled by its clean "
+        help="depths of the feature score and how they combine: max_all_both (default: the pixels at four "
+        "scales and the stages, each compared squared and relative, max of their robust z-scores), max_all "
+        "(the squared comparison alone; the default before the sixth test), max_all_relative (each depth's "
+        "discrepancy over its two maps' mean squares alone: ahead on norm-keeping attacks and whole-image "
+        "triggers, behind on the plain BadEncoder), max_all_tail (max_all's depths each scaled by its clean "
         "upper tail), or mean_stages (the stages alone, mean; the first default); "
         "benchmarks/detection/README.md measures each",
     )

@@ -49,16 +49,17 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    demo = Path(args.bundle)
+    work = demo.parent / f"{demo.name}-work"  # the demo's stages, when built beside the bundle
     if args.feature_rule:
         from lab.demo import build_demo_bundle
 
-        demo = Path(args.bundle)
         args.bundle = str(
             build_demo_bundle(
                 demo.parent / f"{demo.name}-{args.feature_rule}",
                 rebuild=True,
                 feature_rule=args.feature_rule,
-                work=demo.parent / f"{demo.name}-work",
+                work=work,
             )
         )
     bundle = load_bundle(args.bundle)
@@ -101,9 +102,7 @@ def main() -> None:
         },
         "bundle_bytes": sum(f.stat().st_size for f in bundle.root.iterdir() if f.is_file()),
     }
-    encoder = (
-        Path(args.bundle).parent / f"{Path(args.bundle).name}-work" / "badencoder" / "encoder.safetensors"
-    )
+    encoder = work / "badencoder" / "encoder.safetensors"
     if encoder.exists():
         result["backdoor"] = backdoor_strength(encoder, triggered, triggered_scores > threshold)
     timings = encoder.parent.parent / "timings.json"  # the build's own stage times (lab/demo.py)

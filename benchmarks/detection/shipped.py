@@ -763,7 +763,7 @@ SIXTH_TEST = ("heldout_badencoder_checker", "heldout_badencoder_noise_random", "
 SIXTH_GUARD = 0.01  # no guarded case (the demo included) more than this AUROC below max_all
 DEMO_FIGURES = {
     rule: REPO_ROOT / "benchmarks" / "demo" / name
-    for rule, name in (("max_all", "results.json"), ("max_all_both", "max_all_both.json"))
+    for rule, name in (("max_all", "max_all.json"), ("max_all_both", "max_all_both.json"))
 }
 
 
@@ -920,7 +920,8 @@ def _tpr_fpr(method: dict, key: str) -> str:
 
 
 def check_section(results: dict, prefix: str) -> list[str]:
-    """The shipped score (`max_all`) on the cases named `prefix`*, against the issue's goals."""
+    """The score shipped when these checks were fixed (`max_all`) on the cases named `prefix`*, against
+    the issue's goals; beside it the default since the sixth test (`max_all_both`) where measured."""
     cases = {n: c for n, c in results["cases"].items() if n.startswith(prefix)}
     if not cases:
         return []
@@ -941,12 +942,14 @@ def check_section(results: dict, prefix: str) -> list[str]:
             attack = f"{source}, BA {100 * ba:.1f}%"
         else:
             attack = f"{100 * asr:.1f}% / {100 * ba:.1f}%"
+        both = _method(methods, MAX_ALL_BOTH)
+        both_shown = f"{both['auroc']:.3f}, {_tpr_fpr(both, 'id')}" if both else "not measured"
         rows.append(
             f"| {name} | {attack} | {shipped['auroc']:.3f} | {100 * shipped['id']['tpr']:.1f}% / "
             f"{100 * shipped['id']['realised_fpr']:.1f}% | {100 * shipped['ood']['tpr']:.1f}% / "
             f"{100 * shipped['ood']['realised_fpr']:.1f}% | {_tpr_fpr(shipped, 'ood_holdout')} | "
             f"{_pct(shipped.get('tpr_at_1pct_fpr'))} | "
-            f"{sse['auroc']:.3f} | {cue} {cue_auroc:.3f} |"
+            f"{sse['auroc']:.3f} | {cue} {cue_auroc:.3f} | {both_shown} |"
         )
         if source == "the clean control":
             verdicts.append(
@@ -998,8 +1001,9 @@ def check_section(results: dict, prefix: str) -> list[str]:
         intro,
         "",
         "| case | attack ASR / BA | AUROC max_all | TPR / FPR id | TPR / FPR ood (crops) "
-        "| TPR / FPR ood (held-out aux) | TPR@1%FPR | AUROC pixel sse | strongest decoder-free cue |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| TPR / FPR ood (held-out aux) | TPR@1%FPR | AUROC pixel sse | strongest decoder-free cue "
+        "| max_all_both: AUROC, TPR / FPR id |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
         *rows,
         "",
         *verdicts,
@@ -1011,7 +1015,9 @@ def check_section(results: dict, prefix: str) -> list[str]:
 CHECK_SECTIONS = {
     HELD_OUT_CHECK_PREFIX: (
         "The held-out check",
-        "The shipped score (`max_all`) on attacks it was never run on, fixed before they were trained "
+        "The score shipped when this check was fixed (`max_all`; the default since the sixth test, "
+        "`max_all_both`, in the last column where measured) on attacks it was never run on, fixed before "
+        "they were trained "
         '(benchmarks/detection/README.md, "A held-out check"): the lab-heldout suite\'s attacks '
         "(`heldout/REPORT.md`), each scored once. No decision rides on them. Attack: probe ASR / BA "
         "(`heldout/results.json`). The strongest cue is the decoder-free baseline farthest from 0.5 (an "
@@ -1019,7 +1025,8 @@ CHECK_SECTIONS = {
     ),
     CLIP_CHECK_PREFIX: (
         "The CLIP check",
-        "The shipped score (`max_all`) on CLIP image towers, fixed before they were trained "
+        "The score shipped when this check was fixed (`max_all`; `max_all_both` in the last column where "
+        "measured) on CLIP image towers, fixed before they were trained "
         '(benchmarks/detection/README.md, "A CLIP check"): the CLIP suite\'s clean CLIP (the control), '
         "its data-poisoned CLIP, and the BadEncoder and norm-preserving fine-tunes of the clean tower, "
         "64 px, each scored once with the README's workflow (the fit on the 2,000 Tiny-ImageNet images "

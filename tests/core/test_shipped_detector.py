@@ -193,7 +193,10 @@ def test_feature_score_exports_with_parity_and_the_same_score_at_any_batch(
     )
     assert feature["combine"] == combine and feature["pixel_factors"] == list(pixels)
     assert feature.get("discrepancy", "squared") == discrepancy
-    assert feature["depths"] == [f"pixels/{k}" for k in feature["pixel_factors"]] + stages
+    depths = [f"pixels/{k}" for k in feature["pixel_factors"]] + stages
+    if discrepancy == "both":  # each depth twice: squared, then relative
+        depths += [f"{depth} relative" for depth in depths]
+    assert feature["depths"] == depths
     assert len(feature["centre"]) == len(feature["depths"])
     assert manifest.parity["max_relative_diff_ort_vs_torch"] <= 1e-4
     assert manifest.parity["flag_mismatches"] == 0
