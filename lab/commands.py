@@ -230,7 +230,9 @@ def _cmd_lab_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lab.demo import build_demo_bundle
 
-    path = build_demo_bundle(Path(args.out), rebuild=args.rebuild)
+    # Absolute, as the serve command's own build records it: a fit resumes only with the same
+    # encoder path, so a relative --out would refuse the stages that build left.
+    path = build_demo_bundle(Path(args.out).resolve(), rebuild=args.rebuild)
     print(f"demo bundle ready: {path}")
     return 0
 

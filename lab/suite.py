@@ -284,6 +284,10 @@ SUITES["lab-hard"] = SuiteConfig(
 # Added 2026-12-07 04:09 UTC, before they were trained, each run once: the sixth test's attacks
 # (README, "A sixth test", `max_all_both` against `max_all`): the plain BadEncoder with the
 # checkerboard and with the noise patch at random places, and DRUPE-style with the WaNet warp.
+# Added 2026-12-07 06:07 UTC, before they were trained, each run once: the seventh test's attacks
+# (README, "A seventh test", `max_all_both_balanced` against `max_all_both`): the plain BadEncoder
+# with SIG's stripes, the norm-preserving BadEncoder with the checkerboard at random places, and
+# DRUPE-style with the noise patch at a fixed place.
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
     ("drupe", "patch"),
@@ -306,6 +310,9 @@ _HELD_OUT_ATTACKS = (
     ("badencoder", "checker"),
     ("badencoder", "noise@random"),
     ("drupe", "warp"),
+    ("badencoder", "sig"),
+    ("norm_preserving", "checker@random"),
+    ("drupe", "noise"),
 )
 SUITES["lab-heldout"] = replace(
     SUITES["lab-hard"],

@@ -8,5 +8,12 @@ command line (`cli`). Imports `models` and the service's torch-free parts; never
 DEFAULT_PRESET = "conv"
 # The feature score's rules (training/fit.py FEATURE_RULES says what each reads and combines). The
 # default is the one the tests fixed before their runs chose (benchmarks/detection/README.md).
-FEATURE_RULE_NAMES = ("max_all", "mean_stages", "max_all_tail", "max_all_relative", "max_all_both")
+FEATURE_RULE_NAMES = (
+    "max_all",
+    "mean_stages",
+    "max_all_tail",
+    "max_all_relative",
+    "max_all_both",
+    "max_all_both_balanced",
+)
 DEFAULT_FEATURE_RULE = "max_all_both"

@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         "scales and the stages, each compared squared and relative, max of their robust z-scores), max_all "
         "(the squared comparison alone; the default before the sixth test), max_all_relative (each depth's "
         "discrepancy over its two maps' mean squares alone: ahead on norm-keeping attacks and whole-image "
-        "triggers, behind on the plain BadEncoder), max_all_tail (max_all's depths each scaled by its clean "
+        "triggers, behind on the plain BadEncoder), max_all_both_balanced (max_all_both with each view's "
+        "z-scores over its max's clean upper tail), max_all_tail (max_all's depths each scaled by its clean "
         "upper tail), or mean_stages (the stages alone, mean; the first default); "
         "benchmarks/detection/README.md measures each",
     )

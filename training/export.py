@@ -55,6 +55,7 @@ DEPTHS_SCORE_NAMES = {
     "max_all_tail": "depths_tail_z_max",
     "max_all_relative": "depths_relative_robust_z_max",
     "max_all_both": "depths_both_robust_z_max",
+    "max_all_both_balanced": "depths_both_balanced_z_max",
 }
 
 

@@ -137,6 +137,12 @@ FEATURE_STATS_FILE = "feature_stats.json"
 #   max_all_both max_all's depths twice, squared and relative (fourteen z-scores at CIFAR's size), the
 #                max. The default, by the sixth test (fixed before its attacks were trained): above
 #                max_all's AUROC on the whole-image triggers, within 0.01 of it everywhere else.
+#   max_all_both_balanced  max_all_both's fourteen z-scores, each view's (squared, relative) divided
+#                by the TAIL_QUANTILE quantile of that view's max over the clean held-out images.
+#                The max of z-scores from views with unequal clean tails is set, on clean images, by
+#                the heavier view; a threshold there is out of the lighter view's reach. Scaled so
+#                that each view's max crosses 1 on the same share of clean images, both views spend
+#                the false alarms alike. The seventh test's candidate, fixed before its attacks.
 # Each rule: (pixel pooling factors, how the depths combine, how each depth is scaled, how each
 # depth's two maps are compared).
 FEATURE_RULES = {
@@ -145,8 +151,14 @@ FEATURE_RULES = {
     "max_all_tail": (PIXEL_SCALE_FACTORS, "max", "q95", "squared"),
     "max_all_relative": (PIXEL_SCALE_FACTORS, "max", "mad", "relative"),
     "max_all_both": (PIXEL_SCALE_FACTORS, "max", "mad", "both"),
+    "max_all_both_balanced": (PIXEL_SCALE_FACTORS, "max", "mad_views", "both"),
 }
 TAIL_QUANTILE = 0.95
+SCALING_TEXT = {
+    "mad": "1.4826 MAD",
+    "q95": f"the {TAIL_QUANTILE:g} quantile minus the median",
+    "mad_views": f"1.4826 MAD, each view's over the {TAIL_QUANTILE:g} quantile of its max z-score",
+}
 DISCREPANCY_TEXT = {
     "squared": "d the mean squared difference",
     "relative": "d the mean squared difference over the sum of the two maps' mean squares",
@@ -724,7 +736,7 @@ def feature_statistics(
     )
     roots = np.sqrt(np.sqrt(d))
     centre = np.median(roots, axis=0)
-    scale = depth_scale(roots, centre, scaling)
+    scale = depth_scale(roots, centre, scaling, views=2 if discrepancy == "both" else 1)
     depths = [f"pixels/{k}" for k in pixel_factors] + list(stages)
     if discrepancy == "both":
         depths += [f"{depth} relative" for depth in depths]
@@ -741,7 +753,7 @@ def feature_statistics(
         "rule": (
             f"{feature_rule}: per depth ({', '.join(depths)}): d ** 0.25 ({DISCREPANCY_TEXT[discrepancy]}) "
             "standardised by median and "
-            f"{'1.4826 MAD' if scaling == 'mad' else f'the {TAIL_QUANTILE:g} quantile minus the median'}; "
+            f"{SCALING_TEXT[scaling]}; "
             f"score = {combine} over depths"
         ),
     }
@@ -770,16 +782,33 @@ def narrow_spread(stats: dict | None) -> str | None:
     )
 
 
-def depth_scale(roots: np.ndarray, centre: np.ndarray, scaling: str) -> np.ndarray:
+# A view's clean tail (mad_views) divides its z-scores by at least this: one MAD unit, so a view
+# whose max rarely leaves its median is never magnified.
+MIN_VIEW_TAIL = 1.0
+
+
+def depth_scale(roots: np.ndarray, centre: np.ndarray, scaling: str, views: int = 1) -> np.ndarray:
     """Per depth, the unit of the robust z-score: 1.4826 x MAD ("mad"), or the clean upper tail,
-    the TAIL_QUANTILE quantile minus the median ("q95"); floored so no depth divides by zero."""
-    if scaling == "mad":
+    the TAIL_QUANTILE quantile minus the median ("q95"); floored so no depth divides by zero.
+    "mad_views": the columns are `views` equal groups (the views of the same depths); MAD, then
+    each group's unit times the TAIL_QUANTILE quantile of its max z-score over these images (at
+    least MIN_VIEW_TAIL), so that every view's max crosses 1 on the same share of them."""
+    if scaling in ("mad", "mad_views"):
         spread = 1.4826 * np.median(np.abs(roots - centre), axis=0)
     elif scaling == "q95":
         spread = np.quantile(roots, TAIL_QUANTILE, axis=0) - centre
     else:
         raise ValueError(f"unknown depth scaling {scaling!r}")
-    return np.maximum(spread, 1e-12 + 1e-6 * np.abs(centre))
+    spread = np.maximum(spread, 1e-12 + 1e-6 * np.abs(centre))
+    if scaling == "mad_views":
+        if views < 1 or roots.shape[1] % views:
+            raise ValueError(f"{roots.shape[1]} depths do not split into {views} views")
+        z = (roots - centre) / spread
+        width = roots.shape[1] // views
+        for v in range(views):
+            group = slice(v * width, (v + 1) * width)
+            spread[group] *= max(float(np.quantile(z[:, group].max(axis=1), TAIL_QUANTILE)), MIN_VIEW_TAIL)
+    return spread
 
 
 @torch.no_grad()

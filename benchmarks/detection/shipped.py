@@ -118,6 +118,7 @@ def _activation_norms(run, images: np.ndarray) -> dict[str, np.ndarray]:  # noqa
 MEAN_STAGES, MAX_ALL = "dede_feature_robust_z_mean", "dede_depths_robust_z_max"
 MAX_ALL_RELATIVE = "dede_depths_relative_robust_z_max"
 MAX_ALL_BOTH = "dede_depths_both_robust_z_max"
+MAX_ALL_BOTH_BALANCED = "dede_depths_both_balanced_z_max"
 VARIANTS = {
     MEAN_STAGES: ("stages", "mean", "mad", "squared"),
     MAX_ALL: ("pixels+stages", "max", "mad", "squared"),
@@ -127,6 +128,7 @@ VARIANTS = {
     "dede_depths_tail_z_max": ("pixels+stages", "max", "q95", "squared"),
     MAX_ALL_RELATIVE: ("pixels+stages", "max", "mad", "relative"),
     MAX_ALL_BOTH: ("pixels+stages", "max", "mad", "both"),
+    MAX_ALL_BOTH_BALANCED: ("pixels+stages", "max", "mad_views", "both"),
 }
 
 
@@ -154,8 +156,9 @@ def _depth_variants(
     for discrepancy in sorted({v[3] for v in VARIANTS.values()}):
         reference = roots(fit_images[val_idx], discrepancy)
         centres[discrepancy] = centre = np.median(reference, axis=0)
-        for kind in ("mad", "q95"):
-            scales[discrepancy, kind] = depth_scale(reference, centre, kind)
+        for kind in ("mad", "q95", "mad_views"):
+            views = 2 if discrepancy == "both" else 1
+            scales[discrepancy, kind] = depth_scale(reference, centre, kind, views=views)
         measured[discrepancy] = {k: roots(v, discrepancy) for k, v in sets.items()}
     p = len(factors)
     columns = {"stages": slice(p, None), "pixels": slice(0, p), "pixels+stages": slice(None)}
@@ -841,6 +844,127 @@ def sixth_decision(results: dict) -> list[str]:
     ]
 
 
+# The seventh test (README, fixed 2026-12-07 06:07 UTC before its attacks were trained).
+SEVENTH_TEST = ("heldout_badencoder_sig", "heldout_norm_preserving_checker_random", "heldout_drupe_noise")
+SEVENTH_MEAN_TOLERANCE = 0.005  # mean AUROC at most this below max_all_both's
+SEVENTH_WORST_TOLERANCE = 0.01  # worst counted AUROC at most this below
+SEVENTH_GUARD_AUROC = 0.01  # no guarded case more than this AUROC below
+SEVENTH_GUARD_TPR = 0.02  # nor more than this TPR at the id threshold (the demo: its bundle's) below
+SEVENTH_DEMO_FIGURES = {
+    rule: REPO_ROOT / "benchmarks" / "demo" / f"{rule}.json"
+    for rule in ("max_all_both", "max_all_both_balanced")
+}
+
+
+def seventh_verdict(
+    counted: list[tuple[float, float, float, float]], guarded: list[tuple[str, float, float, float, float]]
+) -> tuple[str, list[str]]:
+    """(the rule, the conditions' lines) from the counted cases' (AUROC balanced, AUROC both, TPR id
+    balanced, TPR id both) and the guarded cases' (name, the same four)."""
+    if not counted:
+        return "max_all_both", ["- No counted case: `max_all_both` stays."]
+    auc_new, auc_old, tpr_new, tpr_old = (np.array(c) for c in zip(*counted, strict=True))
+    below = [
+        f"{name} ({a_new - a_old:+.3f} AUROC, {100 * (t_new - t_old):+.1f} points)"
+        for name, a_new, a_old, t_new, t_old in guarded
+        if a_new < a_old - SEVENTH_GUARD_AUROC or t_new < t_old - SEVENTH_GUARD_TPR
+    ]
+    conditions = [
+        (
+            f"mean TPR at the id threshold {100 * tpr_new.mean():.1f}% against {100 * tpr_old.mean():.1f}%",
+            tpr_new.mean() > tpr_old.mean(),
+        ),
+        (
+            f"mean AUROC {auc_new.mean():.3f} against {auc_old.mean():.3f} (at most {SEVENTH_MEAN_TOLERANCE} below)",
+            auc_new.mean() >= auc_old.mean() - SEVENTH_MEAN_TOLERANCE,
+        ),
+        (
+            f"worst AUROC {auc_new.min():.3f} against {auc_old.min():.3f} (at most {SEVENTH_WORST_TOLERANCE} below)",
+            auc_new.min() >= auc_old.min() - SEVENTH_WORST_TOLERANCE,
+        ),
+        (
+            f"guard ({len(guarded)} cases; none more than {SEVENTH_GUARD_AUROC} AUROC or "
+            f"{100 * SEVENTH_GUARD_TPR:.0f} points of TPR below)"
+            + (f": below on {', '.join(below)}" if below else ""),
+            not below,
+        ),
+    ]
+    lines = [f"- {text}: {'met' if ok else '**not met**'}" for text, ok in conditions]
+    return ("max_all_both_balanced" if all(ok for _, ok in conditions) else "max_all_both"), lines
+
+
+def seventh_decision(results: dict) -> list[str]:
+    """max_all_both_balanced against max_all_both: the counted new cases, the fifth and sixth tests'
+    cases and the demo bundle as the guard."""
+    rows, counted, guarded, unmeasured = [], [], [], []
+    for name in (*SEVENTH_TEST, *SIXTH_TEST, *FIFTH_TEST):
+        test = "seventh" if name in SEVENTH_TEST else "guard"
+        case = results["cases"].get(name)
+        new = _method(case["methods"], MAX_ALL_BOTH_BALANCED) if case else None
+        old = _method(case["methods"], MAX_ALL_BOTH) if case else None
+        if new is None or old is None:
+            rows.append(
+                f"| {name} | {test} | {'not run' if case is None else 'not measured under both rules'} | | | | | |"
+            )
+            unmeasured.append(name)
+            continue
+        asr, source = _probe_asr(case["encoder"])
+        takes = asr is not None and asr >= TOOK
+        figures = (new["auroc"], old["auroc"], new["id"]["tpr"], old["id"]["tpr"])
+        if takes and name in SEVENTH_TEST:
+            counted.append(figures)
+        if takes:
+            guarded.append((name, *figures))
+        shown = f"{100 * asr:.1f}% ({source})" if asr is not None else source
+        rows.append(
+            f"| {name} | {test} | {shown} | {'yes' if takes else 'no'} | {new['auroc']:.3f} | {old['auroc']:.3f} | "
+            f"{_tpr_fpr(new, 'id')} | {_tpr_fpr(old, 'id')} |"
+        )
+    demo = {r: json.loads(p.read_text()) for r, p in SEVENTH_DEMO_FIGURES.items() if p.exists()}
+    if len(demo) == 2:
+        new_d, old_d = demo["max_all_both_balanced"], demo["max_all_both"]
+        guarded.append(
+            (
+                "demo bundle",
+                new_d["metrics"]["auroc"],
+                old_d["metrics"]["auroc"],
+                new_d["tpr_at_bundle_threshold"],
+                old_d["tpr_at_bundle_threshold"],
+            )
+        )
+        rows.append(
+            f"| demo bundle | guard | plain BadEncoder | yes | {new_d['metrics']['auroc']:.3f} | "
+            f"{old_d['metrics']['auroc']:.3f} | {100 * new_d['tpr_at_bundle_threshold']:.1f}% / "
+            f"{100 * new_d['fpr_at_bundle_threshold']:.1f}% | {100 * old_d['tpr_at_bundle_threshold']:.1f}% / "
+            f"{100 * old_d['fpr_at_bundle_threshold']:.1f}% |"
+        )
+    else:
+        unmeasured.append("the demo bundle")
+    verdict, conditions = seventh_verdict(counted, guarded)
+    guard_unmeasured = [n for n in unmeasured if n not in SEVENTH_TEST]
+    if guard_unmeasured:
+        conditions.append(f"- guarded cases not measured under both rules: **{', '.join(guard_unmeasured)}**")
+        verdict = "max_all_both"
+    return [
+        "## The seventh test, applied",
+        "",
+        "`max_all_both_balanced` (max_all_both's fourteen z-scores, each view's divided by the 0.95 quantile of "
+        "its max over the fit's clean held-out images) against `max_all_both`, on lab-heldout attacks trained "
+        'after the test was fixed (benchmarks/detection/README.md, "A seventh test").',
+        "",
+        "| case | test | probe ASR | counted | AUROC balanced | AUROC max_all_both | TPR / FPR id balanced "
+        "| TPR / FPR id max_all_both |",
+        "| --- | --- | ---: | :---: | ---: | ---: | ---: | ---: |",
+        *rows,
+        "",
+        f"Over {len(counted)} counted:" if counted else "",
+        *conditions,
+        "",
+        f"**Verdict: {verdict}.**",
+        "",
+    ]
+
+
 def decision(results: dict) -> list[str]:
     """The two decisions fixed before their runs (benchmarks/detection/README.md), applied.
     First run: max_all replaces mean_stages iff, over the cases whose attack took, its worst AUROC is
@@ -1061,6 +1185,7 @@ def report(results: dict) -> str:
     lines += fourth_decision(results)
     lines += fifth_decision(results)
     lines += sixth_decision(results)
+    lines += seventh_decision(results)
     for prefix in CHECK_SECTIONS:
         lines += check_section(results, prefix)
     for name, case in results["cases"].items():

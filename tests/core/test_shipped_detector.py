@@ -64,6 +64,35 @@ def test_the_tail_scaling_puts_every_depths_clean_95th_percentile_at_one() -> No
         depth_scale(roots, centre, "iqr")
 
 
+def test_view_scaling_puts_each_views_clean_max_at_one_on_the_same_share() -> None:
+    from training.fit import MIN_VIEW_TAIL, TAIL_QUANTILE, depth_scale
+
+    rng = np.random.default_rng(0)
+    # two views of three depths: a light-tailed one and a heavy-tailed one (what the squared
+    # discrepancies are beside the relative ones)
+    light, heavy = rng.normal(size=(4000, 3)), rng.standard_t(2, size=(4000, 3))
+    roots = np.column_stack([light, heavy])
+    centre = np.median(roots, axis=0)
+    mad = depth_scale(roots, centre, "mad")
+    mad_z = (roots - centre) / mad
+    assert np.quantile(mad_z[:, 3:].max(1), 0.99) > 1.3 * np.quantile(mad_z[:, :3].max(1), 0.99)
+    scale = depth_scale(roots, centre, "mad_views", views=2)
+    z = (roots - centre) / scale
+    for view in (slice(0, 3), slice(3, 6)):
+        assert np.quantile(z[:, view].max(1), TAIL_QUANTILE) == pytest.approx(1.0)
+        ratio = scale[view] / mad[view]  # one factor per view: the depths keep their MAD units
+        assert np.allclose(ratio, ratio[0]) and ratio[0] >= MIN_VIEW_TAIL
+    # both views now cross 1 on the same share of these images
+    assert np.mean(z[:, :3].max(1) > 1) == pytest.approx(np.mean(z[:, 3:].max(1) > 1), abs=1e-3)
+    # a view whose max stays near its median is not magnified
+    quiet = np.column_stack([light, np.r_[np.zeros(3990), np.ones(10)][:, None] * np.ones(3)])
+    q_centre = np.median(quiet, axis=0)
+    q_scale = depth_scale(quiet, q_centre, "mad_views", views=2)
+    assert np.allclose(q_scale[3:], depth_scale(quiet, q_centre, "mad")[3:] * MIN_VIEW_TAIL)
+    with pytest.raises(ValueError, match="views"):
+        depth_scale(roots, centre, "mad_views", views=4)
+
+
 def test_pixel_depths_match_a_float64_reference_and_the_max_combines_them() -> None:
     from models.detector import FeatureStandardiser, pixel_scale_discrepancies
 
@@ -435,6 +464,23 @@ def test_both_rules_export_and_a_fitted_run_restates_its_statistics_for_the_othe
     assert np.array_equal(batched, _ort_scores(bundle, clean[:24], 1))
     assert np.allclose(batched, score_run(load_run(run_dir), clean[:24]), rtol=1e-4, atol=1e-4)
     assert (batched >= relative_scores - 1e-4).all()  # the max over a superset of this run's z-scores
+
+    # The same fourteen z-scores, each view's divided by its max's clean upper tail: restated from
+    # the same decoder in seconds, exported with parity, the same score at any batch size.
+    fit_decoder(encoder, aux, run_dir, replace(settings, max_steps=200, feature_rule="max_all_both_balanced"))
+    balanced = load_run(run_dir).feature_stats
+    assert balanced["depths"] == both["depths"] and balanced["centre"] == pytest.approx(both["centre"])
+    factors = np.array(balanced["scale"]) / np.array(both["scale"])
+    assert np.allclose(factors[:half], factors[0]) and np.allclose(factors[half:], factors[half])
+    assert min(factors[0], factors[half]) >= 1.0
+    calibrate_run(run_dir, clean, 0.05, "clean.npz")
+    bundle = tmp_path / "max_all_both_balanced"
+    manifest = export_bundle(load_run(run_dir), bundle)
+    assert manifest.decoder.score == "depths_both_balanced_z_max" and manifest.parity["flag_mismatches"] == 0
+    assert manifest.parity["max_relative_diff_ort_vs_torch"] <= 1e-4
+    balanced_scores = _ort_scores(bundle, clean[:24], 24)
+    assert np.array_equal(balanced_scores, _ort_scores(bundle, clean[:24], 1))
+    assert np.allclose(balanced_scores, score_run(load_run(run_dir), clean[:24]), rtol=1e-4, atol=1e-4)
 
 
 def test_relative_discrepancy_matches_a_float64_reference() -> None:
