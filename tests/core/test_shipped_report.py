@@ -175,3 +175,51 @@ def test_the_sixth_test_stays_with_max_all_unless_every_guarded_case_was_measure
     figures["max_all_both"].write_text(json.dumps({**demo, "metrics": {"auroc": 0.96}}))
     text = "\n".join(shipped.sixth_decision({"cases": cases}))
     assert "**Verdict: max_all.**" in text and "demo bundle 0.020" in text
+
+
+def test_the_seventh_test_asks_more_flagged_and_no_guarded_case_worse(
+    suite_results: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def with_rules(balanced: tuple[float, float], both: tuple[float, float]) -> dict:
+        """(AUROC, TPR at the id threshold) under max_all_both_balanced and under max_all_both."""
+        case = _case("runs/lab-heldout/encoders/drupe/encoder.safetensors", 0.9, 0.9, 0.5)
+        case["methods"][shipped.MAX_ALL_BOTH_BALANCED] = _entry(balanced[0], balanced[1], 0.01, 0.5, 0.01)
+        case["methods"][f"{shipped.MAX_ALL_BOTH} (shipped)"] = _entry(both[0], both[1], 0.01, 0.5, 0.01)
+        return case
+
+    demo = {"metrics": {"auroc": 0.98}, "tpr_at_bundle_threshold": 0.9, "fpr_at_bundle_threshold": 0.01}
+    figures = {r: tmp_path / f"{r}.json" for r in ("max_all_both", "max_all_both_balanced")}
+    figures["max_all_both"].write_text(json.dumps(demo))
+    monkeypatch.setattr(shipped, "SEVENTH_DEMO_FIGURES", figures)
+    cases = {name: with_rules((0.95, 0.6), (0.95, 0.1)) for name in shipped.SEVENTH_TEST}
+    cases |= {
+        name: with_rules((0.99, 0.9), (0.99, 0.9)) for name in (*shipped.SIXTH_TEST, *shipped.FIFTH_TEST)
+    }
+    # the demo not yet measured under the candidate: max_all_both stays, and the report says why
+    text = "\n".join(shipped.seventh_decision({"cases": cases}))
+    assert "**Verdict: max_all_both.**" in text and "**the demo bundle**" in text
+    figures["max_all_both_balanced"].write_text(json.dumps(demo))
+    text = "\n".join(shipped.seventh_decision({"cases": cases}))
+    assert "**Verdict: max_all_both_balanced.**" in text and "Over 3 counted:" in text
+    # the demo flags 3 points fewer at its threshold: over the guard's 2
+    figures["max_all_both_balanced"].write_text(json.dumps({**demo, "tpr_at_bundle_threshold": 0.87}))
+    text = "\n".join(shipped.seventh_decision({"cases": cases}))
+    assert "**Verdict: max_all_both.**" in text and "demo bundle (+0.000 AUROC, -3.0 points)" in text
+    figures["max_all_both_balanced"].write_text(json.dumps(demo))
+    # more flagged but the mean AUROC 0.01 lower: over the 0.005 allowed
+    cases |= {name: with_rules((0.94, 0.6), (0.95, 0.1)) for name in shipped.SEVENTH_TEST}
+    text = "\n".join(shipped.seventh_decision({"cases": cases}))
+    assert "**Verdict: max_all_both.**" in text and "mean AUROC 0.940 against 0.950" in text
+    # no more flagged: the candidate's aim is not met
+    cases |= {name: with_rules((0.95, 0.1), (0.95, 0.1)) for name in shipped.SEVENTH_TEST}
+    assert "**Verdict: max_all_both.**" in "\n".join(shipped.seventh_decision({"cases": cases}))
+    # a counted attack that did not take is not counted (probe ASR 10%)
+    cases = {name: with_rules((0.95, 0.6), (0.95, 0.1)) for name in shipped.SEVENTH_TEST}
+    cases["heldout_badencoder_sig"]["encoder"] = (
+        "runs/lab-heldout/encoders/norm_preserving/encoder.safetensors"
+    )
+    cases |= {
+        name: with_rules((0.99, 0.9), (0.99, 0.9)) for name in (*shipped.SIXTH_TEST, *shipped.FIFTH_TEST)
+    }
+    text = "\n".join(shipped.seventh_decision({"cases": cases}))
+    assert "Over 2 counted:" in text and "**Verdict: max_all_both_balanced.**" in text
