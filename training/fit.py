@@ -142,7 +142,9 @@ FEATURE_STATS_FILE = "feature_stats.json"
 #                The max of z-scores from views with unequal clean tails is set, on clean images, by
 #                the heavier view; a threshold there is out of the lighter view's reach. Scaled so
 #                that each view's max crosses 1 on the same share of clean images, both views spend
-#                the false alarms alike. The seventh test's candidate, fixed before its attacks.
+#                the false alarms alike. The seventh test's candidate, fixed before its attacks:
+#                measured, not chosen (it ties max_all_both on the attacks that took; ahead in
+#                AUROC on the whole-image triggers, not in the share flagged).
 # Each rule: (pixel pooling factors, how the depths combine, how each depth is scaled, how each
 # depth's two maps are compared).
 FEATURE_RULES = {
