@@ -8,7 +8,8 @@ dede attack ctrl --data cifar10_train --out runs/ctrl
 dede eval --run runs/fit_dir --trigger patch --calibration tinyimagenet_val --out eval.json
 dede attack adaptive --encoder ... --trigger checker@random --out runs/adaptive
 dede lab run --suite smoke|lab|lab-hard|lab-heldout    dede lab report --suite lab
-(lab-hard and lab-heldout also run in two parts under 3 hours each: <suite>-plain, <suite>-hiding)
+(lab-hard and lab-heldout also run in parts under 3 hours each: lab-hard-plain, lab-hard-hiding;
+ lab-heldout-badencoder, lab-heldout-drupe, lab-heldout-hiding)
 dede demo                              dede fit ... --poison-rate 0.01 --trigger patch
 """
 
@@ -173,7 +174,8 @@ LAB_SUITE_NAMES = (
     "lab-hard-hiding",
     "lab-hard-smoke",
     "lab-heldout",
-    "lab-heldout-plain",
+    "lab-heldout-badencoder",
+    "lab-heldout-drupe",
     "lab-heldout-hiding",
 )
 CLIP_SUITE_NAMES = ("clip", "clip-colours", "clip-smoke")

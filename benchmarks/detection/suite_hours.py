@@ -19,15 +19,10 @@ from pathlib import Path
 
 from benchmarks.provenance import REPO_ROOT, run_record
 from lab.runner import COMMITTED_LAB_REPORTS
-from lab.suite import SUITES, encoder_name
+from lab.suite import SUITE_PARTS, SUITES, encoder_name
 
-SUITE_NAMES = (
-    "lab-hard",
-    "lab-hard-plain",
-    "lab-hard-hiding",
-    "lab-heldout",
-    "lab-heldout-plain",
-    "lab-heldout-hiding",
+SUITE_NAMES = tuple(
+    name for whole, parts in SUITE_PARTS.items() for name in (whole, *(f"{whole}-{part}" for part in parts))
 )
 BOUND_HOURS = 3.0
 

@@ -79,21 +79,21 @@ def test_every_suites_attack_settings_name_one_of_its_attacks_and_real_fields() 
 
 @pytest.mark.parametrize("whole", ["lab-hard", "lab-heldout"])
 def test_a_suites_parts_split_its_attacks_and_share_its_cache(whole: str) -> None:
-    """A suite's two parts (each within the 3-hour bound) run exactly its attacks between them,
-    with its settings, in its root: what one trains, the other and the whole suite reuse."""
+    """A suite's parts (each within the 3-hour bound) run exactly its attacks between them, each
+    attack in one part, with its settings, in its root: what one trains, the others and the whole
+    suite reuse."""
     from lab.attacks.badencoder import CUE_HIDING
     from lab.commands import LAB_SUITE_NAMES
-    from lab.suite import SUITES, backdoor_settings, encoder_name
+    from lab.suite import SUITE_PARTS, SUITES, backdoor_settings, encoder_name
 
-    suite, plain, hiding = (SUITES[n] for n in (whole, f"{whole}-plain", f"{whole}-hiding"))
+    suite = SUITES[whole]
+    parts = [SUITES[f"{whole}-{name}"] for name in SUITE_PARTS[whole]]
     assert set(LAB_SUITE_NAMES) == set(SUITES)  # the command line offers every suite
-    assert set(plain.attacks) | set(hiding.attacks) == set(suite.attacks)
-    assert not set(plain.attacks) & set(hiding.attacks)
-    assert all(v in CUE_HIDING for v, _ in hiding.attacks) and all(
-        v not in CUE_HIDING for v, _ in plain.attacks
-    )
-    for part in (plain, hiding):
-        assert part.root == suite.root
+    assert sorted(a for part in parts for a in part.attacks) == sorted(suite.attacks)
+    hiding = SUITES[f"{whole}-hiding"]
+    assert hiding.attacks and all(v in CUE_HIDING for v, _ in hiding.attacks)
+    for part in parts:
+        assert part.attacks and part.root == suite.root
         assert part.cue_encoders == ("clean", *(encoder_name(v, t) for v, t in part.attacks))
         for variant, trigger in part.attacks:
             name = encoder_name(variant, trigger)
@@ -103,7 +103,7 @@ def test_a_suites_parts_split_its_attacks_and_share_its_cache(whole: str) -> Non
 def test_suite_hours_reads_every_stage_of_each_part_from_its_suites_report() -> None:
     from benchmarks.detection.suite_hours import SUITE_NAMES, committed_report, suite_stages
 
-    assert committed_report("lab-heldout-plain").parent.name == "heldout"
+    assert committed_report("lab-heldout-drupe").parent.name == "heldout"
     assert committed_report("lab-hard-hiding").parent.name == "attacks"
     for name in SUITE_NAMES:
         walls = json.loads(committed_report(name).read_text())["stage_wall_seconds"]
@@ -114,7 +114,7 @@ def test_a_suite_part_reports_into_its_own_folder() -> None:
     from lab.runner import default_report_dir
     from lab.suite import SUITES, Lab
 
-    parts = ("lab-heldout-plain", "lab-heldout-hiding")
+    parts = ("lab-heldout-badencoder", "lab-heldout-drupe", "lab-heldout-hiding")
     folders = {default_report_dir(Lab(SUITES[n], progress=False)) for n in parts}
-    assert len(folders) == 2 and all(f.parent.name == "lab-heldout" for f in folders)
+    assert len(folders) == 3 and all(f.parent.name == "lab-heldout" for f in folders)
     assert default_report_dir(Lab(SUITES["smoke"], progress=False)).name == "report"
