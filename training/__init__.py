@@ -16,4 +16,4 @@ FEATURE_RULE_NAMES = (
     "max_all_both",
     "max_all_both_balanced",
 )
-DEFAULT_FEATURE_RULE = "max_all_both"
+DEFAULT_FEATURE_RULE = "max_all"

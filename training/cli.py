@@ -261,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--feature-rule",
         default=DEFAULT_FEATURE_RULE,
         choices=list(FEATURE_RULE_NAMES),
-        help="depths of the feature score and how they combine: max_all_both (default: the pixels at four "
-        "scales and the stages, each compared squared and relative, max of their robust z-scores), max_all "
-        "(the squared comparison alone; the default before the sixth test), max_all_relative (each depth's "
+        help="depths of the feature score and how they combine: max_all (default: the pixels at four "
+        "scales and the stages, max of their robust z-scores), max_all_both (each depth compared squared "
+        "and relative: ahead on whole-image triggers, behind on CLIP towers), max_all_relative (each depth's "
         "discrepancy over its two maps' mean squares alone: ahead on norm-keeping attacks and whole-image "
         "triggers, behind on the plain BadEncoder), max_all_both_balanced (max_all_both with each view's "
         "z-scores over its max's clean upper tail), max_all_tail (max_all's depths each scaled by its clean "

@@ -120,9 +120,9 @@ FEATURE_STATS_FILE = "feature_stats.json"
 # The feature score's rules (models/detector.py): the depths it reads and how it combines them.
 #   max_all      the pixels at four scales and the stages; the max (any depth that departs from
 #                clean is evidence: an attacker who holds some depths at clean levels is seen at
-#                the others). The default from the second test to the sixth; kept against
-#                max_all_tail (third and fourth tests) and max_all_relative (the fifth test's
-#                verdict was withheld: benchmarks/detection/README.md says how and what each measured).
+#                the others). The default, by the second test; kept against max_all_tail (third and
+#                fourth tests), max_all_relative and max_all_both (the fifth and sixth tests' verdicts
+#                were withheld: benchmarks/detection/README.md says how and what each measured).
 #   mean_stages  the stages alone; the mean (the first default, kept to compare and reproduce).
 #   max_all_tail max_all's depths, each scaled by its clean upper tail (95th percentile minus the
 #                median) instead of its MAD, so that every depth crosses 1 on as few clean images
@@ -135,15 +135,17 @@ FEATURE_STATS_FILE = "feature_stats.json"
 #                default because it falls on the plain BadEncoder of the demo (0.987 -> 0.913 AUROC),
 #                which holds no activation at clean levels and whose magnitude cue it divides away.
 #   max_all_both max_all's depths twice, squared and relative (fourteen z-scores at CIFAR's size), the
-#                max. The default, by the sixth test (fixed before its attacks were trained): above
-#                max_all's AUROC on the whole-image triggers, within 0.01 of it everywhere else.
+#                max. The sixth test chose it (above max_all's AUROC on the whole-image triggers,
+#                within 0.01 elsewhere on CIFAR); withheld as the default because it falls on the CLIP
+#                towers (0.770 -> 0.677 AUROC on the poisoned CLIP), where the relative figures
+#                separate poorly.
 #   max_all_both_balanced  max_all_both's fourteen z-scores, each view's (squared, relative) divided
 #                by the TAIL_QUANTILE quantile of that view's max over the clean held-out images.
 #                The max of z-scores from views with unequal clean tails is set, on clean images, by
 #                the heavier view; a threshold there is out of the lighter view's reach. Scaled so
 #                that each view's max crosses 1 on the same share of clean images, both views spend
 #                the false alarms alike. The seventh test's candidate, fixed before its attacks:
-#                measured, not chosen (it ties max_all_both on the attacks that took; ahead in
+#                measured, not chosen (it ties max_all_both on the attacks that took; ahead of it in
 #                AUROC on the whole-image triggers, not in the share flagged).
 # Each rule: (pixel pooling factors, how the depths combine, how each depth is scaled, how each
 # depth's two maps are compared).

@@ -711,7 +711,7 @@ def fifth_decision(results: dict) -> list[str]:
     verdict, conditions = fifth_verdict(counted)
     withheld = []
     demo, demo_relative = (
-        REPO_ROOT / "benchmarks" / "demo" / f for f in ("results.json", "max_all_relative.json")
+        REPO_ROOT / "benchmarks" / "demo" / f for f in ("max_all.json", "max_all_relative.json")
     )
     if verdict == "max_all_relative" and demo.exists() and demo_relative.exists():
         plain, rel = (json.loads(f.read_text()) for f in (demo, demo_relative))
@@ -823,6 +823,29 @@ def sixth_decision(results: dict) -> list[str]:
     )
     if below:
         verdict = "max_all"
+    # As the fifth test's verdict was: a shipped case outside the test's guard that the rule drops by
+    # more than the guard allows withholds it (found after the verdict, on the CLIP check's towers).
+    outside = []
+    for name, case in results["cases"].items():
+        both, plain = _method(case["methods"], MAX_ALL_BOTH), _method(case["methods"], MAX_ALL)
+        # a control's AUROC is its score's reaction to the trigger's pixels alone: lower is not worse
+        if (
+            name.startswith(CLIP_CHECK_PREFIX)
+            and not name.endswith("_clean")
+            and both
+            and plain
+            and both["auroc"] < plain["auroc"] - SIXTH_GUARD
+        ):
+            outside.append(f"{name} {both['auroc']:.3f} against {plain['auroc']:.3f}")
+    withheld = []
+    if verdict == "max_all_both" and outside:
+        withheld = [
+            "**Withheld as the default: `max_all` stays.** Scored after the verdict on the CLIP check's towers "
+            "(the shipped-detector issue names CLIP towers; the test's guard left them out), the rule falls by "
+            f"more than the guard's {SIXTH_GUARD}: {', '.join(outside)} (AUROC, max_all_both against max_all). "
+            "Its relative figures separate poorly there, as `max_all_relative` alone shows.",
+            "",
+        ]
     return [
         "## The sixth test, applied",
         "",
@@ -841,6 +864,7 @@ def sixth_decision(results: dict) -> list[str]:
         "",
         f"**Verdict: {verdict}.**",
         "",
+        *withheld,
     ]
 
 
@@ -1044,8 +1068,8 @@ def _tpr_fpr(method: dict, key: str) -> str:
 
 
 def check_section(results: dict, prefix: str) -> list[str]:
-    """The score shipped when these checks were fixed (`max_all`) on the cases named `prefix`*, against
-    the issue's goals; beside it the default since the sixth test (`max_all_both`) where measured."""
+    """The shipped score (`max_all`) on the cases named `prefix`*, against the issue's goals; beside it
+    the sixth test's withheld rule (`max_all_both`) where measured."""
     cases = {n: c for n, c in results["cases"].items() if n.startswith(prefix)}
     if not cases:
         return []
@@ -1139,9 +1163,8 @@ def check_section(results: dict, prefix: str) -> list[str]:
 CHECK_SECTIONS = {
     HELD_OUT_CHECK_PREFIX: (
         "The held-out check",
-        "The score shipped when this check was fixed (`max_all`; the default since the sixth test, "
-        "`max_all_both`, in the last column where measured) on attacks it was never run on, fixed before "
-        "they were trained "
+        "The shipped score (`max_all`; the sixth test's withheld rule, `max_all_both`, in the last column "
+        "where measured) on attacks it was never run on, fixed before they were trained "
         '(benchmarks/detection/README.md, "A held-out check"): the lab-heldout suite\'s attacks '
         "(`heldout/REPORT.md`), each scored once. No decision rides on them. Attack: probe ASR / BA "
         "(`heldout/results.json`). The strongest cue is the decoder-free baseline farthest from 0.5 (an "
@@ -1149,8 +1172,8 @@ CHECK_SECTIONS = {
     ),
     CLIP_CHECK_PREFIX: (
         "The CLIP check",
-        "The score shipped when this check was fixed (`max_all`; `max_all_both` in the last column where "
-        "measured) on CLIP image towers, fixed before they were trained "
+        "The shipped score (`max_all`; `max_all_both` in the last column where measured) on CLIP image "
+        "towers, fixed before they were trained "
         '(benchmarks/detection/README.md, "A CLIP check"): the CLIP suite\'s clean CLIP (the control), '
         "its data-poisoned CLIP, and the BadEncoder and norm-preserving fine-tunes of the clean tower, "
         "64 px, each scored once with the README's workflow (the fit on the 2,000 Tiny-ImageNet images "
