@@ -846,25 +846,48 @@ def sixth_decision(results: dict) -> list[str]:
             "Its relative figures separate poorly there, as `max_all_relative` alone shows.",
             "",
         ]
+    return (
+        _test_section(
+            "The sixth test, applied",
+            "`max_all_both` (max_all's depths squared and relative, the max of the fourteen z-scores) against "
+            "`max_all`, on lab-heldout attacks trained after the test was fixed (benchmarks/detection/README.md, "
+            '"A sixth test"): the fifth test\'s three conditions over its counted cases, and no guarded case (its '
+            "cases, the fifth test's, the demo bundle) more than 0.01 AUROC below `max_all`.",
+            ("max_all_both", "max_all"),
+            rows,
+            len(counted),
+            conditions,
+            verdict,
+        )
+        + withheld
+    )
+
+
+def _test_section(
+    title: str,
+    intro: str,
+    rules: tuple[str, str],
+    rows: list[str],
+    n_counted: int,
+    conditions: list[str],
+    verdict: str,
+) -> list[str]:
+    """A rule test's report section: its table (candidate, standing rule), the conditions, the verdict."""
+    new, old = rules
     return [
-        "## The sixth test, applied",
+        f"## {title}",
         "",
-        "`max_all_both` (max_all's depths squared and relative, the max of the fourteen z-scores) against "
-        "`max_all`, on lab-heldout attacks trained after the test was fixed (benchmarks/detection/README.md, "
-        '"A sixth test"): the fifth test\'s three conditions over its counted cases, and no guarded case (its '
-        "cases, the fifth test's, the demo bundle) more than 0.01 AUROC below `max_all`.",
+        intro,
         "",
-        "| case | test | probe ASR | counted | AUROC max_all_both | AUROC max_all | TPR / FPR id max_all_both "
-        "| TPR / FPR id max_all |",
+        f"| case | test | probe ASR | counted | AUROC {new} | AUROC {old} | TPR / FPR id {new} | TPR / FPR id {old} |",
         "| --- | --- | ---: | :---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
-        f"Over {len(counted)} counted:" if counted else "",
+        f"Over {n_counted} counted:" if n_counted else "",
         *conditions,
         "",
         f"**Verdict: {verdict}.**",
         "",
-        *withheld,
     ]
 
 
@@ -969,24 +992,17 @@ def seventh_decision(results: dict) -> list[str]:
     if guard_unmeasured:
         conditions.append(f"- guarded cases not measured under both rules: **{', '.join(guard_unmeasured)}**")
         verdict = "max_all_both"
-    return [
-        "## The seventh test, applied",
-        "",
+    return _test_section(
+        "The seventh test, applied",
         "`max_all_both_balanced` (max_all_both's fourteen z-scores, each view's divided by the 0.95 quantile of "
         "its max over the fit's clean held-out images) against `max_all_both`, on lab-heldout attacks trained "
         'after the test was fixed (benchmarks/detection/README.md, "A seventh test").',
-        "",
-        "| case | test | probe ASR | counted | AUROC balanced | AUROC max_all_both | TPR / FPR id balanced "
-        "| TPR / FPR id max_all_both |",
-        "| --- | --- | ---: | :---: | ---: | ---: | ---: | ---: |",
-        *rows,
-        "",
-        f"Over {len(counted)} counted:" if counted else "",
-        *conditions,
-        "",
-        f"**Verdict: {verdict}.**",
-        "",
-    ]
+        ("balanced", "max_all_both"),
+        rows,
+        len(counted),
+        conditions,
+        verdict,
+    )
 
 
 def decision(results: dict) -> list[str]:

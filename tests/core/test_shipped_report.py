@@ -223,3 +223,27 @@ def test_the_seventh_test_asks_more_flagged_and_no_guarded_case_worse(
     }
     text = "\n".join(shipped.seventh_decision({"cases": cases}))
     assert "Over 2 counted:" in text and "**Verdict: max_all_both_balanced.**" in text
+
+
+def test_the_sixth_tests_verdict_is_withheld_where_a_clip_attack_falls_past_its_guard(
+    suite_results: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def with_both(both_auroc: float, plain_auroc: float, encoder: str = "drupe") -> dict:
+        case = _case(f"runs/lab-heldout/encoders/{encoder}/encoder.safetensors", plain_auroc, 0.9, 0.5)
+        case["methods"][shipped.MAX_ALL_BOTH] = _entry(both_auroc, 0.99, 0.01, 0.9, 0.01)
+        return case
+
+    demo = {"metrics": {"auroc": 0.98}, "tpr_at_bundle_threshold": 0.9, "fpr_at_bundle_threshold": 0.01}
+    figures = {"max_all": tmp_path / "plain.json", "max_all_both": tmp_path / "both.json"}
+    figures["max_all"].write_text(json.dumps({**demo, "backdoor": {"asr": 0.8}}))
+    figures["max_all_both"].write_text(json.dumps(demo))
+    monkeypatch.setattr(shipped, "DEMO_FIGURES", figures)
+    cases = {name: with_both(0.99, 0.9) for name in (*shipped.SIXTH_TEST, *shipped.FIFTH_TEST)}
+    # the clean CLIP is a control (its AUROC is the trigger's pixels alone): its fall withholds nothing
+    cases["clip_clean"] = with_both(0.70, 0.85)
+    text = "\n".join(shipped.sixth_decision({"cases": cases}))
+    assert "**Verdict: max_all_both.**" in text and "Withheld" not in text
+    cases["clip_poisoned"] = with_both(0.68, 0.77)
+    text = "\n".join(shipped.sixth_decision({"cases": cases}))
+    assert "**Verdict: max_all_both.**" in text and "**Withheld as the default: `max_all` stays.**" in text
+    assert "clip_poisoned 0.680 against 0.770" in text and "clip_clean" not in text
