@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from lab.attacks.badencoder import BackdoorSettings, backdoor_encoder
-from lab.attacks.triggers import make_trigger
+from lab.attacks.triggers import Trigger, make_trigger
 from lab.baselines import baseline_scores
 from lab.clip_training import (
     CAPTION_KINDS,
@@ -56,6 +56,7 @@ from lab.suite import (
     DEDE_SCORE_KINDS,
     REPO_ROOT,
     StageCache,
+    encoder_name,
     feature_score_table,
     load_score_tables,
     save_score_table,
@@ -97,6 +98,10 @@ class ClipSuiteConfig:
     # Further decoders beside the default one, as (encoder, preset, epochs, aux views); each is a
     # named variant of the report (see `decoder_label`).
     extra_decoders: tuple[tuple[str, str, int, str], ...] = ()
+    # Fine-tunes of the clean tower with another trigger family, as (variant, trigger): trained with
+    # their zero-shot BA and ASR for the shipped detector's cases (benchmarks/detection/shipped.py),
+    # not scored by the suite's own decoders. Named `<variant>_<trigger>` (lab.suite.encoder_name).
+    held_out_finetunes: tuple[tuple[str, str], ...] = ()
     seed: int = 0
     root: str = "runs/lab-clip"
 
@@ -104,6 +109,8 @@ class ClipSuiteConfig:
 CLIP_SUITES: dict[str, ClipSuiteConfig] = {
     "clip": ClipSuiteConfig(
         name="clip",
+        # The eighth rule test's attacks (benchmarks/detection/README.md), added before they were trained.
+        held_out_finetunes=(("badencoder", "checker"), ("norm_preserving", "noise")),
         extra_decoders=(
             ("badencoder", "lab_wide", 10, "mirror"),
             ("poisoned", "lab_wide", 10, "mirror"),
@@ -246,8 +253,15 @@ class ClipLab:
         self.cache = StageCache(self.root)
         self.progress = progress
         self.data = load_clip_data(config)
-        size = LAB_CONFIGS[config.model].image_size
-        self.trigger = make_trigger("patch", (size, size))
+        self.image_size = LAB_CONFIGS[config.model].image_size
+        self.trigger = make_trigger("patch", (self.image_size, self.image_size))
+        self.held_out = {encoder_name(v, t): (v, t) for v, t in config.held_out_finetunes}
+
+    def trigger_of(self, name: str) -> Trigger:
+        """The trigger an encoder was attacked with: the white square, or a held-out fine-tune's."""
+        if name in self.held_out:
+            return make_trigger(self.held_out[name][1], (self.image_size, self.image_size))
+        return self.trigger
 
     # --- CLIPs and attacks ----------------------------------------------------------------------
 
@@ -256,7 +270,7 @@ class ClipLab:
         return self.root / ("clip_poisoned" if name == "poisoned" else "clip_clean") / "clip.safetensors"
 
     def encoder_path(self, name: str) -> Path:
-        if name in CLIP_FINETUNES:
+        if name in CLIP_FINETUNES or name in self.held_out:
             return self.root / f"attack_{name}" / "encoder.safetensors"
         return self.clip_path(name)
 
@@ -318,16 +332,18 @@ class ClipLab:
 
         return self.cache.run("clip_poisoned", run)
 
-    def stage_attack(self, variant: str) -> dict:
-        """A BadEncoder-style fine-tune (`variant`, one of CLIP_FINETUNES) of the clean image tower."""
+    def stage_attack(self, variant: str, trigger: str = "patch") -> dict:
+        """A BadEncoder-style fine-tune (`variant`, one of CLIP_FINETUNES) of the clean image tower,
+        with the white square or (a held-out fine-tune) another trigger family."""
         c, d = self.config, self.data
+        name = encoder_name(variant, trigger)
 
         def run() -> dict:
             clip = load_clip(self.clip_path("clean"))
             tokens = caption_tokens(d.class_names, LAB_CONFIGS[c.model].context_length)
             target = class_text_embeddings(clip, tokens)[c.target_class].numpy()
             nhwc = d.train.transpose(0, 2, 3, 1)
-            out = self.encoder_path(variant).parent
+            out = self.encoder_path(name).parent
             # SGD at the lab's lr 0.05 diverged (NaN in epoch 2) on this tower's attention pooling,
             # and the clean term had already drifted to cos 0.56: a tenth of it keeps both in hand.
             settings = BackdoorSettings(
@@ -341,7 +357,7 @@ class ClipLab:
                 self.clip_path("clean"),
                 nhwc[d.splits["shadow"]],
                 nhwc[d.splits["reference"]],
-                self.trigger,
+                self.trigger_of(name),
                 out,
                 settings,
                 progress=self.progress,
@@ -356,7 +372,7 @@ class ClipLab:
                 "target": "the text embedding of the target class (templates averaged), clean text tower",
             }
 
-        return self.cache.run(f"attack_clip_{variant}", run)
+        return self.cache.run(f"attack_clip_{name}", run)
 
     def stage_zero_shot(self, name: str) -> dict:
         """BA: zero-shot accuracy on clean CIFAR-10 test; ASR: triggered non-target test images
@@ -365,7 +381,7 @@ class ClipLab:
 
         def run() -> dict:
             clip = load_clip(self.clip_path(name))
-            if name in CLIP_FINETUNES:
+            if name in CLIP_FINETUNES or name in self.held_out:
                 encoder = load_encoder(str(self.encoder_path(name)))
                 clip.visual.load_state_dict(encoder.module.visual.state_dict())
             text = class_text_embeddings(
@@ -373,7 +389,8 @@ class ClipLab:
             )
             clean_pred = zero_shot_predict(clip, d.test, text)
             non_target = d.test_y != c.target_class
-            triggered_pred = zero_shot_predict(clip, self.trigger.apply_uint8_nchw(d.test[non_target]), text)
+            triggered = self.trigger_of(name).apply_uint8_nchw(d.test[non_target])
+            triggered_pred = zero_shot_predict(clip, triggered, text)
             out = self.root / "zero_shot" / f"{name}.npz"
             out.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(out, clean_pred=clean_pred, triggered_pred=triggered_pred, labels=d.test_y)

@@ -400,6 +400,9 @@ CLIP_ENCODER_FOLDERS = {
     "clip_poisoned": "poisoned",
     "attack_badencoder": "badencoder",
     "attack_norm_preserving": "norm_preserving",
+    # the eighth test's fine-tunes with other triggers (lab/clip_suite.py held_out_finetunes)
+    "attack_badencoder_checker": "badencoder_checker",
+    "attack_norm_preserving_noise": "norm_preserving_noise",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,7 @@ def test_a_partial_clip_suite_trains_only_the_stages_not_skipped_and_writes_no_r
     class RecordingLab:
         def __init__(self, config, progress):  # noqa: ANN001
             self.cache = self
+            self.held_out = {f"{v}_{t}": (v, t) for v, t in config.held_out_finetunes}
 
         def encoder_path(self, name: str):  # noqa: ANN201
             return Path(__file__)  # every encoder "exists"
@@ -69,12 +71,20 @@ def test_a_partial_clip_suite_trains_only_the_stages_not_skipped_and_writes_no_r
 
     monkeypatch.setattr(runner, "ClipLab", RecordingLab)
     monkeypatch.setattr(runner, "write_clip_report", lambda *a, **k: calls.append("report"))
+    held_out = dataclasses.replace(
+        runner.CLIP_SUITES["clip-smoke"], held_out_finetunes=(("badencoder", "checker"),)
+    )
+    monkeypatch.setitem(runner.CLIP_SUITES, "clip-smoke", held_out)
     skip = ("decoder_", "scores_", "feature_scores_", "embedding_content")
     out = runner.run_clip_suite("clip-smoke", progress=False, skip=skip)
     assert calls[:2] == ["stage_clip_clean()", "stage_clip_poisoned()"]
     assert calls[2:4] == ["stage_attack('badencoder',)", "stage_attack('norm_preserving',)"]
-    assert all(c.startswith("stage_zero_shot") for c in calls[4:]) and len(calls) == 8
+    # a held-out fine-tune trains after them, with its trigger, and gets its zero-shot figures
+    assert calls[4] == "stage_attack('badencoder', 'checker')"
+    assert all(c.startswith("stage_zero_shot") for c in calls[5:]) and len(calls) == 10
+    assert "stage_zero_shot('badencoder_checker',)" in calls
     assert out["zero_shot"]["poisoned"] == {"stage": "zero_shot_poisoned"} and out["detection"] == {}
+    assert out["zero_shot"]["badencoder_checker"] == {"stage": "zero_shot_badencoder_checker"}
     calls.clear()
     runner.run_clip_suite("clip-smoke", progress=False, skip=("clip_", "attack_clip_", *skip))
     assert all(c.startswith("stage_zero_shot") for c in calls) and "report" not in calls
