@@ -17,3 +17,8 @@ FEATURE_RULE_NAMES = (
     "max_all_both_balanced",
 )
 DEFAULT_FEATURE_RULE = "max_all"
+# Where the feature score's per-depth centre and unit come from at calibration (training/fit.py
+# `standardise_feature_score`): the fit's clean held-out auxiliary images, or the calibration images
+# that set the threshold. The eighth test (benchmarks/detection/README.md) decides the default.
+STANDARDISE_ON = ("auxiliary", "calibration")
+DEFAULT_STANDARDISE_ON = "auxiliary"

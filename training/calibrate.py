@@ -21,7 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from training import DEFAULT_STANDARDISE_ON, STANDARDISE_ON
+
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
+
 CALIBRATION_KINDS = ("clean", "unlabelled_robust")
 # How far above the median (in 1.4826 x MAD) a score must be to be set aside as an outlier: for a
 # normal bulk, 4.5 deviations leave out 3 in a million clean images.
@@ -113,27 +116,37 @@ def calibrate_run(
     seed: int = 0,
     kind: str = "clean",
     mirror_parity: bool = False,
+    standardise_on: str = DEFAULT_STANDARDISE_ON,
 ) -> dict:
     """Score images with a fitted run, split them in two (threshold / realised FPR), and record the
     result (and a parity sample for the export check) in the run directory. `score_kind` None is
     the run's default score (the feature score where the fit measured its statistics).
     `mirror_parity`: where fewer images than the export's parity check needs are given (a fit's
     held-out split: 200 of 2,000), their mirror images fill the parity sample; the threshold is
-    still set on the images as given."""
+    still set on the images as given. `standardise_on` "calibration": the feature score's per-depth
+    statistics are first set on the half of the images that sets the threshold (STANDARDISE_ON)."""
     from training.export import CALIBRATION_FILE, PARITY_COUNT, PARITY_IMAGES
-    from training.fit import load_run
+    from training.fit import load_run, standardise_feature_score
     from training.scoring import score_run
 
     if len(images) < 4:
         raise ValueError(f"calibration needs at least 4 images, got {len(images)}")
+    if standardise_on not in STANDARDISE_ON:
+        raise ValueError(f"standardise_on must be one of {STANDARDISE_ON}, not {standardise_on!r}")
     run = load_run(run_dir)
     score_kind = score_kind or run.default_score
-    scores = score_run(run, images, score_kind)
     order = np.random.default_rng(seed).permutation(len(images))
     half = len(order) // 2
     calibration_idx, holdout_idx = order[:half], order[half:]
+    standardisation = None
+    if score_kind == "feature" and run.feature_stats:
+        standardisation = standardise_feature_score(run, images[calibration_idx], standardise_on, source)
+        run = load_run(run_dir)  # the statistics just written
+    scores = score_run(run, images, score_kind)
     threshold = calibrate(scores[calibration_idx], scores[holdout_idx], fpr, source, kind)
     result = {"score_kind": score_kind, "seed": seed, "threshold": threshold}
+    if standardisation is not None:
+        result["feature_standardisation"] = standardisation
     (run_dir / CALIBRATION_FILE).write_text(json.dumps(result, indent=2) + "\n")
     # Parity images come from the held-out half first: none of them defines the threshold.
     parity = images[np.concatenate([holdout_idx, calibration_idx])]

@@ -18,7 +18,13 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from models.bundle import BundleError
-from training import DEFAULT_FEATURE_RULE, DEFAULT_PRESET, FEATURE_RULE_NAMES
+from training import (
+    DEFAULT_FEATURE_RULE,
+    DEFAULT_PRESET,
+    DEFAULT_STANDARDISE_ON,
+    FEATURE_RULE_NAMES,
+    STANDARDISE_ON,
+)
 
 USER_ERRORS: tuple[type[Exception], ...] = (BundleError, FileNotFoundError, ValueError)
 # Calibration images above a threshold below which `dede calibrate` says it is rough: a quantile
@@ -135,8 +141,22 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         source = limited(str(args.data), args.limit)
     kind = "unlabelled_robust" if args.unlabelled else "clean"
     result = calibrate_run(
-        Path(args.run), images, args.fpr, source, args.score, args.seed, kind, mirror_parity=args.holdout
+        Path(args.run),
+        images,
+        args.fpr,
+        source,
+        args.score,
+        args.seed,
+        kind,
+        mirror_parity=args.holdout,
+        standardise_on=args.standardise_on,
     )
+    standardised = result.get("feature_standardisation")
+    if standardised:
+        print(
+            f"feature score standardised on the {standardised['on']} images ({standardised['n_images']})"
+            + (f": {standardised['note']}" if "note" in standardised else "")
+        )
     t = result["threshold"]
     low, high = t["realised_fpr_ci95"]
     print(
@@ -317,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
         "images: outliers are set aside before the quantile (robust calibration)",
     )
     cal.add_argument("--seed", type=int, default=0, help="seed of the calibration / held-out split")
+    cal.add_argument(
+        "--standardise-on",
+        choices=STANDARDISE_ON,
+        default=DEFAULT_STANDARDISE_ON,
+        help="where the feature score's per-depth centre and unit come from: the fit's held-out "
+        "auxiliary images, or the calibration images that set the threshold (at least 100 of them) "
+        f"(default {DEFAULT_STANDARDISE_ON})",
+    )
     cal.set_defaults(func=_cmd_calibrate)
 
     exp = sub.add_parser("export", help="write detector.onnx + manifest.json, verified against PyTorch")

@@ -444,6 +444,15 @@ def export_bundle(
         raise ExportError(f"{out_dir} exists; pass --force to replace it")
 
     score_kind = calibration["score_kind"]
+    standardised = calibration.get("feature_standardisation")
+    if score_kind == "feature" and standardised and run.feature_stats:
+        now = (run.feature_stats["centre"], run.feature_stats["scale"])
+        if now != (standardised["centre"], standardised["scale"]):
+            raise ExportError(
+                f"the feature score's statistics in {run.run_dir} changed after its threshold was set "
+                f"(they were the {standardised['on']} images'; a fit with another rule restates them): "
+                f"run `dede calibrate --run {run.run_dir}` again"
+            )
     identity = run.encoder.identity
     staging = Path(
         tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None)

@@ -763,6 +763,68 @@ def feature_statistics(
     }
 
 
+# Fewer calibration images than this leave a depth's median and MAD too rough to standardise on
+# (the MAD of 50 images is off by ~15%); the auxiliary images' statistics are kept, and said so.
+MIN_STANDARDISE_IMAGES = 100
+AUXILIARY_KEYS = ("centre", "scale", "n_images", "source")
+
+
+def standardise_feature_score(run: FittedRun, images: np.ndarray, where: str, source: str) -> dict:
+    """Set the feature score's per-depth centre and unit (`where`: "calibration", on `images`, the
+    clean or unlabelled images that set the threshold; "auxiliary", the fit's held-out auxiliary
+    images' as `feature_statistics` made them) and write them to the run's statistics, keeping the
+    auxiliary ones beside. The rule (depths, scaling, combination) is the fit's; only the images
+    its statistics are taken on change. Returns what the calibration records: where the
+    statistics come from, on how many images, and the statistics themselves (the export checks
+    that the graph carries the ones the threshold was set with)."""
+    stats_file = run.run_dir / FEATURE_STATS_FILE
+    stats = json.loads(stats_file.read_text())
+    auxiliary = stats.get("auxiliary") or {k: stats[k] for k in AUXILIARY_KEYS}
+    note = None
+    if where == "calibration" and len(images) < MIN_STANDARDISE_IMAGES:
+        note = (
+            f"{len(images)} calibration images set the threshold, under the {MIN_STANDARDISE_IMAGES} the "
+            "feature score's statistics need: the auxiliary images' are kept"
+        )
+        where = "auxiliary"
+    if where == "calibration":
+        _, _, scaling, discrepancy = FEATURE_RULES[_recorded_rule(stats)]
+        d = depth_discrepancies(
+            run.encoder,
+            run.head("sse"),
+            stats["stages"],
+            np.ascontiguousarray(images),
+            torch.device("cpu"),
+            pixel_factors=tuple(stats.get("pixel_factors", ())),
+            discrepancy=discrepancy,
+        )
+        roots = np.sqrt(np.sqrt(d))
+        centre = np.median(roots, axis=0)
+        scale = depth_scale(roots, centre, scaling, views=2 if discrepancy == "both" else 1)
+        updated = {
+            **stats,
+            "centre": centre.tolist(),
+            "scale": scale.tolist(),
+            "n_images": int(len(images)),
+            "source": f"calibration images ({source}): the {len(images)} that set the threshold",
+            "auxiliary": auxiliary,
+        }
+    elif where == "auxiliary":
+        updated = {k: v for k, v in stats.items() if k != "auxiliary"} | auxiliary
+    else:
+        raise ValueError(f"the feature score is standardised on 'auxiliary' or 'calibration', not {where!r}")
+    if updated != stats:
+        _write_json(stats_file, updated)
+    return {
+        "on": where,
+        "n_images": updated["n_images"],
+        "source": updated["source"],
+        "centre": updated["centre"],
+        "scale": updated["scale"],
+        **({"note": note} if note else {}),
+    }
+
+
 # Below this, a depth's clean spread (its z-score's unit) is under 1% of its level: every held-out
 # image is rebuilt about as well as any other, so the decoder has learnt little of what tells
 # images apart. Real fits here spread 3-20% (a lab-size fit on 2,000 images); a decoder that has

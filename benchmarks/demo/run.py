@@ -26,7 +26,7 @@ from lab.evaluate import auprc, auroc, tpr_at_fpr
 from lab.probe import embed_nchw, train_linear_probe
 from models.bundle import ONNX_INPUT, ONNX_SCORE, load_bundle
 from models.encoders import load_encoder
-from training import FEATURE_RULE_NAMES
+from training import DEFAULT_FEATURE_RULE, FEATURE_RULE_NAMES, STANDARDISE_ON
 from training.data import data_dir, load_npz
 
 
@@ -47,19 +47,28 @@ def main() -> None:
         help="measure the demo under this rule instead: bundles/demo-<rule>, built from the demo's own "
         "stages (the same SimCLR, backdoor and decoder; the clean statistics restated for the rule)",
     )
+    parser.add_argument(
+        "--standardise-on",
+        choices=list(STANDARDISE_ON),
+        help="measure the demo with its feature score standardised on these images instead "
+        "(`dede calibrate --standardise-on`): bundles/demo-<rule>-<this>, built from the demo's own stages",
+    )
     args = parser.parse_args()
 
     demo = Path(args.bundle)
     work = demo.parent / f"{demo.name}-work"  # the demo's stages, when built beside the bundle
-    if args.feature_rule:
+    if args.feature_rule or args.standardise_on:
         from lab.demo import build_demo_bundle
 
+        rule = args.feature_rule or DEFAULT_FEATURE_RULE
+        suffix = f"-{args.standardise_on}" if args.standardise_on else ""
         args.bundle = str(
             build_demo_bundle(
-                demo.parent / f"{demo.name}-{args.feature_rule}",
+                demo.parent / f"{demo.name}-{rule}{suffix}",
                 rebuild=True,
-                feature_rule=args.feature_rule,
+                feature_rule=rule,
                 work=work,
+                standardise_on=args.standardise_on,
             )
         )
     bundle = load_bundle(args.bundle)

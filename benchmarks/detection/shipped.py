@@ -119,6 +119,10 @@ MEAN_STAGES, MAX_ALL = "dede_feature_robust_z_mean", "dede_depths_robust_z_max"
 MAX_ALL_RELATIVE = "dede_depths_relative_robust_z_max"
 MAX_ALL_BOTH = "dede_depths_both_robust_z_max"
 MAX_ALL_BOTH_BALANCED = "dede_depths_both_balanced_z_max"
+# max_all with each depth's median and MAD taken on the calibration images that set each threshold
+# (`dede calibrate --standardise-on calibration`; the eighth test's candidate, README): one score per
+# threshold setting, its AUROC read under the id calibration's statistics (`_calibrated_entry`).
+MAX_ALL_CALIBRATED = "dede_depths_calibrated_z_max"
 VARIANTS = {
     MEAN_STAGES: ("stages", "mean", "mad", "squared"),
     MAX_ALL: ("pixels+stages", "max", "mad", "squared"),
@@ -174,7 +178,52 @@ def _depth_variants(
                 else values[:, columns[depths]]
             )
             out.setdefault(name, {})[split] = picked.max(axis=1) if combine == "max" else picked.mean(axis=1)
-    return out
+    return out, measured["squared"]
+
+
+def _calibrated_entry(roots: dict[str, np.ndarray], holdout_order: np.ndarray) -> dict:
+    """max_all's table entry with every threshold's statistics set on its own calibration half, as
+    `dede calibrate --standardise-on calibration` sets them: per setting, each depth's median and
+    1.4826 MAD of d ** 0.25 over the images that set the threshold, then the max of the z-scores of
+    every image. The same halves, contamination draws and robust kind as the other methods' entries
+    (its own generator, so theirs are unchanged); AUROC under the id calibration's statistics."""
+
+    def scorer(reference: np.ndarray):  # noqa: ANN202
+        centre = np.median(reference, axis=0)
+        scale = depth_scale(reference, centre, "mad")
+        return lambda r: ((r - centre) / scale).max(axis=1)
+
+    def entry(setting: np.ndarray, rest: np.ndarray, kind: str = "clean") -> tuple[dict, object]:
+        score = scorer(setting)
+        threshold = calibrate(score(setting), score(rest), FPR, kind=kind)["value"]
+        return _at(threshold, score(roots["clean"]), score(roots["triggered"])), score
+
+    half = len(roots["ood_holdout_cal"]) // 2
+    id_entry, id_score = entry(roots["id_cal"][:500], roots["id_cal"][500:])
+    clean, triggered = id_score(roots["clean"]), id_score(roots["triggered"])
+    table = {
+        "auroc": auroc(clean, triggered),
+        "auprc": auprc(clean, triggered),
+        "tpr_at_1pct_fpr": tpr_at_fpr(clean, triggered, FPR),
+        "ood": entry(roots["ood_cal"][:500], roots["ood_cal"][500:])[0],
+        "ood_holdout": entry(
+            roots["ood_holdout_cal"][holdout_order[:half]], roots["ood_holdout_cal"][holdout_order[half:]]
+        )[0],
+        "id": id_entry,
+        "standardised_on": "each threshold's own calibration half (AUROC: the id calibration's)",
+    }
+    rng = np.random.default_rng(0)
+    for share in CONTAMINATIONS:
+        k = int(share * N_CAL)
+        traffic = roots["traffic"].copy()
+        chosen = rng.choice(N_CAL, k, replace=False)
+        if k:
+            traffic[chosen] = roots["triggered"][rng.choice(len(roots["triggered"]), k, replace=False)]
+        order = rng.permutation(N_CAL)
+        table[f"unlabelled_{int(share * 100)}pct"] = entry(
+            traffic[order[:500]], traffic[order[500:]], "unlabelled_robust"
+        )[0]
+    return table
 
 
 def _at(threshold: float, clean: np.ndarray, triggered: np.ndarray) -> dict:
@@ -249,8 +298,10 @@ def run_case(
     methods[f"dede_{shipped_name} (shipped)"] = {k: _bundle_scores(bundle, v) for k, v in sets.items()}
     if run.default_score != "sse":
         methods["dede_sse"] = {k: score_run(run, v, "sse") for k, v in sets.items()}
+    depth_roots = None
     if run.feature_stats:
-        methods.update(_depth_variants(run, sets, fit_images, settings, shipped_name))
+        variants, depth_roots = _depth_variants(run, sets, fit_images, settings, shipped_name)
+        methods.update(variants)
     norms = {k: _activation_norms(run, v) for k, v in sets.items()}
     for method in norms["clean"]:
         methods[method] = {k: norms[k][method] for k in sets}
@@ -300,6 +351,8 @@ def run_case(
             )
             entry[f"unlabelled_{int(share * 100)}pct"] = _at(robust["value"], s["clean"], s["triggered"])
         table[method] = entry
+    if depth_roots is not None:
+        table[MAX_ALL_CALIBRATED] = _calibrated_entry(depth_roots, holdout_order)
     clip_attack = _clip_attack(encoder_path)
     return {
         "encoder": encoder_path,
@@ -1008,6 +1061,146 @@ def seventh_decision(results: dict) -> list[str]:
     )
 
 
+# The eighth test (README, fixed 2026-12-07 08:39 UTC before its attacks were trained).
+EIGHTH_TEST = ("clip_badencoder_checker", "clip_norm_preserving_noise")
+EIGHTH_GUARDED = (
+    "clip_poisoned",
+    "clip_badencoder",
+    "clip_norm_preserving",
+    *FIFTH_TEST,
+    "heldout_norm_preserving_checker_random",
+    "heldout_drupe_noise",
+    "heldout_norm_preserving",
+    "heldout_drupe",
+)
+EIGHTH_FPR_BOUND = (
+    0.015  # no guarded case's realised FPR at the id threshold above this where max_all's is not
+)
+EIGHTH_DEMO_FIGURES = {
+    "max_all": REPO_ROOT / "benchmarks" / "demo" / "max_all.json",
+    "calibrated": REPO_ROOT / "benchmarks" / "demo" / "max_all_calibrated.json",
+}
+
+
+def eighth_verdict(
+    counted: list[tuple[float, float, float, float]],
+    guarded: list[tuple[str, float, float, float, float, float | None, float | None]],
+) -> tuple[str, list[str]]:
+    """(where the statistics come from, the conditions' lines) from the counted cases' (AUROC
+    calibrated, AUROC max_all, TPR id calibrated, TPR id max_all) and the guarded cases' (name, the
+    same four, realised FPR at the id threshold calibrated, max_all; None for the demo)."""
+    if not counted:
+        return "auxiliary", ["- No counted case: the auxiliary statistics stay."]
+    auc_new, auc_old, tpr_new, tpr_old = (np.array(c) for c in zip(*counted, strict=True))
+    below = [
+        f"{name} ({a_new - a_old:+.3f} AUROC, {100 * (t_new - t_old):+.1f} points)"
+        for name, a_new, a_old, t_new, t_old, _, _ in guarded
+        if a_new < a_old - SEVENTH_GUARD_AUROC or t_new < t_old - SEVENTH_GUARD_TPR
+    ]
+    over = [
+        f"{name} ({100 * f_new:.1f}% against {100 * f_old:.1f}%)"
+        for name, _, _, _, _, f_new, f_old in guarded
+        if f_new is not None and f_new > EIGHTH_FPR_BOUND >= f_old
+    ]
+    conditions = [
+        (
+            f"mean TPR at the id threshold {100 * tpr_new.mean():.1f}% against {100 * tpr_old.mean():.1f}%",
+            tpr_new.mean() > tpr_old.mean(),
+        ),
+        (
+            f"mean AUROC {auc_new.mean():.3f} against {auc_old.mean():.3f} (at most {SEVENTH_MEAN_TOLERANCE} below)",
+            auc_new.mean() >= auc_old.mean() - SEVENTH_MEAN_TOLERANCE,
+        ),
+        (
+            f"worst AUROC {auc_new.min():.3f} against {auc_old.min():.3f} (at most {SEVENTH_WORST_TOLERANCE} below)",
+            auc_new.min() >= auc_old.min() - SEVENTH_WORST_TOLERANCE,
+        ),
+        (
+            f"guard ({len(guarded)} cases; none more than {SEVENTH_GUARD_AUROC} AUROC or "
+            f"{100 * SEVENTH_GUARD_TPR:.0f} points of TPR below)"
+            + (f": below on {', '.join(below)}" if below else ""),
+            not below,
+        ),
+        (
+            f"realised FPR at the id threshold nowhere above {100 * EIGHTH_FPR_BOUND:.1f}% where max_all's is not"
+            + (f": above on {', '.join(over)}" if over else ""),
+            not over,
+        ),
+    ]
+    lines = [f"- {text}: {'met' if ok else '**not met**'}" for text, ok in conditions]
+    return ("calibration" if all(ok for _, ok in conditions) else "auxiliary"), lines
+
+
+def eighth_decision(results: dict) -> list[str]:
+    """max_all standardised on each threshold's calibration images against max_all as shipped (the
+    auxiliary images' statistics): the new CLIP fine-tunes counted, the CLIP, SimCLR and demo cases
+    as the guard."""
+    rows, counted, guarded, unmeasured = [], [], [], []
+    for name in (*EIGHTH_TEST, *EIGHTH_GUARDED):
+        test = "eighth" if name in EIGHTH_TEST else "guard"
+        case = results["cases"].get(name)
+        new = case["methods"].get(MAX_ALL_CALIBRATED) if case else None
+        old = _method(case["methods"], MAX_ALL) if case else None
+        if new is None or old is None:
+            rows.append(
+                f"| {name} | {test} | {'not run' if case is None else 'not measured under both'} | | | | | |"
+            )
+            unmeasured.append(name)
+            continue
+        asr, _, source = _case_attack(case)
+        takes = asr is not None and asr >= TOOK
+        figures = (new["auroc"], old["auroc"], new["id"]["tpr"], old["id"]["tpr"])
+        if takes and name in EIGHTH_TEST:
+            counted.append(figures)
+        if takes:
+            guarded.append((name, *figures, new["id"]["realised_fpr"], old["id"]["realised_fpr"]))
+        shown = f"{100 * asr:.1f}% ({source})" if asr is not None else source
+        rows.append(
+            f"| {name} | {test} | {shown} | {'yes' if takes else 'no'} | {new['auroc']:.3f} | {old['auroc']:.3f} | "
+            f"{_tpr_fpr(new, 'id')} | {_tpr_fpr(old, 'id')} |"
+        )
+    demo = {r: json.loads(p.read_text()) for r, p in EIGHTH_DEMO_FIGURES.items() if p.exists()}
+    if len(demo) == 2:
+        new_d, old_d = demo["calibrated"], demo["max_all"]
+        guarded.append(
+            (
+                "demo bundle",
+                new_d["metrics"]["auroc"],
+                old_d["metrics"]["auroc"],
+                new_d["tpr_at_bundle_threshold"],
+                old_d["tpr_at_bundle_threshold"],
+                None,
+                None,
+            )
+        )
+        rows.append(
+            f"| demo bundle | guard | plain BadEncoder | yes | {new_d['metrics']['auroc']:.3f} | "
+            f"{old_d['metrics']['auroc']:.3f} | {100 * new_d['tpr_at_bundle_threshold']:.1f}% / "
+            f"{100 * new_d['fpr_at_bundle_threshold']:.1f}% | {100 * old_d['tpr_at_bundle_threshold']:.1f}% / "
+            f"{100 * old_d['fpr_at_bundle_threshold']:.1f}% |"
+        )
+    else:
+        unmeasured.append("the demo bundle")
+    verdict, conditions = eighth_verdict(counted, guarded)
+    guard_unmeasured = [n for n in unmeasured if n not in EIGHTH_TEST]
+    if guard_unmeasured:
+        conditions.append(f"- guarded cases not measured under both: **{', '.join(guard_unmeasured)}**")
+        verdict = "auxiliary"
+    return _test_section(
+        "The eighth test, applied",
+        "`max_all` with each depth's median and MAD set on the calibration images that set each threshold "
+        "(`dede calibrate --standardise-on calibration`; AUROC under the id calibration's statistics) against "
+        "`max_all` as shipped (the fit's held-out auxiliary images' statistics), on CLIP fine-tunes trained "
+        'after the test was fixed (benchmarks/detection/README.md, "An eighth test"; counted at zero-shot '
+        "or probe ASR >= 40%). Verdict: where the statistics come from.",
+        ("calibrated", "max_all"),
+        rows,
+        len(counted),
+        conditions,
+        verdict,
+    )
+
+
 def decision(results: dict) -> list[str]:
     """The two decisions fixed before their runs (benchmarks/detection/README.md), applied.
     First run: max_all replaces mean_stages iff, over the cases whose attack took, its worst AUROC is
@@ -1228,6 +1421,7 @@ def report(results: dict) -> str:
     lines += fifth_decision(results)
     lines += sixth_decision(results)
     lines += seventh_decision(results)
+    lines += eighth_decision(results)
     for prefix in CHECK_SECTIONS:
         lines += check_section(results, prefix)
     for name, case in results["cases"].items():

@@ -559,3 +559,89 @@ def test_a_fit_that_learnt_nothing_is_named_as_such(
     settings = FitSettings(preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10)
     fit_decoder(encoder, aux, tmp_path / "run", replace(settings, feature_rule="max_all_relative"))
     assert "warning: the feature score's clean spread at" in capsys.readouterr().out
+
+
+def test_calibration_standardises_each_depth_on_the_images_that_set_the_threshold(
+    tiny_data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dede calibrate --standardise-on calibration`: each depth's median and 1.4826 MAD are those of
+    the half of the calibration images that sets the threshold (checked against numpy on the same
+    images), the auxiliary ones are kept beside and come back on request, the graph exports with
+    parity and the same score at any batch size, too few images keep the auxiliary statistics, and
+    an export whose statistics changed after calibration is refused."""
+    from training.cli import main as dede
+    from training.export import ExportError
+    from training.fit import MIN_STANDARDISE_IMAGES, depth_discrepancies
+
+    encoder = load_encoder("random:cifar_resnet18", width=8)
+    spec = encoder.identity.input_spec()
+    aux, _ = load_images(str(tiny_data["aux"]), spec)
+    clean = _clean(tiny_data, spec, 300)
+    run_dir = tmp_path / "run"
+    settings = FitSettings(preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10)
+    fit_decoder(encoder, aux, run_dir, settings)
+    auxiliary = load_run(run_dir).feature_stats
+
+    result = calibrate_run(run_dir, clean, 0.05, "clean.npz", standardise_on="calibration")
+    standardised = result["feature_standardisation"]
+    assert standardised["on"] == "calibration" and standardised["n_images"] == 150
+    sets_threshold = clean[np.random.default_rng(0).permutation(len(clean))[:150]]
+    run = load_run(run_dir)
+    d = depth_discrepancies(
+        encoder,
+        run.head("sse"),
+        auxiliary["stages"],
+        sets_threshold,
+        torch.device("cpu"),
+        pixel_factors=(1, 2, 4, 8),
+    )
+    roots = np.sqrt(np.sqrt(d.astype(np.float64)))
+    centre = np.median(roots, axis=0)
+    stats = run.feature_stats
+    assert stats["centre"] == pytest.approx(centre.tolist(), rel=1e-6)
+    assert stats["scale"] == pytest.approx(
+        (1.4826 * np.median(np.abs(roots - centre), axis=0)).tolist(), rel=1e-5
+    )
+    assert stats["auxiliary"]["centre"] == auxiliary["centre"] and stats["centre"] != auxiliary["centre"]
+    assert stats["source"].startswith("calibration images (clean.npz)")
+    # The threshold is a quantile of the scores under these statistics, on the images that set it.
+    scores = score_run(run, clean)
+    assert result["threshold"]["n_calibration"] == 150
+    assert (
+        scores[np.random.default_rng(0).permutation(300)[:150]] > result["threshold"]["value"]
+    ).mean() <= 0.05
+
+    bundle = tmp_path / "calibrated"
+    manifest = export_bundle(load_run(run_dir), bundle)
+    assert (
+        manifest.parity["max_relative_diff_ort_vs_torch"] <= 1e-4 and manifest.parity["flag_mismatches"] == 0
+    )
+    assert manifest.decoder.feature["centre"] == stats["centre"]
+    batched = _ort_scores(bundle, clean[:24], 24)
+    assert np.array_equal(batched, _ort_scores(bundle, clean[:24], 1))
+    assert np.allclose(batched, scores[:24], rtol=1e-4, atol=1e-4)
+
+    # Back to the auxiliary statistics, from the command line.
+    calibration = tmp_path / "clean.npz"
+    np.savez(calibration, x=clean.transpose(0, 2, 3, 1), y=np.zeros(len(clean), np.int64))
+    assert dede(["calibrate", "--run", str(run_dir), "--data", str(calibration), "--fpr", "0.05"]) == 0
+    assert f"standardised on the auxiliary images ({auxiliary['n_images']})" in capsys.readouterr().out
+    restored = load_run(run_dir).feature_stats
+    assert restored == auxiliary
+
+    # Too few images to standardise on: the auxiliary statistics stay, and the calibration says why.
+    few = clean[: 2 * MIN_STANDARDISE_IMAGES - 2]
+    result = calibrate_run(run_dir, few, 0.05, "few", standardise_on="calibration")
+    assert (
+        result["feature_standardisation"]["on"] == "auxiliary"
+        and "under the 100" in result["feature_standardisation"]["note"]
+    )
+    assert load_run(run_dir).feature_stats == auxiliary
+
+    # Statistics restated after the threshold was set (a fit asked for another rule): refused.
+    calibrate_run(run_dir, clean, 0.05, "clean.npz", standardise_on="calibration")
+    fit_decoder(encoder, aux, run_dir, replace(settings, feature_rule="max_all_tail"))
+    with pytest.raises(ExportError, match="changed after its threshold was set"):
+        export_bundle(load_run(run_dir), tmp_path / "stale")
+    with pytest.raises(SystemExit):
+        dede(["calibrate", "--run", str(run_dir), "--holdout", "--standardise-on", "traffic"])

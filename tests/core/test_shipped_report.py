@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.detection import shipped
@@ -247,3 +248,79 @@ def test_the_sixth_tests_verdict_is_withheld_where_a_clip_attack_falls_past_its_
     text = "\n".join(shipped.sixth_decision({"cases": cases}))
     assert "**Verdict: max_all_both.**" in text and "**Withheld as the default: `max_all` stays.**" in text
     assert "clip_poisoned 0.680 against 0.770" in text and "clip_clean" not in text
+
+
+def test_the_calibrated_entry_standardises_each_threshold_on_its_own_calibration_half() -> None:
+    """A depth that sits 3 units lower on the deployment's images than on the auxiliary ones, where
+    a trigger lifts it by 3.5: standardised on the id calibration images, it crosses the others' clean
+    tail (flagged); standardised on OOD images (where it sits with the others), it does not. The id
+    threshold is the one `calibrate` gives on the scores of the half that sets it."""
+    rng = np.random.default_rng(1)
+    shift = np.array([0, 0, 0, 0, 0, 0, -3.0])
+
+    def deployment(n: int) -> np.ndarray:
+        return rng.normal(size=(n, 7)) + shift
+
+    triggered = deployment(2000)
+    triggered[:, 6] += 3.5
+    roots = {
+        "ood_cal": rng.normal(size=(1000, 7)),
+        "ood_holdout_cal": rng.normal(size=(200, 7)),
+        "id_cal": deployment(1000),
+        "traffic": deployment(1000),
+        "clean": deployment(2000),
+        "triggered": triggered,
+    }
+    entry = shipped._calibrated_entry(roots, np.random.default_rng(0).permutation(200))
+    assert entry["auroc"] > 0.9 and entry["id"]["tpr"] > 0.5 and entry["id"]["realised_fpr"] <= 0.03
+    assert entry["ood"]["tpr"] < 0.2 and entry["unlabelled_0pct"]["tpr"] > 0.5
+
+    reference = roots["id_cal"][:500]
+    centre = np.median(reference, axis=0)
+    scale = 1.4826 * np.median(np.abs(reference - centre), axis=0)
+    scores = ((roots["id_cal"] - centre) / scale).max(axis=1)
+    threshold = shipped.calibrate(scores[:500], scores[500:], shipped.FPR)["value"]
+    assert entry["id"]["threshold"] == pytest.approx(threshold)
+    assert entry["id"]["tpr"] == pytest.approx(
+        (((triggered - centre) / scale).max(axis=1) > threshold).mean()
+    )
+
+
+def test_the_eighth_test_counts_the_new_clip_fine_tunes_and_guards_fpr(
+    suite_results: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def with_both(
+        calibrated: tuple[float, float, float], plain: tuple[float, float, float], asr: float = 0.9
+    ) -> dict:
+        """(AUROC, TPR, realised FPR at the id threshold) standardised on the calibration and as shipped."""
+        case = _case("runs/lab-clip/attack_badencoder_checker/encoder.safetensors", 0.9, 0.9, 0.5)
+        case["attack"] = {"encoder": "badencoder_checker", "asr": asr, "ba": 0.67, "source": "zero-shot"}
+        case["methods"][f"{shipped.MAX_ALL} (shipped)"] = _entry(plain[0], plain[1], plain[2], 0.5, 0.01)
+        case["methods"][shipped.MAX_ALL_CALIBRATED] = _entry(
+            calibrated[0], calibrated[1], calibrated[2], 0.5, 0.01
+        )
+        return case
+
+    demo = {"metrics": {"auroc": 0.98}, "tpr_at_bundle_threshold": 0.9, "fpr_at_bundle_threshold": 0.01}
+    figures = {"max_all": tmp_path / "max_all.json", "calibrated": tmp_path / "calibrated.json"}
+    figures["max_all"].write_text(json.dumps(demo))
+    monkeypatch.setattr(shipped, "EIGHTH_DEMO_FIGURES", figures)
+    cases = {name: with_both((0.97, 0.6, 0.01), (0.90, 0.1, 0.01)) for name in shipped.EIGHTH_TEST}
+    cases |= {name: with_both((0.99, 0.9, 0.01), (0.99, 0.9, 0.01)) for name in shipped.EIGHTH_GUARDED}
+    # the demo not yet measured with the calibration's statistics: the auxiliary ones stay
+    text = "\n".join(shipped.eighth_decision({"cases": cases}))
+    assert "**Verdict: auxiliary.**" in text and "**the demo bundle**" in text
+    figures["calibrated"].write_text(json.dumps(demo))
+    text = "\n".join(shipped.eighth_decision({"cases": cases}))
+    assert "**Verdict: calibration.**" in text and "Over 2 counted:" in text
+    # a guarded case's realised FPR past 1.5% where max_all's is not: the auxiliary statistics stay
+    cases["clip_poisoned"] = with_both((0.99, 0.9, 0.02), (0.99, 0.9, 0.01))
+    text = "\n".join(shipped.eighth_decision({"cases": cases}))
+    assert "**Verdict: auxiliary.**" in text and "clip_poisoned (2.0% against 1.0%)" in text
+    # ... unless max_all's is past it too
+    cases["clip_poisoned"] = with_both((0.99, 0.9, 0.02), (0.99, 0.9, 0.02))
+    assert "**Verdict: calibration.**" in "\n".join(shipped.eighth_decision({"cases": cases}))
+    # a fine-tune that did not take (zero-shot ASR 10%) is not counted; with none counted, nothing changes
+    cases |= {name: with_both((0.97, 0.6, 0.01), (0.90, 0.1, 0.01), asr=0.1) for name in shipped.EIGHTH_TEST}
+    text = "\n".join(shipped.eighth_decision({"cases": cases}))
+    assert "**Verdict: auxiliary.**" in text and "No counted case" in text
