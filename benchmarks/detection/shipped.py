@@ -1304,12 +1304,16 @@ def check_section(results: dict, prefix: str) -> list[str]:
             attack = f"{100 * asr:.1f}% / {100 * ba:.1f}%"
         both = _method(methods, MAX_ALL_BOTH)
         both_shown = f"{both['auroc']:.3f}, {_tpr_fpr(both, 'id')}" if both else "not measured"
+        calibrated = methods.get(MAX_ALL_CALIBRATED)
+        calibrated_shown = (
+            f"{calibrated['auroc']:.3f}, {_tpr_fpr(calibrated, 'id')}" if calibrated else "not measured"
+        )
         rows.append(
             f"| {name} | {attack} | {shipped['auroc']:.3f} | {100 * shipped['id']['tpr']:.1f}% / "
             f"{100 * shipped['id']['realised_fpr']:.1f}% | {100 * shipped['ood']['tpr']:.1f}% / "
             f"{100 * shipped['ood']['realised_fpr']:.1f}% | {_tpr_fpr(shipped, 'ood_holdout')} | "
             f"{_pct(shipped.get('tpr_at_1pct_fpr'))} | "
-            f"{sse['auroc']:.3f} | {cue} {cue_auroc:.3f} | {both_shown} |"
+            f"{sse['auroc']:.3f} | {cue} {cue_auroc:.3f} | {both_shown} | {calibrated_shown} |"
         )
         if source == "the clean control":
             verdicts.append(
@@ -1362,8 +1366,8 @@ def check_section(results: dict, prefix: str) -> list[str]:
         "",
         "| case | attack ASR / BA | AUROC max_all | TPR / FPR id | TPR / FPR ood (crops) "
         "| TPR / FPR ood (held-out aux) | TPR@1%FPR | AUROC pixel sse | strongest decoder-free cue "
-        "| max_all_both: AUROC, TPR / FPR id |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| max_all_both: AUROC, TPR / FPR id | calibration statistics: AUROC, TPR / FPR id |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
         *rows,
         "",
         *verdicts,
@@ -1375,8 +1379,8 @@ def check_section(results: dict, prefix: str) -> list[str]:
 CHECK_SECTIONS = {
     HELD_OUT_CHECK_PREFIX: (
         "The held-out check",
-        "The shipped score (`max_all`; the sixth test's withheld rule, `max_all_both`, in the last column "
-        "where measured) on attacks it was never run on, fixed before they were trained "
+        "The shipped score (`max_all`; beside it, where measured, the sixth test's withheld rule "
+        "`max_all_both` and `max_all` standardised on the calibration images, the eighth test's candidate) on attacks it was never run on, fixed before they were trained "
         '(benchmarks/detection/README.md, "A held-out check"): the lab-heldout suite\'s attacks '
         "(`heldout/REPORT.md`), each scored once. No decision rides on them. Attack: probe ASR / BA "
         "(`heldout/results.json`). The strongest cue is the decoder-free baseline farthest from 0.5 (an "
@@ -1384,7 +1388,8 @@ CHECK_SECTIONS = {
     ),
     CLIP_CHECK_PREFIX: (
         "The CLIP check",
-        "The shipped score (`max_all`; `max_all_both` in the last column where measured) on CLIP image "
+        "The shipped score (`max_all`; beside it, where measured, `max_all_both` and `max_all` standardised on "
+        "the calibration images) on CLIP image "
         "towers, fixed before they were trained "
         '(benchmarks/detection/README.md, "A CLIP check"): the CLIP suite\'s clean CLIP (the control), '
         "its data-poisoned CLIP, and the BadEncoder and norm-preserving fine-tunes of the clean tower, "
