@@ -116,7 +116,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from training.calibrate import calibrate_run
     from training.data import limited, load_images
-    from training.fit import load_holdout_images, load_run
+    from training.fit import SHIFT_NOTE_UNITS, load_holdout_images, load_run
 
     run = load_run(Path(args.run))
     fit_source = str(run.info["fit"].get("data_source", "")).split(" (")[0]
@@ -157,6 +157,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             f"feature score standardised on the {standardised['on']} images ({standardised['n_images']})"
             + (f": {standardised['note']}" if "note" in standardised else "")
         )
+        widest = standardised["widest_shift"]
+        if standardised["on"] == "auxiliary" and abs(widest["median_z"]) >= SHIFT_NOTE_UNITS:
+            print(
+                f"note: at {widest['depth']} these images sit {widest['median_z']:+.2f} robust units from the "
+                "auxiliary images' median, so that depth seldom (or always) sets the score on them; "
+                "--standardise-on calibration measures each depth against these images instead "
+                '(benchmarks/detection/README.md, "An eighth test")'
+            )
     t = result["threshold"]
     low, high = t["realised_fpr_ci95"]
     print(

@@ -766,6 +766,10 @@ def feature_statistics(
 # Fewer calibration images than this leave a depth's median and MAD too rough to standardise on
 # (the MAD of 50 images is off by ~15%); the auxiliary images' statistics are kept, and said so.
 MIN_STANDARDISE_IMAGES = 100
+# From this many robust units between the calibration images' median and the auxiliary images' at
+# some depth, `dede calibrate` suggests standardising on the calibration images (on the lab's CLIP
+# towers the stages sit 1.2 units low; on its SimCLR encoders every depth within 0.15).
+SHIFT_NOTE_UNITS = 1.0
 AUXILIARY_KEYS = ("centre", "scale", "n_images", "source")
 
 
@@ -787,18 +791,23 @@ def standardise_feature_score(run: FittedRun, images: np.ndarray, where: str, so
             "feature score's statistics need: the auxiliary images' are kept"
         )
         where = "auxiliary"
+    _, _, scaling, discrepancy = FEATURE_RULES[_recorded_rule(stats)]
+    d = depth_discrepancies(
+        run.encoder,
+        run.head("sse"),
+        stats["stages"],
+        np.ascontiguousarray(images),
+        torch.device("cpu"),
+        pixel_factors=tuple(stats.get("pixel_factors", ())),
+        discrepancy=discrepancy,
+    )
+    roots = np.sqrt(np.sqrt(d))
+    # Where these images sit at each depth in the auxiliary images' units (benchmarks/detection/
+    # depth_shift.py): a depth far from 0 never sets the max on them, or always does.
+    shift = np.median((roots - np.array(auxiliary["centre"])) / np.array(auxiliary["scale"]), axis=0)
+    depths = stats.get("depths", stats["stages"])
+    widest = int(np.argmax(np.abs(shift)))
     if where == "calibration":
-        _, _, scaling, discrepancy = FEATURE_RULES[_recorded_rule(stats)]
-        d = depth_discrepancies(
-            run.encoder,
-            run.head("sse"),
-            stats["stages"],
-            np.ascontiguousarray(images),
-            torch.device("cpu"),
-            pixel_factors=tuple(stats.get("pixel_factors", ())),
-            discrepancy=discrepancy,
-        )
-        roots = np.sqrt(np.sqrt(d))
         centre = np.median(roots, axis=0)
         scale = depth_scale(roots, centre, scaling, views=2 if discrepancy == "both" else 1)
         updated = {
@@ -821,6 +830,10 @@ def standardise_feature_score(run: FittedRun, images: np.ndarray, where: str, so
         "source": updated["source"],
         "centre": updated["centre"],
         "scale": updated["scale"],
+        "median_z_in_auxiliary_units": {
+            depth: round(float(z), 3) for depth, z in zip(depths, shift, strict=True)
+        },
+        "widest_shift": {"depth": depths[widest], "median_z": round(float(shift[widest]), 3)},
         **({"note": note} if note else {}),
     }
 

@@ -604,6 +604,13 @@ def test_calibration_standardises_each_depth_on_the_images_that_set_the_threshol
     )
     assert stats["auxiliary"]["centre"] == auxiliary["centre"] and stats["centre"] != auxiliary["centre"]
     assert stats["source"].startswith("calibration images (clean.npz)")
+    # Where these images sit at each depth in the auxiliary images' units, as depth_shift.py measures it.
+    shift = np.median((roots - np.array(auxiliary["centre"])) / np.array(auxiliary["scale"]), axis=0)
+    recorded = standardised["median_z_in_auxiliary_units"]
+    assert list(recorded) == auxiliary["depths"]
+    assert list(recorded.values()) == pytest.approx(shift.tolist(), abs=1e-3)
+    widest = int(np.argmax(np.abs(shift)))
+    assert standardised["widest_shift"]["depth"] == auxiliary["depths"][widest]
     # The threshold is a quantile of the scores under these statistics, on the images that set it.
     scores = score_run(run, clean)
     assert result["threshold"]["n_calibration"] == 150
@@ -628,6 +635,16 @@ def test_calibration_standardises_each_depth_on_the_images_that_set_the_threshol
     assert f"standardised on the auxiliary images ({auxiliary['n_images']})" in capsys.readouterr().out
     restored = load_run(run_dir).feature_stats
     assert restored == auxiliary
+    # Images far from the auxiliary ones (uniform noise against smooth images): the command says so,
+    # and names the option.
+    noise = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "noise.npz", x=noise, y=np.zeros(len(noise), np.int64))
+    assert (
+        dede(["calibrate", "--run", str(run_dir), "--data", str(tmp_path / "noise.npz"), "--fpr", "0.05"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "robust units from the auxiliary images' median" in out and "--standardise-on calibration" in out
 
     # Too few images to standardise on: the auxiliary statistics stay, and the calibration says why.
     few = clean[: 2 * MIN_STANDARDISE_IMAGES - 2]
