@@ -152,6 +152,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         standardise_on=args.standardise_on,
     )
     standardised = result.get("feature_standardisation")
+    if standardised is None and args.standardise_on == "calibration":
+        print(
+            f"note: the {result['score_kind']} score has no per-depth statistics; "
+            "--standardise-on calibration applies to the feature score only"
+        )
     if standardised:
         print(
             f"feature score standardised on the {standardised['on']} images ({standardised['n_images']})"

@@ -959,20 +959,40 @@ SEVENTH_DEMO_FIGURES = {
 }
 
 
-def seventh_verdict(
-    counted: list[tuple[float, float, float, float]], guarded: list[tuple[str, float, float, float, float]]
-) -> tuple[str, list[str]]:
-    """(the rule, the conditions' lines) from the counted cases' (AUROC balanced, AUROC both, TPR id
-    balanced, TPR id both) and the guarded cases' (name, the same four)."""
-    if not counted:
-        return "max_all_both", ["- No counted case: `max_all_both` stays."]
+def _demo_guard(figures: dict[str, Path], new: str, old: str, rows: list[str]) -> tuple | None:
+    """The demo bundle as a guarded case of a rule test: its table row appended to `rows`, and
+    ("demo bundle", AUROC new, AUROC old, TPR new, TPR old at each bundle's threshold); None (no
+    row) until both figure files exist."""
+    demo = {r: json.loads(p.read_text()) for r, p in figures.items() if p.exists()}
+    if len(demo) < 2:
+        return None
+    new_d, old_d = demo[new], demo[old]
+    rows.append(
+        f"| demo bundle | guard | plain BadEncoder | yes | {new_d['metrics']['auroc']:.3f} | "
+        f"{old_d['metrics']['auroc']:.3f} | {100 * new_d['tpr_at_bundle_threshold']:.1f}% / "
+        f"{100 * new_d['fpr_at_bundle_threshold']:.1f}% | {100 * old_d['tpr_at_bundle_threshold']:.1f}% / "
+        f"{100 * old_d['fpr_at_bundle_threshold']:.1f}% |"
+    )
+    return (
+        "demo bundle",
+        new_d["metrics"]["auroc"],
+        old_d["metrics"]["auroc"],
+        new_d["tpr_at_bundle_threshold"],
+        old_d["tpr_at_bundle_threshold"],
+    )
+
+
+def _flag_more_conditions(counted: list[tuple], guarded: list[tuple]) -> list[tuple[str, bool]]:
+    """The seventh and eighth tests' shared conditions, from the counted cases' (AUROC new, AUROC old,
+    TPR id new, TPR id old) and the guarded cases' (name, the same four, ...): more flagged on
+    average, mean and worst AUROC within their tolerances, no guarded case worse past the guard."""
     auc_new, auc_old, tpr_new, tpr_old = (np.array(c) for c in zip(*counted, strict=True))
     below = [
         f"{name} ({a_new - a_old:+.3f} AUROC, {100 * (t_new - t_old):+.1f} points)"
-        for name, a_new, a_old, t_new, t_old in guarded
+        for name, a_new, a_old, t_new, t_old, *_ in guarded
         if a_new < a_old - SEVENTH_GUARD_AUROC or t_new < t_old - SEVENTH_GUARD_TPR
     ]
-    conditions = [
+    return [
         (
             f"mean TPR at the id threshold {100 * tpr_new.mean():.1f}% against {100 * tpr_old.mean():.1f}%",
             tpr_new.mean() > tpr_old.mean(),
@@ -992,6 +1012,16 @@ def seventh_verdict(
             not below,
         ),
     ]
+
+
+def seventh_verdict(
+    counted: list[tuple[float, float, float, float]], guarded: list[tuple[str, float, float, float, float]]
+) -> tuple[str, list[str]]:
+    """(the rule, the conditions' lines) from the counted cases' (AUROC balanced, AUROC both, TPR id
+    balanced, TPR id both) and the guarded cases' (name, the same four)."""
+    if not counted:
+        return "max_all_both", ["- No counted case: `max_all_both` stays."]
+    conditions = _flag_more_conditions(counted, guarded)
     lines = [f"- {text}: {'met' if ok else '**not met**'}" for text, ok in conditions]
     return ("max_all_both_balanced" if all(ok for _, ok in conditions) else "max_all_both"), lines
 
@@ -1023,24 +1053,9 @@ def seventh_decision(results: dict) -> list[str]:
             f"| {name} | {test} | {shown} | {'yes' if takes else 'no'} | {new['auroc']:.3f} | {old['auroc']:.3f} | "
             f"{_tpr_fpr(new, 'id')} | {_tpr_fpr(old, 'id')} |"
         )
-    demo = {r: json.loads(p.read_text()) for r, p in SEVENTH_DEMO_FIGURES.items() if p.exists()}
-    if len(demo) == 2:
-        new_d, old_d = demo["max_all_both_balanced"], demo["max_all_both"]
-        guarded.append(
-            (
-                "demo bundle",
-                new_d["metrics"]["auroc"],
-                old_d["metrics"]["auroc"],
-                new_d["tpr_at_bundle_threshold"],
-                old_d["tpr_at_bundle_threshold"],
-            )
-        )
-        rows.append(
-            f"| demo bundle | guard | plain BadEncoder | yes | {new_d['metrics']['auroc']:.3f} | "
-            f"{old_d['metrics']['auroc']:.3f} | {100 * new_d['tpr_at_bundle_threshold']:.1f}% / "
-            f"{100 * new_d['fpr_at_bundle_threshold']:.1f}% | {100 * old_d['tpr_at_bundle_threshold']:.1f}% / "
-            f"{100 * old_d['fpr_at_bundle_threshold']:.1f}% |"
-        )
+    demo = _demo_guard(SEVENTH_DEMO_FIGURES, "max_all_both_balanced", "max_all_both", rows)
+    if demo:
+        guarded.append(demo)
     else:
         unmeasured.append("the demo bundle")
     verdict, conditions = seventh_verdict(counted, guarded)
@@ -1091,36 +1106,13 @@ def eighth_verdict(
     same four, realised FPR at the id threshold calibrated, max_all; None for the demo)."""
     if not counted:
         return "auxiliary", ["- No counted case: the auxiliary statistics stay."]
-    auc_new, auc_old, tpr_new, tpr_old = (np.array(c) for c in zip(*counted, strict=True))
-    below = [
-        f"{name} ({a_new - a_old:+.3f} AUROC, {100 * (t_new - t_old):+.1f} points)"
-        for name, a_new, a_old, t_new, t_old, _, _ in guarded
-        if a_new < a_old - SEVENTH_GUARD_AUROC or t_new < t_old - SEVENTH_GUARD_TPR
-    ]
     over = [
         f"{name} ({100 * f_new:.1f}% against {100 * f_old:.1f}%)"
         for name, _, _, _, _, f_new, f_old in guarded
         if f_new is not None and f_new > EIGHTH_FPR_BOUND >= f_old
     ]
     conditions = [
-        (
-            f"mean TPR at the id threshold {100 * tpr_new.mean():.1f}% against {100 * tpr_old.mean():.1f}%",
-            tpr_new.mean() > tpr_old.mean(),
-        ),
-        (
-            f"mean AUROC {auc_new.mean():.3f} against {auc_old.mean():.3f} (at most {SEVENTH_MEAN_TOLERANCE} below)",
-            auc_new.mean() >= auc_old.mean() - SEVENTH_MEAN_TOLERANCE,
-        ),
-        (
-            f"worst AUROC {auc_new.min():.3f} against {auc_old.min():.3f} (at most {SEVENTH_WORST_TOLERANCE} below)",
-            auc_new.min() >= auc_old.min() - SEVENTH_WORST_TOLERANCE,
-        ),
-        (
-            f"guard ({len(guarded)} cases; none more than {SEVENTH_GUARD_AUROC} AUROC or "
-            f"{100 * SEVENTH_GUARD_TPR:.0f} points of TPR below)"
-            + (f": below on {', '.join(below)}" if below else ""),
-            not below,
-        ),
+        *_flag_more_conditions(counted, guarded),
         (
             f"realised FPR at the id threshold nowhere above {100 * EIGHTH_FPR_BOUND:.1f}% where max_all's is not"
             + (f": above on {', '.join(over)}" if over else ""),
@@ -1159,26 +1151,9 @@ def eighth_decision(results: dict) -> list[str]:
             f"| {name} | {test} | {shown} | {'yes' if takes else 'no'} | {new['auroc']:.3f} | {old['auroc']:.3f} | "
             f"{_tpr_fpr(new, 'id')} | {_tpr_fpr(old, 'id')} |"
         )
-    demo = {r: json.loads(p.read_text()) for r, p in EIGHTH_DEMO_FIGURES.items() if p.exists()}
-    if len(demo) == 2:
-        new_d, old_d = demo["calibrated"], demo["max_all"]
-        guarded.append(
-            (
-                "demo bundle",
-                new_d["metrics"]["auroc"],
-                old_d["metrics"]["auroc"],
-                new_d["tpr_at_bundle_threshold"],
-                old_d["tpr_at_bundle_threshold"],
-                None,
-                None,
-            )
-        )
-        rows.append(
-            f"| demo bundle | guard | plain BadEncoder | yes | {new_d['metrics']['auroc']:.3f} | "
-            f"{old_d['metrics']['auroc']:.3f} | {100 * new_d['tpr_at_bundle_threshold']:.1f}% / "
-            f"{100 * new_d['fpr_at_bundle_threshold']:.1f}% | {100 * old_d['tpr_at_bundle_threshold']:.1f}% / "
-            f"{100 * old_d['fpr_at_bundle_threshold']:.1f}% |"
-        )
+    demo = _demo_guard(EIGHTH_DEMO_FIGURES, "calibrated", "max_all", rows)
+    if demo:
+        guarded.append((*demo, None, None))  # the demo's realised FPR is its bundle's, not an id threshold's
     else:
         unmeasured.append("the demo bundle")
     verdict, conditions = eighth_verdict(counted, guarded)

@@ -40,6 +40,15 @@ def _clean(tiny_data: dict[str, Path], spec: InputSpec, n: int = 48) -> np.ndarr
     return images[:n]
 
 
+def _small_cifar_fit(tiny_data: dict[str, Path]) -> tuple:
+    """(a random width-8 CIFAR ResNet, its auxiliary images, 300 clean images, 20-step conv fit settings)."""
+    encoder = load_encoder("random:cifar_resnet18", width=8)
+    spec = encoder.identity.input_spec()
+    aux, _ = load_images(str(tiny_data["aux"]), spec)
+    settings = FitSettings(preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10)
+    return encoder, aux, _clean(tiny_data, spec, 300), settings
+
+
 # ------------------------------------------------------------------------------------------------
 # Parts.
 # ------------------------------------------------------------------------------------------------
@@ -383,12 +392,8 @@ def test_both_rules_export_and_a_fitted_run_restates_its_statistics_for_the_othe
     fitted run makes its statistics again from the same held-out images (decoder untouched), and
     max_all's graph (pixels at four scales + stages, max) exports with parity, the same score at any
     batch."""
-    encoder = load_encoder("random:cifar_resnet18", width=8)
-    spec = encoder.identity.input_spec()
-    aux, _ = load_images(str(tiny_data["aux"]), spec)
-    clean = _clean(tiny_data, spec, 300)
+    encoder, aux, clean, settings = _small_cifar_fit(tiny_data)
     run_dir = tmp_path / "run"
-    settings = FitSettings(preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10)
     fit_decoder(encoder, aux, run_dir, replace(settings, feature_rule="mean_stages"))
     stats = load_run(run_dir).feature_stats
     assert stats["combine"] == "mean" and stats["pixel_factors"] == [] and stats["depths"] == stats["stages"]
@@ -573,12 +578,8 @@ def test_calibration_standardises_each_depth_on_the_images_that_set_the_threshol
     from training.export import ExportError
     from training.fit import MIN_STANDARDISE_IMAGES, depth_discrepancies
 
-    encoder = load_encoder("random:cifar_resnet18", width=8)
-    spec = encoder.identity.input_spec()
-    aux, _ = load_images(str(tiny_data["aux"]), spec)
-    clean = _clean(tiny_data, spec, 300)
+    encoder, aux, clean, settings = _small_cifar_fit(tiny_data)
     run_dir = tmp_path / "run"
-    settings = FitSettings(preset="conv_tiny", max_steps=20, batch_size=64, eval_every=10)
     fit_decoder(encoder, aux, run_dir, settings)
     auxiliary = load_run(run_dir).feature_stats
 
@@ -662,3 +663,17 @@ def test_calibration_standardises_each_depth_on_the_images_that_set_the_threshol
         export_bundle(load_run(run_dir), tmp_path / "stale")
     with pytest.raises(SystemExit):
         dede(["calibrate", "--run", str(run_dir), "--holdout", "--standardise-on", "traffic"])
+    capsys.readouterr()
+    # The pixel score has no per-depth statistics: the option is said to do nothing there.
+    args = [
+        "calibrate",
+        "--run",
+        str(run_dir),
+        "--holdout",
+        "--score",
+        "sse",
+        "--standardise-on",
+        "calibration",
+    ]
+    assert dede(args) == 0
+    assert "applies to the feature score only" in capsys.readouterr().out
