@@ -130,9 +130,23 @@ def run(settings: Settings | None = None) -> None:
     configure_logging(settings.log_level, settings.log_format)
     workers = resolve_workers(settings)
     if workers > 1:
-        run_workers(serve, settings.model_copy(update={"workers": workers}), workers)
+        run_workers(
+            serve,
+            settings.model_copy(update={"workers": workers}),
+            workers,
+            preflight=lambda: _check_graph(settings),
+        )
     else:
         serve(settings)
+
+
+def _check_graph(settings: Settings) -> None:
+    """Load the bundle's graph once in the supervisor, as one process does before uvicorn starts: a
+    bundle that cannot serve is one line, not one per worker among the supervisor's log lines."""
+    try:
+        load_detector(load_bundle(settings.bundle), settings)
+    except (BundleError, RuntimeLoadError) as exc:
+        raise SystemExit(f"dede serve: {exc}") from None
 
 
 def serve(

@@ -75,7 +75,8 @@ class Settings(BaseSettings):
         ge=0,
         le=256,
         description="serving processes on the one port, each with its own ONNX Runtime session, decode "
-        "threads and batcher (0: auto, one per core up to 8 on CUDA, one per two cores on a CPU); with "
+        "threads and batcher (0: auto, one per core up to 8 on CUDA, one per two cores on a CPU but at least "
+        "two where there are two cores); with "
         "more than one, /metrics sums every worker and /readyz is ready only when all are",
     )
     execution_providers: Annotated[list[str], NoDecode] = Field(

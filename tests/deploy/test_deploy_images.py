@@ -83,7 +83,8 @@ def test_threads_follow_the_quota_not_the_host(tmp_path: Path) -> None:
     # Several workers share the CPUs: threads are per worker.
     assert entrypoint.thread_settings(16, workers=8)["DEDE_INTRA_OP_THREADS"] == "2"
     # The service's auto rule on the usable CPUs (not the host's): CUDA when the providers name it.
-    assert entrypoint.worker_count(2, {}) == 1
+    assert entrypoint.worker_count(1, {}) == 1
+    assert entrypoint.worker_count(2, {}) == 2
     assert entrypoint.worker_count(8, {}) == 4
     assert entrypoint.worker_count(16, {"DEDE_EXECUTION_PROVIDERS": "cuda,cpu"}) == 8
     assert entrypoint.worker_count(16, {"DEDE_WORKERS": "3"}) == 3

@@ -52,6 +52,9 @@ class ServerProcess:
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEDE_")}
         env.update({"DEDE_BUNDLE": str(bundle), "DEDE_PORT": str(self.port), "DEDE_HOST": "127.0.0.1"})
+        # One process unless a test asks for more (the auto rule starts two on two cores): what a
+        # test sends then meets one queue and one registry. Several workers have their own tests.
+        env["DEDE_WORKERS"] = "1"
         env.update({f"DEDE_{k.upper()}": str(v) for k, v in settings.items()})
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(

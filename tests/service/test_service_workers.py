@@ -25,7 +25,9 @@ from service.workers import auto_workers, worker_settings
 def test_auto_worker_count_and_thread_split() -> None:
     assert auto_workers(provider_is_cuda=True, cpu_count=16) == 8
     assert auto_workers(provider_is_cuda=True, cpu_count=4) == 4
-    assert auto_workers(provider_is_cuda=False, cpu_count=2) == 1
+    assert auto_workers(provider_is_cuda=False, cpu_count=1) == 1
+    assert auto_workers(provider_is_cuda=False, cpu_count=2) == 2  # never one process on two cores
+    assert auto_workers(provider_is_cuda=False, cpu_count=4) == 2
     assert auto_workers(provider_is_cuda=False, cpu_count=16) == 8
     settings = Settings(bundle=Path("unused"))
     assert worker_settings(settings, 2, cpu_count=8).intra_op_threads == 4
