@@ -74,12 +74,14 @@ def build_demo_bundle(
     feature_rule: str | None = None,
     work: Path | None = None,
     standardise_on: str | None = None,
+    backdoor_epochs: int = BACKDOOR_EPOCHS,
 ) -> Path:
     """Build (or reuse) the demo bundle at `out_dir`; returns its path. `feature_rule` (default: the
     shipped one), `standardise_on` (`dede calibrate --standardise-on`; default: the shipped one) and
     `work` (default: `<out_dir>-work`) let a benchmark build the same demo, from the same stages,
     under another rule: the fit then only restates its clean statistics. Such a build leaves the
-    demo's own stage times (`timings.json`, the first build's) as they were."""
+    demo's own stage times (`timings.json`, the first build's) as they were. `backdoor_epochs`: the
+    backdoor's training length (a benchmark's variant; a variant needs its own `work`)."""
     from lab.attacks.badencoder import BackdoorSettings, backdoor_encoder
     from lab.attacks.triggers import white_square
     from lab.ssl import pretrain_simclr
@@ -116,7 +118,7 @@ def build_demo_bundle(
     shadow = train_x[splits["shadow"]]
     reference = train_x[train_y == TARGET_CLASS][:REFERENCE_IMAGES]
     backdoored = backdoor_encoder(
-        clean, shadow, reference, trigger, work / "badencoder", BackdoorSettings(epochs=BACKDOOR_EPOCHS)
+        clean, shadow, reference, trigger, work / "badencoder", BackdoorSettings(epochs=backdoor_epochs)
     )
     timings["backdoor"] = time.time() - started - sum(timings.values())
 

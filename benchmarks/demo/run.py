@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +54,26 @@ def main() -> None:
         help="measure the demo with its feature score standardised on these images instead "
         "(`dede calibrate --standardise-on`): bundles/demo-<rule>-<this>, built from the demo's own stages",
     )
+    parser.add_argument(
+        "--backdoor-epochs",
+        type=int,
+        help="measure a demo whose backdoor trains this many epochs instead: bundles/demo-backdoor<N>, "
+        "with its own stages (the demo's SimCLR stage reused when built: the same code and images)",
+    )
     args = parser.parse_args()
 
     demo = Path(args.bundle)
     work = demo.parent / f"{demo.name}-work"  # the demo's stages, when built beside the bundle
-    if args.feature_rule or args.standardise_on:
+    if args.backdoor_epochs:
+        from lab.demo import build_demo_bundle
+
+        variant = demo.parent / f"{demo.name}-backdoor{args.backdoor_epochs}"
+        variant_work = variant.parent / f"{variant.name}-work"
+        if (work / "simclr").is_dir() and not (variant_work / "simclr").exists():
+            shutil.copytree(work / "simclr", variant_work / "simclr")
+        args.bundle = str(build_demo_bundle(variant, work=variant_work, backdoor_epochs=args.backdoor_epochs))
+        work = variant_work
+    elif args.feature_rule or args.standardise_on:
         from lab.demo import build_demo_bundle
 
         rule = args.feature_rule or DEFAULT_FEATURE_RULE
