@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client import (
@@ -25,6 +26,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 # Seconds: from half a millisecond (a tiny model's batch) to ten seconds (a stuck queue).
@@ -135,6 +137,7 @@ class Metrics:
         if os.environ.get(MULTIPROCESS_ENV):
             merged = CollectorRegistry()
             MultiProcessCollector(merged)
+            merged.register(ServiceProcessesCollector())
             return generate_latest(merged)
         return generate_latest(self.registry)
 
@@ -142,6 +145,52 @@ class Metrics:
         if not os.environ.get(MULTIPROCESS_ENV):  # a worker sets it once; clear() is single-process only
             self.model_info.clear()
         self.model_info.labels(name, version, provider, repr(threshold)).set(1)
+
+
+class ServiceProcessesCollector:
+    """With several workers, `process_cpu_seconds_total` and `process_resident_memory_bytes` for the
+    whole service: the supervisor (this worker's parent) and every process below it, summed, read
+    from /proc. prometheus_client's own process collector sees one process, and in multiprocess mode
+    it is left out; the dashboards' CPU and memory panels read these two names."""
+
+    _TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def __init__(self, root: int | None = None) -> None:
+        self._root = root
+
+    def collect(self) -> Iterator[Metric]:
+        root = self._root if self._root is not None else os.getppid()
+        cpu_s, rss_bytes = 0.0, 0
+        for pid in _process_tree(root):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone since it was listed
+                continue
+            cpu_s += (int(fields[11]) + int(fields[12])) / self._TICKS_PER_S  # utime + stime
+            rss_bytes += int(fields[21]) * self._PAGE_BYTES
+        yield CounterMetricFamily(
+            "process_cpu_seconds", "User and system CPU time of the service's processes, summed", value=cpu_s
+        )
+        yield GaugeMetricFamily(
+            "process_resident_memory_bytes",
+            "Resident memory of the service's processes, summed",
+            value=rss_bytes,
+        )
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and its descendants (workers, their decode processes), from /proc."""
+    tree, frontier = [root], [root]
+    while frontier:
+        pid = frontier.pop()
+        try:
+            children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except OSError:  # not Linux, or the process is gone
+            children = []
+        tree += children
+        frontier += children
+    return tree
 
 
 def ready_workers(path: str | None = None) -> int:

@@ -107,6 +107,15 @@ def test_two_workers_sum_their_metrics_and_a_dead_one_is_replaced(
                 == sent
             )
             assert _metric(text, "dede_ready ") == 1.0
+        # The service's CPU time and memory, summed over the supervisor and every worker.
+        supervisor_and_workers = [server.process.pid, *workers]
+        rss_each = [
+            int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            for pid in supervisor_and_workers
+        ]
+        text = httpx.get(server.url + "/metrics").text
+        assert _metric(text, "process_cpu_seconds_total ") > 0
+        assert _metric(text, "process_resident_memory_bytes ") > 0.8 * sum(rss_each)
 
         # A worker killed outright: not ready until its replacement is, and no count is lost.
         victim = next(iter(workers))
