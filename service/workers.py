@@ -123,9 +123,7 @@ def _worker_main(
 class WorkerGroup:
     """The supervisor: binds, spawns, watches, forwards signals, waits."""
 
-    def __init__(
-        self, serve: Serve, settings: Settings, workers: int, preflight: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, serve: Serve, settings: Settings, workers: int, preflight: Callable[[], None]) -> None:
         self._serve = serve
         self._preflight = preflight
         self.settings = settings
@@ -150,8 +148,7 @@ class WorkerGroup:
         self._prepare_metrics_dir()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            if self._preflight is not None:
-                self._preflight()
+            self._preflight()
             child_settings = worker_settings(settings, self.workers)
             for index in range(self.workers):
                 self._processes.append(self._spawn(child_settings, index, main_socket, ops_socket))
@@ -257,17 +254,10 @@ def _mark_dead(pid: int | None) -> None:
     multiprocess.mark_process_dead(pid)
 
 
-def run_workers(
-    serve: Serve, settings: Settings, workers: int, preflight: Callable[[], None] | None = None
-) -> None:
+def run_workers(serve: Serve, settings: Settings, workers: int, preflight: Callable[[], None]) -> None:
     """Serve with `workers` processes (see the module docstring); exits 1 if one fails to start.
-    `preflight` runs once the ports are bound, before any worker starts (it may raise SystemExit)."""
-    from models.bundle import BundleError, load_bundle
-
-    try:
-        load_bundle(settings.bundle)  # one clear line before any process starts
-    except BundleError as exc:
-        raise SystemExit(f"dede serve: {exc}") from None
+    `preflight` runs once the ports are bound, before any worker starts: it checks that the bundle
+    can serve and raises SystemExit with one line when it cannot."""
     status = WorkerGroup(serve, settings, workers, preflight).run()
     if status:
         raise SystemExit(status)

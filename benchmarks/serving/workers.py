@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",")]
 
+    def positive(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
+        return int(text)
+
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.serving.workers", description=__doc__.split("\n")[0]
     )
@@ -69,7 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per point")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument(
-        "--rounds", type=int, default=3, help="times the grid and the half-load runs are measured (medians)"
+        "--rounds",
+        type=positive,
+        default=3,
+        help="times the grid and the half-load runs are measured (medians)",
     )
     parser.add_argument("--concurrency", type=ints, default=[1, 8, 32, 128])
     parser.add_argument("--images-per-request", type=ints, default=[1, 8])
