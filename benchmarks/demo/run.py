@@ -31,6 +31,12 @@ from training import DEFAULT_FEATURE_RULE, FEATURE_RULE_NAMES, STANDARDISE_ON
 from training.data import data_dir, load_npz
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -56,7 +62,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--backdoor-epochs",
-        type=int,
+        type=_positive,
         help="measure a demo whose backdoor trains this many epochs instead: bundles/demo-backdoor<N>, "
         "with its own stages (the demo's SimCLR stage reused when built: the same code and images)",
     )
