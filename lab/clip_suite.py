@@ -30,7 +30,7 @@ Tiny-ImageNet images only. Metrics, baselines and the report code are the lab's.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -102,15 +102,28 @@ class ClipSuiteConfig:
     # their zero-shot BA and ASR for the shipped detector's cases (benchmarks/detection/shipped.py),
     # not scored by the suite's own decoders. Named `<variant>_<trigger>` (lab.suite.encoder_name).
     held_out_finetunes: tuple[tuple[str, str], ...] = ()
+    # The poisoned CLIP and the white-square fine-tunes (CLIP_FINETUNES); False trains only the clean
+    # tower and the held-out fine-tunes, the new attacks of a rule test.
+    base_encoders: bool = True
     seed: int = 0
     root: str = "runs/lab-clip"
 
 
+# The ninth rule test's CLIP attacks (benchmarks/detection/README.md, "A ninth test"; added 2026-12-07
+# 14:20 UTC, before they were trained): per fine-tune of CLIP_FINETUNES, the first trigger family
+# (TRIGGER_FAMILIES order) it had not been trained with on this tower.
+NINTH_TEST_FINETUNES = (("norm_preserving", "checker"), ("badencoder", "noise"))
+
 CLIP_SUITES: dict[str, ClipSuiteConfig] = {
     "clip": ClipSuiteConfig(
         name="clip",
-        # The eighth rule test's attacks (benchmarks/detection/README.md), added before they were trained.
-        held_out_finetunes=(("badencoder", "checker"), ("norm_preserving", "noise")),
+        # The eighth and ninth rule tests' attacks (benchmarks/detection/README.md), each added before
+        # it was trained.
+        held_out_finetunes=(
+            ("badencoder", "checker"),
+            ("norm_preserving", "noise"),
+            *NINTH_TEST_FINETUNES,
+        ),
         extra_decoders=(
             ("badencoder", "lab_wide", 10, "mirror"),
             ("poisoned", "lab_wide", 10, "mirror"),
@@ -157,6 +170,14 @@ CLIP_SUITES: dict[str, ClipSuiteConfig] = {
         root="runs/lab-clip-smoke",
     ),
 }
+# The ninth test's attacks alone: the clean tower (cached if trained) and its two new fine-tunes.
+CLIP_SUITES["clip-ninth"] = replace(
+    CLIP_SUITES["clip"],
+    name="clip-ninth",
+    held_out_finetunes=NINTH_TEST_FINETUNES,
+    base_encoders=False,
+    extra_decoders=(),
+)
 
 
 @dataclass

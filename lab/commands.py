@@ -9,7 +9,8 @@ dede eval --run runs/fit_dir --trigger patch --calibration tinyimagenet_val --ou
 dede attack adaptive --encoder ... --trigger checker@random --out runs/adaptive
 dede lab run --suite smoke|lab|lab-hard|lab-heldout    dede lab report --suite lab
 (lab-hard and lab-heldout also run in parts under 3 hours each: lab-hard-plain, lab-hard-hiding;
- lab-heldout-badencoder, lab-heldout-drupe, lab-heldout-hiding)
+ lab-heldout-badencoder, lab-heldout-drupe, lab-heldout-hiding; lab-heldout-ninth and clip-ninth
+ train the ninth rule test's attacks alone)
 dede demo                              dede fit ... --poison-rate 0.01 --trigger patch
 """
 
@@ -177,8 +178,9 @@ LAB_SUITE_NAMES = (
     "lab-heldout-badencoder",
     "lab-heldout-drupe",
     "lab-heldout-hiding",
+    "lab-heldout-ninth",
 )
-CLIP_SUITE_NAMES = ("clip", "clip-colours", "clip-smoke")
+CLIP_SUITE_NAMES = ("clip", "clip-colours", "clip-smoke", "clip-ninth")
 ATTACK_NAMES = (
     "badencoder",
     "norm_preserving",

@@ -288,6 +288,14 @@ SUITES["lab-hard"] = SuiteConfig(
 # (README, "A seventh test", `max_all_both_balanced` against `max_all_both`): the plain BadEncoder
 # with SIG's stripes, the norm-preserving BadEncoder with the checkerboard at random places, and
 # DRUPE-style with the noise patch at a fixed place.
+# Added 2026-12-07 14:20 UTC, before they were trained, each run once: the ninth test's attacks
+# (README, "A ninth test"): per fine-tune the shipped-detector issue names, the first trigger family
+# (TRIGGER_FAMILIES order, fixed places first) it had not been trained with on this encoder.
+NINTH_TEST_ATTACKS = (
+    ("norm_preserving", "checker"),
+    ("drupe", "checker"),
+    ("badencoder", "patch@random"),
+)
 _HELD_OUT_ATTACKS = (
     ("norm_preserving", "patch"),
     ("drupe", "patch"),
@@ -313,6 +321,7 @@ _HELD_OUT_ATTACKS = (
     ("badencoder", "sig"),
     ("norm_preserving", "checker@random"),
     ("drupe", "noise"),
+    *NINTH_TEST_ATTACKS,
 )
 SUITES["lab-heldout"] = replace(
     SUITES["lab-hard"],
@@ -338,20 +347,21 @@ SUITES["lab-heldout"] = replace(
 # are split by family: the BadEncoder ones (plain and norm-preserving) and the DRUPE-style ones.
 SUITE_PARTS = {
     "lab-hard": {
-        "plain": lambda variant: variant not in CUE_HIDING,
-        "hiding": lambda variant: variant in CUE_HIDING,
+        "plain": lambda variant, trigger: variant not in CUE_HIDING,
+        "hiding": lambda variant, trigger: variant in CUE_HIDING,
     },
     "lab-heldout": {
-        "badencoder": lambda variant: variant in ("badencoder", "norm_preserving"),
-        "drupe": lambda variant: variant == "drupe",
-        "hiding": lambda variant: variant in CUE_HIDING,
+        "badencoder": lambda variant, trigger: variant in ("badencoder", "norm_preserving"),
+        "drupe": lambda variant, trigger: variant == "drupe",
+        "hiding": lambda variant, trigger: variant in CUE_HIDING,
     },
 }
 
 
-def _suite_part(whole: str, part: str) -> SuiteConfig:
+def _suite_part(whole: str, part: str, keep: Callable[[str, str], bool]) -> SuiteConfig:
+    """The suite `whole` with only the attacks (variant, trigger) that `keep` accepts, in its root."""
     config = SUITES[whole]
-    attacks = tuple(a for a in config.attacks if SUITE_PARTS[whole][part](a[0]))
+    attacks = tuple(a for a in config.attacks if keep(*a))
     names = {encoder_name(v, t) for v, t in attacks}
     return replace(
         config,
@@ -364,8 +374,13 @@ def _suite_part(whole: str, part: str) -> SuiteConfig:
 
 for _whole, _parts in SUITE_PARTS.items():
     for _name in _parts:
-        _part = _suite_part(_whole, _name)
+        _part = _suite_part(_whole, _name, _parts[_name])
         SUITES[_part.name] = _part
+# Not a part: the ninth rule test's new attacks alone (they belong to the badencoder and drupe parts
+# too), so that a checkout without the suite's other encoders trains only them.
+SUITES["lab-heldout-ninth"] = _suite_part(
+    "lab-heldout", "ninth", lambda variant, trigger: (variant, trigger) in NINTH_TEST_ATTACKS
+)
 SUITES["lab-hard-smoke"] = replace(
     SUITES["smoke"],
     name="lab-hard-smoke",

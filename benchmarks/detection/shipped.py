@@ -429,6 +429,16 @@ SUITE_RESULTS = {
         REPO_ROOT / "benchmarks" / "detection" / "heldout" / "results.json",
     ),
 }
+# Parts of a suite whose report is committed apart from the suite's (lab/runner.py
+# COMMITTED_LAB_REPORTS), read where the suite's own results lack an encoder.
+PART_RESULTS = {
+    "lab-heldout": (
+        (
+            "heldout/ninth/results.json",
+            REPO_ROOT / "benchmarks" / "detection" / "heldout" / "ninth" / "results.json",
+        ),
+    ),
+}
 # The one counted case whose encoder is not in attacks/results.json now: its probe as committed then.
 ASR_FROM_HISTORY = {"runs/sloppy-warp/encoders/badencoder_warp": (0.4396, "attacks/results.json at d73f04a")}
 TOOK = 0.40  # probe ASR from which an attack counts in the decision (README, fixed before the run)
@@ -438,10 +448,17 @@ DECISION_TOLERANCE = 0.01
 def _attack_entry(encoder_path: str) -> tuple[dict | None, str]:
     """The committed record (training, probe) of a lab suite's encoder, and where it was read."""
     parts = Path(encoder_path).parts
-    for suite, (source, path) in SUITE_RESULTS.items():
-        if suite in parts and "encoders" in parts and path.exists():
-            name = parts[parts.index("encoders") + 1]
-            return json.loads(path.read_text())["encoders"].get(name), source
+    for suite, record in SUITE_RESULTS.items():
+        if suite not in parts or "encoders" not in parts:
+            continue
+        name = parts[parts.index("encoders") + 1]
+        found = None, ""
+        for source, path in (record, *PART_RESULTS.get(suite, ())):
+            if path.exists():
+                found = json.loads(path.read_text())["encoders"].get(name), source
+                if found[0] is not None:
+                    return found
+        return found
     return None, ""
 
 
@@ -453,9 +470,11 @@ CLIP_ENCODER_FOLDERS = {
     "clip_poisoned": "poisoned",
     "attack_badencoder": "badencoder",
     "attack_norm_preserving": "norm_preserving",
-    # the eighth test's fine-tunes with other triggers (lab/clip_suite.py held_out_finetunes)
+    # the eighth and ninth tests' fine-tunes with other triggers (lab/clip_suite.py held_out_finetunes)
     "attack_badencoder_checker": "badencoder_checker",
     "attack_norm_preserving_noise": "norm_preserving_noise",
+    "attack_norm_preserving_checker": "norm_preserving_checker",
+    "attack_badencoder_noise": "badencoder_noise",
 }
 
 
@@ -1176,6 +1195,145 @@ def eighth_decision(results: dict) -> list[str]:
     )
 
 
+# The ninth test (README, fixed 2026-12-07 14:20 UTC before its attacks were trained): the eighth
+# test's candidate again, every TPR read at 1% FPR on the clean test images.
+NINTH_TEST = (
+    "heldout_norm_preserving_checker",
+    "heldout_drupe_checker",
+    "heldout_badencoder_patch_random",
+    "clip_norm_preserving_checker",
+    "clip_badencoder_noise",
+)
+NINTH_DEADLINE = "2026-12-07T16:35:00+00:00"  # a new case counts if scored by then
+NINTH_MEAN_TPR_TOLERANCE = 0.01  # mean TPR at 1% FPR over the counted cases at most this below
+NINTH_GUARD_TPR = 0.02  # no guarded case's TPR at 1% FPR more than this below
+
+
+def ninth_verdict(
+    counted: list[tuple[float, float, float, float]],
+    guarded: list[tuple[str, float, float, float, float, float | None, float | None]],
+) -> tuple[str, list[str]]:
+    """(where the statistics come from, the conditions' lines) from the counted cases' (AUROC
+    calibrated, AUROC max_all, TPR at 1% FPR calibrated, the same max_all) and the guarded cases'
+    (name, the same four, realised FPR at the id threshold calibrated, max_all; None for the demo)."""
+    if not counted:
+        return "auxiliary", ["- No counted case: the auxiliary statistics stay."]
+    auc_new, auc_old, tpr_new, tpr_old = (np.array(c) for c in zip(*counted, strict=True))
+    below = [
+        f"{name} ({a_new - a_old:+.3f} AUROC, {100 * (t_new - t_old):+.1f} points)"
+        for name, a_new, a_old, t_new, t_old, *_ in guarded
+        if a_new < a_old - SEVENTH_GUARD_AUROC or t_new < t_old - NINTH_GUARD_TPR
+    ]
+    over = [
+        f"{name} ({100 * f_new:.1f}% against {100 * f_old:.1f}%)"
+        for name, _, _, _, _, f_new, f_old in guarded
+        if f_new is not None and f_new > EIGHTH_FPR_BOUND >= f_old
+    ]
+    conditions = [
+        (
+            f"mean TPR at 1% FPR {100 * tpr_new.mean():.1f}% against {100 * tpr_old.mean():.1f}% "
+            f"(at most {100 * NINTH_MEAN_TPR_TOLERANCE:.0f} point below)",
+            tpr_new.mean() >= tpr_old.mean() - NINTH_MEAN_TPR_TOLERANCE,
+        ),
+        (
+            f"mean AUROC {auc_new.mean():.3f} against {auc_old.mean():.3f} (at most {SEVENTH_MEAN_TOLERANCE} below)",
+            auc_new.mean() >= auc_old.mean() - SEVENTH_MEAN_TOLERANCE,
+        ),
+        (
+            f"worst AUROC {auc_new.min():.3f} against {auc_old.min():.3f} (at most {SEVENTH_WORST_TOLERANCE} below)",
+            auc_new.min() >= auc_old.min() - SEVENTH_WORST_TOLERANCE,
+        ),
+        (
+            f"guard ({len(guarded)} cases; none more than {SEVENTH_GUARD_AUROC} AUROC or "
+            f"{100 * NINTH_GUARD_TPR:.0f} points of TPR at 1% FPR below)"
+            + (f": below on {', '.join(below)}" if below else ""),
+            not below,
+        ),
+        (
+            f"realised FPR at the id threshold nowhere above {100 * EIGHTH_FPR_BOUND:.1f}% where max_all's is not"
+            + (f": above on {', '.join(over)}" if over else ""),
+            not over,
+        ),
+    ]
+    lines = [f"- {text}: {'met' if ok else '**not met**'}" for text, ok in conditions]
+    return ("calibration" if all(ok for _, ok in conditions) else "auxiliary"), lines
+
+
+def ninth_decision(results: dict) -> list[str]:
+    """The eighth test's candidate against max_all at one false-alarm rate: the new SimCLR and CLIP
+    attacks counted, every case measured under both rules whose attack took and the demo as the guard."""
+    rows, counted, guarded = [], [], []
+    names = [*NINTH_TEST, *(n for n in results["cases"] if n not in NINTH_TEST)]
+    for name in names:
+        test = "ninth" if name in NINTH_TEST else "guard"
+        case = results["cases"].get(name)
+        new = case["methods"].get(MAX_ALL_CALIBRATED) if case else None
+        old = _method(case["methods"], MAX_ALL) if case else None
+        if new is None or old is None:
+            if test == "ninth":
+                rows.append(
+                    f"| {name} | ninth | {'not run' if case is None else 'not measured under both'} | | | | | |"
+                )
+            continue  # a guard is every case measured under both rules
+        asr, _, source = _case_attack(case)
+        takes = asr is not None and asr >= TOOK
+        in_time = (case.get("run") or {}).get("finished_at", "") <= NINTH_DEADLINE
+        figures = (new["auroc"], old["auroc"], new["tpr_at_1pct_fpr"], old["tpr_at_1pct_fpr"])
+        if takes and test == "ninth" and in_time:
+            counted.append(figures)
+        if takes:
+            guarded.append((name, *figures, new["id"]["realised_fpr"], old["id"]["realised_fpr"]))
+        shown = f"{100 * asr:.1f}% ({source})" if asr is not None else source
+        late = "" if in_time or test == "guard" else " (scored after the deadline)"
+        rows.append(
+            f"| {name} | {test} | {shown} | {'yes' if takes and (in_time or test == 'guard') else 'no'}{late} | "
+            f"{new['auroc']:.3f} | {old['auroc']:.3f} | {100 * figures[2]:.1f}% | {100 * figures[3]:.1f}% |"
+        )
+    demo = {r: json.loads(p.read_text()) for r, p in EIGHTH_DEMO_FIGURES.items() if p.exists()}
+    if len(demo) == 2:
+        new_m, old_m = demo["calibrated"]["metrics"], demo["max_all"]["metrics"]
+        rows.append(
+            f"| demo bundle | guard | plain BadEncoder | yes | {new_m['auroc']:.3f} | {old_m['auroc']:.3f} | "
+            f"{100 * new_m['tpr_at_1pct_fpr']:.1f}% | {100 * old_m['tpr_at_1pct_fpr']:.1f}% |"
+        )
+        guarded.append(
+            (
+                "demo bundle",
+                new_m["auroc"],
+                old_m["auroc"],
+                new_m["tpr_at_1pct_fpr"],
+                old_m["tpr_at_1pct_fpr"],
+                None,
+                None,
+            )
+        )
+    verdict, conditions = ninth_verdict(counted, guarded)
+    if len(demo) < 2:
+        conditions.append("- the demo bundle not measured under both: **the guard is incomplete**")
+        verdict = "auxiliary"
+    new, old = "calibrated", "max_all"
+    return [
+        "## The ninth test, applied",
+        "",
+        "The eighth test's candidate (`max_all` with each depth's median and MAD set on the calibration images "
+        "that set each threshold) against `max_all` as shipped, every TPR read at 1% FPR on the 2,000 clean test "
+        "images, on SimCLR and CLIP attacks trained after the test was fixed (benchmarks/detection/README.md, "
+        '"A ninth test"; counted at probe or zero-shot ASR >= 40%, scored by '
+        f"{NINTH_DEADLINE[:16].replace('T', ' ')} UTC). The guard is every case measured under both rules whose "
+        "attack took, and the demo bundle. Verdict: where the statistics come from.",
+        "",
+        f"| case | test | ASR | counted | AUROC {new} | AUROC {old} | TPR at 1% FPR {new} | TPR at 1% FPR {old} |",
+        "| --- | --- | ---: | :---: | ---: | ---: | ---: | ---: |",
+        *rows,
+        "",
+        f"Over {len(counted)} counted:",
+        *conditions,
+        "",
+        f"**Verdict: {verdict}.**",
+        "",
+    ]
+
+
 def decision(results: dict) -> list[str]:
     """The two decisions fixed before their runs (benchmarks/detection/README.md), applied.
     First run: max_all replaces mean_stages iff, over the cases whose attack took, its worst AUROC is
@@ -1402,6 +1560,7 @@ def report(results: dict) -> str:
     lines += sixth_decision(results)
     lines += seventh_decision(results)
     lines += eighth_decision(results)
+    lines += ninth_decision(results)
     for prefix in CHECK_SECTIONS:
         lines += check_section(results, prefix)
     for name, case in results["cases"].items():
