@@ -324,3 +324,52 @@ def test_the_eighth_test_counts_the_new_clip_fine_tunes_and_guards_fpr(
     cases |= {name: with_both((0.97, 0.6, 0.01), (0.90, 0.1, 0.01), asr=0.1) for name in shipped.EIGHTH_TEST}
     text = "\n".join(shipped.eighth_decision({"cases": cases}))
     assert "**Verdict: auxiliary.**" in text and "No counted case" in text
+
+
+def test_the_ninth_test_reads_tpr_at_one_fpr_counts_in_time_and_guards_every_case(
+    suite_results: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def with_both(
+        calibrated: tuple[float, float, float],
+        plain: tuple[float, float, float],
+        asr: float = 0.9,
+        finished_at: str = "2026-12-07T15:00:00+00:00",
+    ) -> dict:
+        """(AUROC, TPR at 1% FPR, TPR at the id threshold) standardised on the calibration and as shipped."""
+        case = _case("runs/lab-clip/attack_badencoder_noise/encoder.safetensors", 0.9, 0.9, 0.5)
+        case["attack"] = {"encoder": "badencoder_noise", "asr": asr, "ba": 0.67, "source": "zero-shot"}
+        case["run"] = {"finished_at": finished_at}
+        for name, (auroc, at_1pct, tpr_id) in (
+            (f"{shipped.MAX_ALL} (shipped)", plain),
+            (shipped.MAX_ALL_CALIBRATED, calibrated),
+        ):
+            case["methods"][name] = {**_entry(auroc, tpr_id, 0.01, 0.5, 0.01), "tpr_at_1pct_fpr": at_1pct}
+        return case
+
+    demo = {"metrics": {"auroc": 0.98, "tpr_at_1pct_fpr": 0.9}}
+    figures = {"max_all": tmp_path / "max_all.json", "calibrated": tmp_path / "calibrated.json"}
+    for path in figures.values():
+        path.write_text(json.dumps(demo))
+    monkeypatch.setattr(shipped, "EIGHTH_DEMO_FIGURES", figures)
+    # new cases level at 100%; a guarded case 1.5 points below at 1% FPR though 4 below at its id threshold
+    cases = {name: with_both((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)) for name in shipped.NINTH_TEST}
+    cases["heldout_norm_preserving"] = with_both((0.994, 0.893, 0.866), (0.995, 0.908, 0.906))
+    text = "\n".join(shipped.ninth_decision({"cases": cases}))
+    assert "**Verdict: calibration.**" in text and "Over 5 counted:" in text
+    # a guarded case more than 2 points below at 1% FPR: the auxiliary statistics stay
+    cases["heldout_norm_preserving"] = with_both((0.994, 0.87, 0.866), (0.995, 0.908, 0.906))
+    text = "\n".join(shipped.ninth_decision({"cases": cases}))
+    assert "**Verdict: auxiliary.**" in text and "heldout_norm_preserving (-0.001 AUROC, -3.8 points)" in text
+    del cases["heldout_norm_preserving"]
+    # the new cases' mean TPR at 1% FPR more than a point below: the auxiliary statistics stay
+    cases |= {name: with_both((1.0, 0.97, 1.0), (1.0, 1.0, 1.0)) for name in shipped.NINTH_TEST}
+    assert "**Verdict: auxiliary.**" in "\n".join(shipped.ninth_decision({"cases": cases}))
+    # a new case scored after the deadline, or whose attack did not take, is not counted
+    late = with_both((1.0, 0.5, 0.5), (1.0, 1.0, 1.0), finished_at="2026-12-07T16:40:00+00:00")
+    cases |= {name: with_both((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)) for name in shipped.NINTH_TEST}
+    cases[shipped.NINTH_TEST[0]] = late
+    cases[shipped.NINTH_TEST[1]] = with_both((0.6, 0.0, 0.0), (0.9, 0.5, 0.5), asr=0.1)
+    text = "\n".join(shipped.ninth_decision({"cases": cases}))
+    assert "Over 3 counted:" in text and "(scored after the deadline)" in text
+    # ... but still guarded where it took: the late case is 50 points below
+    assert "**Verdict: auxiliary.**" in text
