@@ -40,9 +40,14 @@ def _memory_gib() -> float | None:
     return None
 
 
-def run_record(argv: list[str] | None = None) -> dict:
-    """The provenance block of a result file."""
+def run_record(argv: list[str] | None = None, outputs: tuple[Path, ...] = ()) -> dict:
+    """The provenance block of a result file. `outputs`: the files the command itself (re)writes; a
+    change to them alone does not mark the tree dirty (a benchmark that adds cases to its own
+    committed results, run again before the last run's were committed)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
+    if status:
+        own = {str(Path(p).resolve().relative_to(REPO_ROOT)) for p in outputs}
+        status = "\n".join(line for line in status.splitlines() if line[3:] not in own)
     return {
         "commit": _git("rev-parse", "HEAD"),
         "dirty": bool(status) if status is not None else None,

@@ -402,7 +402,7 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {"cases": {}}
     # The commit and the tree's state are read before the first case: each case rewrites this
     # script's own committed outputs, which would mark every later case's record dirty.
-    started = run_record()
+    started = run_record(outputs=(results_path, out / "REPORT.md"))
     for case in args.case:
         name, _, rest = case.partition("=")
         rest, _, preset = rest.partition("#")
