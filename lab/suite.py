@@ -339,7 +339,7 @@ SUITES["lab-heldout"] = replace(
 
 
 # lab-hard and lab-heldout each in parts that stay within 3 hours on 2 CPU cores (the attacks
-# issue's bound; the whole suites' stages took 4.4 h and 5.5 h here:
+# issue's bound; the whole suites' stages took 4.4 h and 5.9 h here:
 # benchmarks/detection/suite_hours.json). A part shares its suite's root and stage names, so what
 # one part trained the others and the whole suite reuse: run the parts one after the other, then
 # `dede lab report --suite <suite>` reports them all. lab-hard: the plain attacks and the cue-hiding
