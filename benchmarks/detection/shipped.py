@@ -1001,21 +1001,34 @@ def _demo_guard(figures: dict[str, Path], new: str, old: str, rows: list[str]) -
     )
 
 
-def _flag_more_conditions(counted: list[tuple], guarded: list[tuple]) -> list[tuple[str, bool]]:
-    """The seventh and eighth tests' shared conditions, from the counted cases' (AUROC new, AUROC old,
-    TPR id new, TPR id old) and the guarded cases' (name, the same four, ...): more flagged on
-    average, mean and worst AUROC within their tolerances, no guarded case worse past the guard."""
+def _flag_more_conditions(
+    counted: list[tuple],
+    guarded: list[tuple],
+    tpr_reading: str = "at the id threshold",
+    mean_tpr_tolerance: float | None = None,
+    guard_tpr: float = SEVENTH_GUARD_TPR,
+) -> list[tuple[str, bool]]:
+    """The seventh to ninth tests' shared conditions, from the counted cases' (AUROC new, AUROC old,
+    TPR new, TPR old; the TPR read as `tpr_reading` says) and the guarded cases' (name, the same
+    four, ...): more flagged on average (`mean_tpr_tolerance` None: strictly more; else at most that
+    below), mean and worst AUROC within their tolerances, no guarded case worse past the guard."""
     auc_new, auc_old, tpr_new, tpr_old = (np.array(c) for c in zip(*counted, strict=True))
     below = [
         f"{name} ({a_new - a_old:+.3f} AUROC, {100 * (t_new - t_old):+.1f} points)"
         for name, a_new, a_old, t_new, t_old, *_ in guarded
-        if a_new < a_old - SEVENTH_GUARD_AUROC or t_new < t_old - SEVENTH_GUARD_TPR
+        if a_new < a_old - SEVENTH_GUARD_AUROC or t_new < t_old - guard_tpr
     ]
+    mean_tpr = f"mean TPR {tpr_reading} {100 * tpr_new.mean():.1f}% against {100 * tpr_old.mean():.1f}%"
+    if mean_tpr_tolerance is None:
+        tpr_condition = (mean_tpr, tpr_new.mean() > tpr_old.mean())
+    else:
+        tpr_condition = (
+            f"{mean_tpr} (at most {100 * mean_tpr_tolerance:.0f} point below)",
+            tpr_new.mean() >= tpr_old.mean() - mean_tpr_tolerance,
+        )
+    guard_tpr_reading = "" if tpr_reading == "at the id threshold" else f" {tpr_reading}"
     return [
-        (
-            f"mean TPR at the id threshold {100 * tpr_new.mean():.1f}% against {100 * tpr_old.mean():.1f}%",
-            tpr_new.mean() > tpr_old.mean(),
-        ),
+        tpr_condition,
         (
             f"mean AUROC {auc_new.mean():.3f} against {auc_old.mean():.3f} (at most {SEVENTH_MEAN_TOLERANCE} below)",
             auc_new.mean() >= auc_old.mean() - SEVENTH_MEAN_TOLERANCE,
@@ -1026,11 +1039,27 @@ def _flag_more_conditions(counted: list[tuple], guarded: list[tuple]) -> list[tu
         ),
         (
             f"guard ({len(guarded)} cases; none more than {SEVENTH_GUARD_AUROC} AUROC or "
-            f"{100 * SEVENTH_GUARD_TPR:.0f} points of TPR below)"
+            f"{100 * guard_tpr:.0f} points of TPR{guard_tpr_reading} below)"
             + (f": below on {', '.join(below)}" if below else ""),
             not below,
         ),
     ]
+
+
+def _fpr_bound_condition(guarded: list[tuple]) -> tuple[str, bool]:
+    """The eighth and ninth tests' bound: from the guarded cases' (name, four figures, realised FPR at
+    the id threshold new, old; None where there is none), no case above EIGHTH_FPR_BOUND where the
+    standing rule is not."""
+    over = [
+        f"{name} ({100 * f_new:.1f}% against {100 * f_old:.1f}%)"
+        for name, _, _, _, _, f_new, f_old in guarded
+        if f_new is not None and f_new > EIGHTH_FPR_BOUND >= f_old
+    ]
+    return (
+        f"realised FPR at the id threshold nowhere above {100 * EIGHTH_FPR_BOUND:.1f}% where max_all's is not"
+        + (f": above on {', '.join(over)}" if over else ""),
+        not over,
+    )
 
 
 def seventh_verdict(
@@ -1125,19 +1154,7 @@ def eighth_verdict(
     same four, realised FPR at the id threshold calibrated, max_all; None for the demo)."""
     if not counted:
         return "auxiliary", ["- No counted case: the auxiliary statistics stay."]
-    over = [
-        f"{name} ({100 * f_new:.1f}% against {100 * f_old:.1f}%)"
-        for name, _, _, _, _, f_new, f_old in guarded
-        if f_new is not None and f_new > EIGHTH_FPR_BOUND >= f_old
-    ]
-    conditions = [
-        *_flag_more_conditions(counted, guarded),
-        (
-            f"realised FPR at the id threshold nowhere above {100 * EIGHTH_FPR_BOUND:.1f}% where max_all's is not"
-            + (f": above on {', '.join(over)}" if over else ""),
-            not over,
-        ),
-    ]
+    conditions = [*_flag_more_conditions(counted, guarded), _fpr_bound_condition(guarded)]
     lines = [f"- {text}: {'met' if ok else '**not met**'}" for text, ok in conditions]
     return ("calibration" if all(ok for _, ok in conditions) else "auxiliary"), lines
 
@@ -1218,42 +1235,15 @@ def ninth_verdict(
     (name, the same four, realised FPR at the id threshold calibrated, max_all; None for the demo)."""
     if not counted:
         return "auxiliary", ["- No counted case: the auxiliary statistics stay."]
-    auc_new, auc_old, tpr_new, tpr_old = (np.array(c) for c in zip(*counted, strict=True))
-    below = [
-        f"{name} ({a_new - a_old:+.3f} AUROC, {100 * (t_new - t_old):+.1f} points)"
-        for name, a_new, a_old, t_new, t_old, *_ in guarded
-        if a_new < a_old - SEVENTH_GUARD_AUROC or t_new < t_old - NINTH_GUARD_TPR
-    ]
-    over = [
-        f"{name} ({100 * f_new:.1f}% against {100 * f_old:.1f}%)"
-        for name, _, _, _, _, f_new, f_old in guarded
-        if f_new is not None and f_new > EIGHTH_FPR_BOUND >= f_old
-    ]
     conditions = [
-        (
-            f"mean TPR at 1% FPR {100 * tpr_new.mean():.1f}% against {100 * tpr_old.mean():.1f}% "
-            f"(at most {100 * NINTH_MEAN_TPR_TOLERANCE:.0f} point below)",
-            tpr_new.mean() >= tpr_old.mean() - NINTH_MEAN_TPR_TOLERANCE,
+        *_flag_more_conditions(
+            counted,
+            guarded,
+            tpr_reading="at 1% FPR",
+            mean_tpr_tolerance=NINTH_MEAN_TPR_TOLERANCE,
+            guard_tpr=NINTH_GUARD_TPR,
         ),
-        (
-            f"mean AUROC {auc_new.mean():.3f} against {auc_old.mean():.3f} (at most {SEVENTH_MEAN_TOLERANCE} below)",
-            auc_new.mean() >= auc_old.mean() - SEVENTH_MEAN_TOLERANCE,
-        ),
-        (
-            f"worst AUROC {auc_new.min():.3f} against {auc_old.min():.3f} (at most {SEVENTH_WORST_TOLERANCE} below)",
-            auc_new.min() >= auc_old.min() - SEVENTH_WORST_TOLERANCE,
-        ),
-        (
-            f"guard ({len(guarded)} cases; none more than {SEVENTH_GUARD_AUROC} AUROC or "
-            f"{100 * NINTH_GUARD_TPR:.0f} points of TPR at 1% FPR below)"
-            + (f": below on {', '.join(below)}" if below else ""),
-            not below,
-        ),
-        (
-            f"realised FPR at the id threshold nowhere above {100 * EIGHTH_FPR_BOUND:.1f}% where max_all's is not"
-            + (f": above on {', '.join(over)}" if over else ""),
-            not over,
-        ),
+        _fpr_bound_condition(guarded),
     ]
     lines = [f"- {text}: {'met' if ok else '**not met**'}" for text, ok in conditions]
     return ("calibration" if all(ok for _, ok in conditions) else "auxiliary"), lines

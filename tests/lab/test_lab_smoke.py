@@ -88,3 +88,14 @@ def test_a_partial_clip_suite_trains_only_the_stages_not_skipped_and_writes_no_r
     calls.clear()
     runner.run_clip_suite("clip-smoke", progress=False, skip=("clip_", "attack_clip_", *skip))
     assert all(c.startswith("stage_zero_shot") for c in calls) and "report" not in calls
+    # A rule test's new attacks alone (clip-ninth): the clean tower and the held-out fine-tunes, no
+    # poisoned CLIP, no white-square fine-tunes, no decoders, no report, with nothing skipped.
+    calls.clear()
+    monkeypatch.setitem(runner.CLIP_SUITES, "clip-smoke", dataclasses.replace(held_out, base_encoders=False))
+    runner.run_clip_suite("clip-smoke", progress=False)
+    assert calls[:2] == ["stage_clip_clean()", "stage_attack('badencoder', 'checker')"]
+    assert all(c.startswith("stage_zero_shot") for c in calls[2:]) and "report" not in calls
+    assert runner.CLIP_SUITES["clip-ninth"].held_out_finetunes == (
+        ("norm_preserving", "checker"),
+        ("badencoder", "noise"),
+    )
