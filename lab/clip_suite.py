@@ -113,16 +113,20 @@ class ClipSuiteConfig:
 # 14:20 UTC, before they were trained): per fine-tune of CLIP_FINETUNES, the first trigger family
 # (TRIGGER_FAMILIES order) it had not been trained with on this tower.
 NINTH_TEST_FINETUNES = (("norm_preserving", "checker"), ("badencoder", "noise"))
+# The tenth rule test's (README, "A tenth test"; added 2026-12-07 17:13 UTC, before they were
+# trained): the same grid rule applied again.
+TENTH_TEST_FINETUNES = (("norm_preserving", "blend"), ("badencoder", "blend"))
 
 CLIP_SUITES: dict[str, ClipSuiteConfig] = {
     "clip": ClipSuiteConfig(
         name="clip",
-        # The eighth and ninth rule tests' attacks (benchmarks/detection/README.md), each added before
+        # The eighth to tenth rule tests' attacks (benchmarks/detection/README.md), each added before
         # it was trained.
         held_out_finetunes=(
             ("badencoder", "checker"),
             ("norm_preserving", "noise"),
             *NINTH_TEST_FINETUNES,
+            *TENTH_TEST_FINETUNES,
         ),
         extra_decoders=(
             ("badencoder", "lab_wide", 10, "mirror"),
@@ -170,14 +174,15 @@ CLIP_SUITES: dict[str, ClipSuiteConfig] = {
         root="runs/lab-clip-smoke",
     ),
 }
-# The ninth test's attacks alone: the clean tower (cached if trained) and its two new fine-tunes.
-CLIP_SUITES["clip-ninth"] = replace(
-    CLIP_SUITES["clip"],
-    name="clip-ninth",
-    held_out_finetunes=NINTH_TEST_FINETUNES,
-    base_encoders=False,
-    extra_decoders=(),
-)
+# A rule test's attacks alone: the clean tower (cached if trained) and the test's new fine-tunes.
+for _test, _finetunes in (("ninth", NINTH_TEST_FINETUNES), ("tenth", TENTH_TEST_FINETUNES)):
+    CLIP_SUITES[f"clip-{_test}"] = replace(
+        CLIP_SUITES["clip"],
+        name=f"clip-{_test}",
+        held_out_finetunes=_finetunes,
+        base_encoders=False,
+        extra_decoders=(),
+    )
 
 
 @dataclass

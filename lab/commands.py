@@ -10,7 +10,7 @@ dede attack adaptive --encoder ... --trigger checker@random --out runs/adaptive
 dede lab run --suite smoke|lab|lab-hard|lab-heldout    dede lab report --suite lab
 (lab-hard and lab-heldout also run in parts under 3 hours each: lab-hard-plain, lab-hard-hiding;
  lab-heldout-badencoder, lab-heldout-drupe, lab-heldout-hiding; lab-heldout-ninth and clip-ninth
- train the ninth rule test's attacks alone)
+ train the ninth rule test's attacks alone, clip-tenth the tenth's)
 dede demo                              dede fit ... --poison-rate 0.01 --trigger patch
 """
 
@@ -180,7 +180,7 @@ LAB_SUITE_NAMES = (
     "lab-heldout-hiding",
     "lab-heldout-ninth",
 )
-CLIP_SUITE_NAMES = ("clip", "clip-colours", "clip-smoke", "clip-ninth")
+CLIP_SUITE_NAMES = ("clip", "clip-colours", "clip-smoke", "clip-ninth", "clip-tenth")
 ATTACK_NAMES = (
     "badencoder",
     "norm_preserving",
