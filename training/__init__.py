@@ -18,8 +18,10 @@ FEATURE_RULE_NAMES = (
 )
 DEFAULT_FEATURE_RULE = "max_all"
 # Where the feature score's per-depth centre and unit come from at calibration (training/fit.py
-# `standardise_feature_score`): the fit's clean held-out auxiliary images, or the calibration images
-# that set the threshold. The auxiliary images stay the default by the eighth and ninth rule tests
+# `standardise_feature_score`): the fit's clean held-out auxiliary images, the calibration images
+# that set the threshold, or "auto": the calibration images where some depth's median sits
+# SHIFT_NOTE_UNITS or more from the auxiliary images' (the tenth rule test's candidate), else the
+# auxiliary images. The auxiliary images stay the default by the eighth and ninth rule tests
 # (benchmarks/detection/README.md), each lost on one guarded case.
-STANDARDISE_ON = ("auxiliary", "calibration")
+STANDARDISE_ON = ("auxiliary", "calibration", "auto")
 DEFAULT_STANDARDISE_ON = "auxiliary"

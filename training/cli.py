@@ -152,17 +152,23 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         standardise_on=args.standardise_on,
     )
     standardised = result.get("feature_standardisation")
-    if standardised is None and args.standardise_on == "calibration":
+    if standardised is None and args.standardise_on in ("calibration", "auto"):
         print(
             f"note: the {result['score_kind']} score has no per-depth statistics; "
-            "--standardise-on calibration applies to the feature score only"
+            f"--standardise-on {args.standardise_on} applies to the feature score only"
         )
     if standardised:
+        widest = standardised["widest_shift"]
         print(
             f"feature score standardised on the {standardised['on']} images ({standardised['n_images']})"
+            + (
+                f" (auto: the widest depth shift, {widest['median_z']:+.2f} units at {widest['depth']}, "
+                f"{'reaches' if abs(widest['median_z']) >= SHIFT_NOTE_UNITS else 'is under'} {SHIFT_NOTE_UNITS:g})"
+                if standardised.get("asked") == "auto" and "note" not in standardised
+                else ""
+            )
             + (f": {standardised['note']}" if "note" in standardised else "")
         )
-        widest = standardised["widest_shift"]
         if standardised["on"] == "auxiliary" and abs(widest["median_z"]) >= SHIFT_NOTE_UNITS:
             print(
                 f"note: at {widest['depth']} these images sit {widest['median_z']:+.2f} robust units from the "
@@ -355,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=STANDARDISE_ON,
         default=DEFAULT_STANDARDISE_ON,
         help="where the feature score's per-depth centre and unit come from: the fit's held-out "
-        "auxiliary images, or the calibration images that set the threshold (at least 100 of them) "
+        "auxiliary images, the calibration images that set the threshold (at least 100 of them), or "
+        "auto: the calibration images where some depth's median sits a robust unit or more from the "
+        "auxiliary images' "
         f"(default {DEFAULT_STANDARDISE_ON})",
     )
     cal.set_defaults(func=_cmd_calibrate)

@@ -49,10 +49,11 @@ from models.bundle import ONNX_INPUT, ONNX_SCORE, InputSpec, prepare_array
 from models.detector import PIXEL_SCALE_FACTORS
 from models.encoders import load_encoder
 from models.feature_taps import TappedEncoder
-from training.calibrate import calibrate, calibrate_run
+from training.calibrate import calibrate, calibrate_run, wilson_interval
 from training.data import data_dir, load_npz
 from training.export import export_bundle
 from training.fit import (
+    SHIFT_NOTE_UNITS,
     FitSettings,
     depth_discrepancies,
     depth_scale,
@@ -123,6 +124,10 @@ MAX_ALL_BOTH_BALANCED = "dede_depths_both_balanced_z_max"
 # (`dede calibrate --standardise-on calibration`; the eighth test's candidate, README): one score per
 # threshold setting, its AUROC read under the id calibration's statistics (`_calibrated_entry`).
 MAX_ALL_CALIBRATED = "dede_depths_calibrated_z_max"
+# The same, gated (`dede calibrate --standardise-on auto`; the tenth test's candidate, README): per
+# threshold setting, the calibration images' statistics where the widest depth's median shift in the
+# auxiliary units reaches SHIFT_NOTE_UNITS, else max_all's own figures (`_auto_entry`).
+MAX_ALL_AUTO = "dede_depths_auto_z_max"
 VARIANTS = {
     MEAN_STAGES: ("stages", "mean", "mad", "squared"),
     MAX_ALL: ("pixels+stages", "max", "mad", "squared"),
@@ -178,15 +183,20 @@ def _depth_variants(
                 else values[:, columns[depths]]
             )
             out.setdefault(name, {})[split] = picked.max(axis=1) if combine == "max" else picked.mean(axis=1)
-    return out, measured["squared"]
+    # max_all's squared roots and the auxiliary statistics it is standardised with.
+    return out, measured["squared"], (centres["squared"], scales["squared", "mad"])
 
 
-def _calibrated_entry(roots: dict[str, np.ndarray], holdout_order: np.ndarray) -> dict:
+def _calibrated_entry(
+    roots: dict[str, np.ndarray], holdout_order: np.ndarray, auxiliary: tuple[np.ndarray, np.ndarray]
+) -> dict:
     """max_all's table entry with every threshold's statistics set on its own calibration half, as
     `dede calibrate --standardise-on calibration` sets them: per setting, each depth's median and
     1.4826 MAD of d ** 0.25 over the images that set the threshold, then the max of the z-scores of
     every image. The same halves, contamination draws and robust kind as the other methods' entries
-    (its own generator, so theirs are unchanged); AUROC under the id calibration's statistics."""
+    (its own generator, so theirs are unchanged); AUROC under the id calibration's statistics. Each
+    setting's widest median shift in the `auxiliary` (centre, scale) units is recorded beside
+    (`widest_shift`), as `dede calibrate` measures it: what `--standardise-on auto` decides on."""
 
     def scorer(reference: np.ndarray):  # noqa: ANN202
         centre = np.median(reference, axis=0)
@@ -196,7 +206,11 @@ def _calibrated_entry(roots: dict[str, np.ndarray], holdout_order: np.ndarray) -
     def entry(setting: np.ndarray, rest: np.ndarray, kind: str = "clean") -> tuple[dict, object]:
         score = scorer(setting)
         threshold = calibrate(score(setting), score(rest), FPR, kind=kind)["value"]
-        return _at(threshold, score(roots["clean"]), score(roots["triggered"])), score
+        shift = np.median((setting - auxiliary[0]) / auxiliary[1], axis=0)
+        widest = float(shift[np.argmax(np.abs(shift))])
+        return _at(threshold, score(roots["clean"]), score(roots["triggered"])) | {
+            "widest_shift": widest
+        }, score
 
     half = len(roots["ood_holdout_cal"]) // 2
     id_entry, id_score = entry(roots["id_cal"][:500], roots["id_cal"][500:])
@@ -224,6 +238,29 @@ def _calibrated_entry(roots: dict[str, np.ndarray], holdout_order: np.ndarray) -
             traffic[order[:500]], traffic[order[500:]], "unlabelled_robust"
         )[0]
     return table
+
+
+SETTINGS = ("ood", "ood_holdout", "id", *(f"unlabelled_{int(share * 100)}pct" for share in CONTAMINATIONS))
+
+
+def _auto_entry(calibrated: dict, shipped: dict) -> dict:
+    """`dede calibrate --standardise-on auto`'s table entry: per threshold setting, the calibrated
+    entry's figures where that setting's widest shift reaches SHIFT_NOTE_UNITS, else the shipped
+    max_all's (the auxiliary statistics, through the bundle); AUROC and TPR at 1% FPR under the id
+    setting's choice."""
+    table, opened = {}, {}
+    for setting in SETTINGS:
+        opened[setting] = abs(calibrated[setting]["widest_shift"]) >= SHIFT_NOTE_UNITS
+        table[setting] = calibrated[setting] if opened[setting] else shipped[setting]
+    id_choice = calibrated if opened["id"] else shipped
+    return {
+        "auroc": id_choice["auroc"],
+        "auprc": id_choice["auprc"],
+        "tpr_at_1pct_fpr": id_choice["tpr_at_1pct_fpr"],
+        **table,
+        "standardised_on": {s: "calibration" if o else "auxiliary" for s, o in opened.items()},
+        "widest_shift": {s: calibrated[s]["widest_shift"] for s in SETTINGS},
+    }
 
 
 def _at(threshold: float, clean: np.ndarray, triggered: np.ndarray) -> dict:
@@ -300,7 +337,7 @@ def run_case(
         methods["dede_sse"] = {k: score_run(run, v, "sse") for k, v in sets.items()}
     depth_roots = None
     if run.feature_stats:
-        variants, depth_roots = _depth_variants(run, sets, fit_images, settings, shipped_name)
+        variants, depth_roots, auxiliary = _depth_variants(run, sets, fit_images, settings, shipped_name)
         methods.update(variants)
     norms = {k: _activation_norms(run, v) for k, v in sets.items()}
     for method in norms["clean"]:
@@ -352,7 +389,8 @@ def run_case(
             entry[f"unlabelled_{int(share * 100)}pct"] = _at(robust["value"], s["clean"], s["triggered"])
         table[method] = entry
     if depth_roots is not None:
-        table[MAX_ALL_CALIBRATED] = _calibrated_entry(depth_roots, holdout_order)
+        table[MAX_ALL_CALIBRATED] = _calibrated_entry(depth_roots, holdout_order, auxiliary)
+        table[MAX_ALL_AUTO] = _auto_entry(table[MAX_ALL_CALIBRATED], table[f"dede_{shipped_name} (shipped)"])
     clip_attack = _clip_attack(encoder_path)
     return {
         "encoder": encoder_path,
@@ -1249,34 +1287,39 @@ def ninth_verdict(
     return ("calibration" if all(ok for _, ok in conditions) else "auxiliary"), lines
 
 
-def ninth_decision(results: dict) -> list[str]:
-    """The eighth test's candidate against max_all at one false-alarm rate: the new SimCLR and CLIP
-    attacks counted, every case measured under both rules whose attack took and the demo as the guard."""
+def _one_rate_rows(
+    results: dict, test_cases: tuple[str, ...], test: str, deadline: str, candidate: object
+) -> tuple[list[str], list[tuple], list[tuple]]:
+    """The ninth and tenth tests' table rows, counted cases (AUROC new, old, TPR at 1% FPR new, old)
+    and guarded cases (name, the same four, realised FPR at the id threshold new, old, the clean test
+    images' count), the demo bundle last. `candidate(name, case)` is the candidate's entry (None:
+    not measured)."""
     rows, counted, guarded = [], [], []
-    names = [*NINTH_TEST, *(n for n in results["cases"] if n not in NINTH_TEST)]
+    names = [*test_cases, *(n for n in results["cases"] if n not in test_cases)]
     for name in names:
-        test = "ninth" if name in NINTH_TEST else "guard"
+        label = test if name in test_cases else "guard"
         case = results["cases"].get(name)
-        new = case["methods"].get(MAX_ALL_CALIBRATED) if case else None
+        new = candidate(name, case) if case else None
         old = _method(case["methods"], MAX_ALL) if case else None
         if new is None or old is None:
-            if test == "ninth":
+            if label == test:
                 rows.append(
-                    f"| {name} | ninth | {'not run' if case is None else 'not measured under both'} | | | | | |"
+                    f"| {name} | {test} | {'not run' if case is None else 'not measured under both'} | | | | | |"
                 )
             continue  # a guard is every case measured under both rules
         asr, _, source = _case_attack(case)
         takes = asr is not None and asr >= TOOK
-        in_time = (case.get("run") or {}).get("finished_at", "") <= NINTH_DEADLINE
+        in_time = (case.get("run") or {}).get("finished_at", "") <= deadline
         figures = (new["auroc"], old["auroc"], new["tpr_at_1pct_fpr"], old["tpr_at_1pct_fpr"])
-        if takes and test == "ninth" and in_time:
+        if takes and label == test and in_time:
             counted.append(figures)
         if takes:
-            guarded.append((name, *figures, new["id"]["realised_fpr"], old["id"]["realised_fpr"]))
+            fprs = (new["id"]["realised_fpr"], old["id"]["realised_fpr"], case["n"]["clean_test"])
+            guarded.append((name, *figures, *fprs))
         shown = f"{100 * asr:.1f}% ({source})" if asr is not None else source
-        late = "" if in_time or test == "guard" else " (scored after the deadline)"
+        late = "" if in_time or label == "guard" else " (scored after the deadline)"
         rows.append(
-            f"| {name} | {test} | {shown} | {'yes' if takes and (in_time or test == 'guard') else 'no'}{late} | "
+            f"| {name} | {label} | {shown} | {'yes' if takes and (in_time or label == 'guard') else 'no'}{late} | "
             f"{new['auroc']:.3f} | {old['auroc']:.3f} | {100 * figures[2]:.1f}% | {100 * figures[3]:.1f}% |"
         )
     demo = {r: json.loads(p.read_text()) for r, p in EIGHTH_DEMO_FIGURES.items() if p.exists()}
@@ -1286,19 +1329,19 @@ def ninth_decision(results: dict) -> list[str]:
             f"| demo bundle | guard | plain BadEncoder | yes | {new_m['auroc']:.3f} | {old_m['auroc']:.3f} | "
             f"{100 * new_m['tpr_at_1pct_fpr']:.1f}% | {100 * old_m['tpr_at_1pct_fpr']:.1f}% |"
         )
-        guarded.append(
-            (
-                "demo bundle",
-                new_m["auroc"],
-                old_m["auroc"],
-                new_m["tpr_at_1pct_fpr"],
-                old_m["tpr_at_1pct_fpr"],
-                None,
-                None,
-            )
-        )
-    verdict, conditions = ninth_verdict(counted, guarded)
-    if len(demo) < 2:
+        figures = (new_m["auroc"], old_m["auroc"], new_m["tpr_at_1pct_fpr"], old_m["tpr_at_1pct_fpr"])
+        guarded.append(("demo bundle", *figures, None, None, None))
+    return rows, counted, guarded
+
+
+def ninth_decision(results: dict) -> list[str]:
+    """The eighth test's candidate against max_all at one false-alarm rate: the new SimCLR and CLIP
+    attacks counted, every case measured under both rules whose attack took and the demo as the guard."""
+    rows, counted, guarded = _one_rate_rows(
+        results, NINTH_TEST, "ninth", NINTH_DEADLINE, lambda _, case: case["methods"].get(MAX_ALL_CALIBRATED)
+    )
+    verdict, conditions = ninth_verdict(counted, [g[:7] for g in guarded])
+    if not any(g[0] == "demo bundle" for g in guarded):
         conditions.append("- the demo bundle not measured under both: **the guard is incomplete**")
         verdict = "auxiliary"
     new, old = "calibrated", "max_all"
@@ -1316,6 +1359,108 @@ def ninth_decision(results: dict) -> list[str]:
         "| --- | --- | ---: | :---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
+        f"Over {len(counted)} counted:",
+        *conditions,
+        "",
+        f"**Verdict: {verdict}.**",
+        "",
+    ]
+
+
+# The tenth test (README, fixed 2026-12-07 17:13 UTC before its attacks were trained): the eighth
+# test's candidate gated by the calibration images' depth shift (`dede calibrate --standardise-on
+# auto`), the FPR read against its noise.
+TENTH_TEST = ("clip_norm_preserving_blend", "clip_badencoder_blend")
+TENTH_DEADLINE = "2026-12-07T20:00:00+00:00"  # a new case counts if scored by then
+
+
+def _tenth_candidate(name: str, case: dict) -> dict | None:
+    """The gated candidate's entry; a case scored before the test has none, and the eighth test's
+    candidate stands in for it (the gate open: the reading where the two rules can differ). A new
+    case must have its own."""
+    methods = case["methods"]
+    if MAX_ALL_AUTO in methods or name in TENTH_TEST:
+        return methods.get(MAX_ALL_AUTO)
+    return methods.get(MAX_ALL_CALIBRATED)
+
+
+def fpr_noise_condition(cases: list[tuple]) -> tuple[str, bool]:
+    """The tenth test's FPR condition, from the cases' (name, four figures, realised FPR at the id
+    threshold new, old, clean test images; None for the demo): on none is the candidate's false-alarm
+    count's Wilson 95% interval wholly above max_all's."""
+    over = []
+    for name, _, _, _, _, f_new, f_old, n in cases:
+        if f_new is None:
+            continue
+        new_low = wilson_interval(round(f_new * n), n)[0]
+        old_high = wilson_interval(round(f_old * n), n)[1]
+        if new_low > old_high:
+            over.append(f"{name} ({100 * f_new:.2f}% against {100 * f_old:.2f}%)")
+    return (
+        "realised FPR at the id threshold nowhere above max_all's beyond their noise (Wilson 95% intervals "
+        f"on the clean test images apart, {len(cases)} cases)"
+        + (f": above on {', '.join(over)}" if over else ""),
+        not over,
+    )
+
+
+def tenth_verdict(
+    counted: list[tuple[float, float, float, float]], guarded: list[tuple]
+) -> tuple[str, list[str]]:
+    """(`dede calibrate --standardise-on`'s default, the conditions' lines) from the counted cases'
+    (AUROC auto, AUROC max_all, TPR at 1% FPR auto, the same max_all) and the guarded cases' (name,
+    the same four, realised FPR at the id threshold auto, max_all, clean test images)."""
+    if not counted:
+        return "auxiliary", ["- No counted case: the auxiliary statistics stay."]
+    conditions = [
+        *_flag_more_conditions(
+            counted,
+            guarded,
+            tpr_reading="at 1% FPR",
+            mean_tpr_tolerance=NINTH_MEAN_TPR_TOLERANCE,
+            guard_tpr=NINTH_GUARD_TPR,
+        ),
+        fpr_noise_condition(guarded),
+    ]
+    lines = [f"- {text}: {'met' if ok else '**not met**'}" for text, ok in conditions]
+    return ("auto" if all(ok for _, ok in conditions) else "auxiliary"), lines
+
+
+def tenth_decision(results: dict) -> list[str]:
+    """The gated candidate against max_all at one false-alarm rate: the new CLIP fine-tunes counted,
+    every case measured under both rules whose attack took and the demo as the guard."""
+    rows, counted, guarded = _one_rate_rows(results, TENTH_TEST, "tenth", TENTH_DEADLINE, _tenth_candidate)
+    verdict, conditions = tenth_verdict(counted, guarded)
+    if not any(g[0] == "demo bundle" for g in guarded):
+        conditions.append("- the demo bundle not measured under both: **the guard is incomplete**")
+        verdict = "auxiliary"
+    gates = []
+    for name in TENTH_TEST:
+        entry = (results["cases"].get(name) or {}).get("methods", {}).get(MAX_ALL_AUTO)
+        if entry:
+            gates.append(
+                f"- {name}: the id calibration images' widest depth shift {entry['widest_shift']['id']:+.2f} units, "
+                "statistics from the "
+                f"{entry['standardised_on']['id']} images"
+            )
+    new, old = "auto", "max_all"
+    return [
+        "## The tenth test, applied",
+        "",
+        "`dede calibrate --standardise-on auto` (each depth standardised on the calibration images where their "
+        f"widest median shift in the auxiliary units reaches {SHIFT_NOTE_UNITS:g}, else the auxiliary statistics) "
+        "against `max_all` as shipped, every TPR read at 1% FPR on the 2,000 clean test images, on CLIP fine-tunes "
+        'trained after the test was fixed (benchmarks/detection/README.md, "A tenth test"; counted at zero-shot '
+        f"ASR >= 40%, scored by {TENTH_DEADLINE[:16].replace('T', ' ')} UTC). The guard is every case measured under "
+        "both rules whose attack took (cases scored before the test: the eighth test's candidate, the gate open) "
+        "and the demo bundle. Verdict: `dede calibrate`'s default.",
+        "",
+        f"| case | test | ASR | counted | AUROC {new} | AUROC {old} | TPR at 1% FPR {new} | TPR at 1% FPR {old} |",
+        "| --- | --- | ---: | :---: | ---: | ---: | ---: | ---: |",
+        *rows,
+        "",
+        *gates,
+        *([""] if gates else []),
         f"Over {len(counted)} counted:",
         *conditions,
         "",
@@ -1551,6 +1696,7 @@ def report(results: dict) -> str:
     lines += seventh_decision(results)
     lines += eighth_decision(results)
     lines += ninth_decision(results)
+    lines += tenth_decision(results)
     for prefix in CHECK_SECTIONS:
         lines += check_section(results, prefix)
     for name, case in results["cases"].items():

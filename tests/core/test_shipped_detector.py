@@ -677,3 +677,48 @@ def test_calibration_standardises_each_depth_on_the_images_that_set_the_threshol
     ]
     assert dede(args) == 0
     assert "applies to the feature score only" in capsys.readouterr().out
+
+
+def test_auto_standardisation_opens_only_where_the_auxiliary_units_miss_the_calibration_images(
+    tiny_data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dede calibrate --standardise-on auto` (the tenth rule test's candidate): the fit's own
+    auxiliary images sit near the auxiliary median, so their statistics stay; uniform noise
+    sits a unit or more away at some depth, so the noise images' own statistics are taken, exactly
+    as `--standardise-on calibration` takes them; the command says which and why."""
+    from training.cli import main as dede
+    from training.fit import SHIFT_NOTE_UNITS
+
+    encoder, aux, _, settings = _small_cifar_fit(tiny_data)
+    run_dir = tmp_path / "run"
+    fit_decoder(encoder, aux, run_dir, settings)
+    auxiliary = load_run(run_dir).feature_stats
+
+    # The auxiliary images themselves (the held-out split alone is under the 100 images needed).
+    np.savez(tmp_path / "aux.npz", x=aux.transpose(0, 2, 3, 1), y=np.zeros(len(aux), np.int64))
+    near_args = ["calibrate", "--run", str(run_dir), "--data", str(tmp_path / "aux.npz"), "--fpr", "0.05"]
+    assert dede([*near_args, "--standardise-on", "auto"]) == 0
+    out = capsys.readouterr().out
+    near = json.loads((run_dir / "calibration.json").read_text())["feature_standardisation"]
+    assert near["on"] == "auxiliary" and near["asked"] == "auto"
+    assert abs(near["widest_shift"]["median_z"]) < SHIFT_NOTE_UNITS
+    assert "(auto: the widest depth shift" in out and "is under 1)" in out
+    assert load_run(run_dir).feature_stats == auxiliary
+
+    noise = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "noise.npz", x=noise, y=np.zeros(len(noise), np.int64))
+    args = ["calibrate", "--run", str(run_dir), "--data", str(tmp_path / "noise.npz"), "--fpr", "0.05"]
+    assert dede([*args, "--standardise-on", "auto"]) == 0
+    out = capsys.readouterr().out
+    far = json.loads((run_dir / "calibration.json").read_text())
+    assert far["feature_standardisation"]["on"] == "calibration"
+    assert abs(far["feature_standardisation"]["widest_shift"]["median_z"]) >= SHIFT_NOTE_UNITS
+    assert "reaches 1)" in out and "robust units from the auxiliary images' median" not in out
+    opened = load_run(run_dir).feature_stats
+    assert opened["centre"] != auxiliary["centre"] and opened["auxiliary"]["centre"] == auxiliary["centre"]
+    # The same statistics and threshold as asking for the calibration images outright.
+    assert dede([*args, "--standardise-on", "calibration"]) == 0
+    capsys.readouterr()
+    assert load_run(run_dir).feature_stats == opened
+    outright = json.loads((run_dir / "calibration.json").read_text())
+    assert outright["threshold"]["value"] == far["threshold"]["value"]

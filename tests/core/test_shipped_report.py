@@ -26,6 +26,7 @@ def _case(encoder: str, shipped_auroc: float, mean_stages_auroc: float, cue_auro
     return {
         "encoder": encoder,
         "split": shipped.SPLIT,
+        "n": {"clean_test": 2000, "triggered_test": 2000},
         "methods": {
             f"{shipped.MAX_ALL} (shipped)": _entry(shipped_auroc, 0.97, 0.01, 0.92, 0.01),
             "dede_sse": _entry(0.8, 0.2, 0.01, 0.1, 0.0),
@@ -271,9 +272,31 @@ def test_the_calibrated_entry_standardises_each_threshold_on_its_own_calibration
         "clean": deployment(2000),
         "triggered": triggered,
     }
-    entry = shipped._calibrated_entry(roots, np.random.default_rng(0).permutation(200))
+    auxiliary = (np.zeros(7), np.ones(7))  # the OOD images' units
+    entry = shipped._calibrated_entry(roots, np.random.default_rng(0).permutation(200), auxiliary)
     assert entry["auroc"] > 0.9 and entry["id"]["tpr"] > 0.5 and entry["id"]["realised_fpr"] <= 0.03
     assert entry["ood"]["tpr"] < 0.2 and entry["unlabelled_0pct"]["tpr"] > 0.5
+    # Each setting's widest median shift in the auxiliary units: the deployment's images sit 3 low.
+    assert entry["id"]["widest_shift"] == pytest.approx(-3.0, abs=0.2)
+    assert entry["unlabelled_5pct"]["widest_shift"] == pytest.approx(-3.0, abs=0.2)
+    assert abs(entry["ood"]["widest_shift"]) < 0.3 and abs(entry["ood_holdout"]["widest_shift"]) < 0.5
+
+    # `--standardise-on auto`: the calibrated figures where the shift reaches a unit (the id and
+    # unlabelled settings), the shipped ones where it does not (the OOD settings); AUROC by the id's.
+    plain = {
+        "auroc": 0.6,
+        "auprc": 0.6,
+        "tpr_at_1pct_fpr": 0.05,
+        **{s: {"threshold": 9.0, "tpr": 0.01, "realised_fpr": 0.01} for s in shipped.SETTINGS},
+    }
+    auto = shipped._auto_entry(entry, plain)
+    assert auto["auroc"] == entry["auroc"] and auto["tpr_at_1pct_fpr"] == entry["tpr_at_1pct_fpr"]
+    assert auto["id"] == entry["id"] and auto["unlabelled_1pct"] == entry["unlabelled_1pct"]
+    assert auto["ood"] == plain["ood"] and auto["ood_holdout"] == plain["ood_holdout"]
+    assert auto["standardised_on"]["id"] == "calibration" and auto["standardised_on"]["ood"] == "auxiliary"
+    # On images the auxiliary units describe, auto is the shipped score throughout.
+    near = {s: {**entry[s], "widest_shift": 0.4} for s in shipped.SETTINGS}
+    assert shipped._auto_entry({**entry, **near}, plain)["auroc"] == plain["auroc"]
 
     reference = roots["id_cal"][:500]
     centre = np.median(reference, axis=0)
@@ -373,3 +396,63 @@ def test_the_ninth_test_reads_tpr_at_one_fpr_counts_in_time_and_guards_every_cas
     assert "Over 3 counted:" in text and "(scored after the deadline)" in text
     # ... but still guarded where it took: the late case is 50 points below
     assert "**Verdict: auxiliary.**" in text
+
+
+def test_the_tenth_test_counts_the_gated_candidate_and_reads_the_fpr_against_its_noise(
+    suite_results: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def with_rules(
+        auto: tuple[float, float, float] | None,
+        plain: tuple[float, float, float],
+        calibrated: tuple[float, float, float] | None = None,
+        asr: float = 0.9,
+    ) -> dict:
+        """(AUROC, TPR at 1% FPR, realised FPR at the id threshold) gated, as shipped, calibrated."""
+        case = _case("runs/lab-clip/attack_badencoder_blend/encoder.safetensors", 0.9, 0.9, 0.5)
+        case["attack"] = {"encoder": "badencoder_blend", "asr": asr, "ba": 0.67, "source": "zero-shot"}
+        case["run"] = {"finished_at": "2026-12-07T19:00:00+00:00"}
+        for name, figures in (
+            (f"{shipped.MAX_ALL} (shipped)", plain),
+            (shipped.MAX_ALL_AUTO, auto),
+            (shipped.MAX_ALL_CALIBRATED, calibrated),
+        ):
+            if figures:
+                auroc, at_1pct, fpr = figures
+                entry = {**_entry(auroc, 0.5, fpr, 0.5, 0.01), "tpr_at_1pct_fpr": at_1pct}
+                entry["id"]["widest_shift"] = 1.2
+                if name == shipped.MAX_ALL_AUTO:
+                    entry |= {"standardised_on": {"id": "calibration"}, "widest_shift": {"id": 1.2}}
+                case["methods"][name] = entry
+        return case
+
+    demo = {"metrics": {"auroc": 0.98, "tpr_at_1pct_fpr": 0.9}}
+    figures = {"max_all": tmp_path / "max_all.json", "calibrated": tmp_path / "calibrated.json"}
+    for path in figures.values():
+        path.write_text(json.dumps(demo))
+    monkeypatch.setattr(shipped, "EIGHTH_DEMO_FIGURES", figures)
+    new = {
+        name: with_rules((1.0, 1.0, 0.012), (0.85, 0.05, 0.011), (1.0, 1.0, 0.012))
+        for name in shipped.TENTH_TEST
+    }
+    # A case scored before the test: the eighth test's candidate stands in (here 34 against 23 false
+    # alarms of 2,000, the ninth test's failing case: inside the noise).
+    old = {"clip_badencoder_noise": with_rules(None, (0.851, 0.047, 0.0115), (1.0, 1.0, 0.017))}
+    text = "\n".join(shipped.tenth_decision({"cases": new | old}))
+    assert "**Verdict: auto.**" in text and "Over 2 counted:" in text
+    assert "| clip_badencoder_noise | guard |" in text and "statistics from the" in text
+    # A guarded case whose false alarms sit beyond max_all's noise (3% against 1%): the default stays.
+    old["clip_badencoder_noise"] = with_rules(None, (0.851, 0.047, 0.01), (1.0, 1.0, 0.03))
+    text = "\n".join(shipped.tenth_decision({"cases": new | old}))
+    assert "**Verdict: auxiliary.**" in text and "clip_badencoder_noise (3.00% against 1.00%)" in text
+    del old["clip_badencoder_noise"]
+    # A new case without the gated entry is not measured: never the stand-in.
+    new[shipped.TENTH_TEST[0]] = with_rules(None, (0.85, 0.05, 0.011), (1.0, 1.0, 0.012))
+    text = "\n".join(shipped.tenth_decision({"cases": new}))
+    assert "not measured under both" in text and "Over 1 counted:" in text
+    # The gated candidate's mean TPR at 1% FPR more than a point below: the default stays.
+    new = {name: with_rules((0.9, 0.02, 0.01), (0.9, 0.05, 0.01)) for name in shipped.TENTH_TEST}
+    assert "**Verdict: auxiliary.**" in "\n".join(shipped.tenth_decision({"cases": new}))
+    # Fine-tunes that did not take: none counted, nothing changes.
+    new = {name: with_rules((1.0, 1.0, 0.01), (0.9, 0.05, 0.01), asr=0.1) for name in shipped.TENTH_TEST}
+    text = "\n".join(shipped.tenth_decision({"cases": new}))
+    assert "**Verdict: auxiliary.**" in text and "No counted case" in text
