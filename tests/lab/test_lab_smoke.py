@@ -99,3 +99,10 @@ def test_a_partial_clip_suite_trains_only_the_stages_not_skipped_and_writes_no_r
         ("norm_preserving", "checker"),
         ("badencoder", "noise"),
     )
+    tenth = runner.CLIP_SUITES["clip-tenth"]
+    assert tenth.held_out_finetunes == (("norm_preserving", "blend"), ("badencoder", "blend"))
+    assert not tenth.base_encoders and not tenth.extra_decoders
+    # The whole suite's fine-tunes hold every rule test's, each once.
+    whole = runner.CLIP_SUITES["clip"].held_out_finetunes
+    assert set(whole) >= {*tenth.held_out_finetunes, *runner.CLIP_SUITES["clip-ninth"].held_out_finetunes}
+    assert len(set(whole)) == len(whole)
