@@ -435,9 +435,25 @@ def main() -> None:
     parser.add_argument("--case", action="append", default=[], help="NAME=ENCODER[@TRIGGER][#PRESET]")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "detection" / "shipped"))
     parser.add_argument("--runs", default=str(REPO_ROOT / "runs" / "shipped"))
+    parser.add_argument(
+        "--attach-attacks",
+        action="store_true",
+        help="give every case scored without its CLIP attack's zero-shot figures (a fine-tune the "
+        "encoder folders did not name then) those figures, from the CLIP suite's stage cache",
+    )
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.attach_attacks:
+        results = json.loads((out / "results.json").read_text())
+        for name, case in results["cases"].items():
+            attack = None if "attack" in case else _clip_attack(case["encoder"])
+            if attack:
+                case["attack"] = {**attack, "attached": run_record()}
+                print(
+                    f"{name}: zero-shot ASR {attack['asr']:.1%}, BA {attack['ba']:.1%} ({attack['source']})"
+                )
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     if not args.case:  # only REPORT.md again, from the committed results.json
-        out = Path(args.out)
         (out / "REPORT.md").write_text(report(json.loads((out / "results.json").read_text())))
         return
 
@@ -511,25 +527,18 @@ def _attack_entry(encoder_path: str) -> tuple[dict | None, str]:
 # The CLIP suite's encoders (README, "A CLIP check"): their zero-shot figures are in the suite's stage
 # cache, not in a committed report, so each case records them in results.json when it is scored.
 CLIP_SUITE_ROOT = "lab-clip"
-CLIP_ENCODER_FOLDERS = {
-    "clip_clean": "clean",
-    "clip_poisoned": "poisoned",
-    "attack_badencoder": "badencoder",
-    "attack_norm_preserving": "norm_preserving",
-    # the eighth and ninth tests' fine-tunes with other triggers (lab/clip_suite.py held_out_finetunes)
-    "attack_badencoder_checker": "badencoder_checker",
-    "attack_norm_preserving_noise": "norm_preserving_noise",
-    "attack_norm_preserving_checker": "norm_preserving_checker",
-    "attack_badencoder_noise": "badencoder_noise",
-}
+# A CLIP suite's encoder folders (lab/clip_suite.py): the towers `clip_<name>`, the fine-tunes
+# `attack_<name>` (the white-square ones and every rule test's held-out fine-tunes alike); each
+# one's zero-shot stage is `zero_shot_<name>`.
+CLIP_FOLDER_PREFIXES = ("clip_", "attack_")
 
 
 def _clip_attack(encoder_path: str) -> dict | None:
     """The zero-shot BA and ASR of a CLIP suite's encoder, from the suite's stage cache."""
     parts = Path(encoder_path).parts
-    if CLIP_SUITE_ROOT not in parts or len(parts) < 2 or parts[-2] not in CLIP_ENCODER_FOLDERS:
+    if CLIP_SUITE_ROOT not in parts or len(parts) < 2 or not parts[-2].startswith(CLIP_FOLDER_PREFIXES):
         return None
-    name = CLIP_ENCODER_FOLDERS[parts[-2]]
+    name = parts[-2].split("_", 1)[1]
     root = Path(*parts[: parts.index(CLIP_SUITE_ROOT) + 1])
     stage = REPO_ROOT / root / "stages" / f"zero_shot_{name}.json"
     if not stage.is_file():

@@ -97,6 +97,14 @@ def test_a_clip_case_records_its_zero_shot_figures_and_is_read_in_the_clip_check
     assert (
         shipped._clip_attack("runs/lab-clip/attack_norm_preserving/encoder.safetensors") is None
     )  # no stage
+    # A rule test's held-out fine-tune: read by its folder's name, with no list to keep up to date.
+    (stages / "zero_shot_badencoder_blend.json").write_text(json.dumps({"result": {"asr": 1.0, "ba": 0.68}}))
+    blend = shipped._clip_attack("runs/lab-clip/attack_badencoder_blend/encoder.safetensors")
+    assert blend is not None and (blend["encoder"], blend["asr"], blend["ba"]) == (
+        "badencoder_blend",
+        1.0,
+        0.68,
+    )
 
     def clip_case(folder: str, file: str) -> dict:
         path = f"runs/lab-clip/{folder}/{file}"
@@ -117,6 +125,35 @@ def test_a_clip_case_records_its_zero_shot_figures_and_is_read_in_the_clip_check
     assert (
         shipped.check_section(results, shipped.HELD_OUT_CHECK_PREFIX) == []
     )  # the CLIP cases are not the held-out check's
+
+
+def test_attach_attacks_gives_a_case_scored_without_its_zero_shot_figures_those_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stages = tmp_path / "runs" / "lab-clip" / "stages"
+    stages.mkdir(parents=True)
+    (stages / "zero_shot_badencoder_blend.json").write_text(json.dumps({"result": {"asr": 1.0, "ba": 0.68}}))
+    monkeypatch.setattr(shipped, "REPO_ROOT", tmp_path)
+    out = tmp_path / "shipped"
+    out.mkdir()
+    known = {"encoder": "badencoder", "asr": 0.99, "ba": 0.7, "source": "zero-shot"}
+    cases = {
+        "clip_badencoder_blend": _case(
+            "runs/lab-clip/attack_badencoder_blend/encoder.safetensors", 0.9, 0.9, 0.5
+        ),
+        "clip_badencoder": {**_case("runs/lab-clip/attack_badencoder/encoder.safetensors", 0.9, 0.9, 0.5)},
+    }
+    cases["clip_badencoder"]["attack"] = known
+    (out / "results.json").write_text(json.dumps({"cases": cases}))
+    monkeypatch.setattr(shipped, "report", lambda results: "report\n")
+    monkeypatch.setattr("sys.argv", ["shipped.py", "--attach-attacks", "--out", str(out)])
+    shipped.main()
+    written = json.loads((out / "results.json").read_text())["cases"]
+    attached = written["clip_badencoder_blend"]["attack"]
+    assert (attached["encoder"], attached["asr"], attached["ba"]) == ("badencoder_blend", 1.0, 0.68)
+    assert "commit" in attached["attached"]
+    assert written["clip_badencoder"]["attack"] == known  # a case with its figures keeps them
+    assert (out / "REPORT.md").read_text() == "report\n"
 
 
 def test_the_fifth_test_needs_a_higher_mean_a_worst_case_held_and_no_fewer_flagged() -> None:
