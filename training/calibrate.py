@@ -124,7 +124,9 @@ def calibrate_run(
     `mirror_parity`: where fewer images than the export's parity check needs are given (a fit's
     held-out split: 200 of 2,000), their mirror images fill the parity sample; the threshold is
     still set on the images as given. `standardise_on` "calibration": the feature score's per-depth
-    statistics are first set on the half of the images that sets the threshold (STANDARDISE_ON)."""
+    statistics are first set on the half of the images that sets the threshold; "auto" (the
+    default): so where that half sits a unit or more from the auxiliary images at some depth, else
+    the auxiliary statistics (STANDARDISE_ON)."""
     from training.export import CALIBRATION_FILE, PARITY_COUNT, PARITY_IMAGES
     from training.fit import load_run, standardise_feature_score
     from training.scoring import score_run

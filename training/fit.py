@@ -767,8 +767,9 @@ def feature_statistics(
 # (the MAD of 50 images is off by ~15%); the auxiliary images' statistics are kept, and said so.
 MIN_STANDARDISE_IMAGES = 100
 # From this many robust units between the calibration images' median and the auxiliary images' at
-# some depth, `dede calibrate` suggests standardising on the calibration images (on the lab's CLIP
-# towers the stages sit 1.2 units low; on its SimCLR encoders every depth within 0.15).
+# some depth, `dede calibrate --standardise-on auto` (the default) standardises on the calibration
+# images, and with `auxiliary` named it says so (on the lab's CLIP towers the stages sit 1.2-1.4
+# units low; on its SimCLR encoders every depth within 0.15).
 SHIFT_NOTE_UNITS = 1.0
 AUXILIARY_KEYS = ("centre", "scale", "n_images", "source")
 

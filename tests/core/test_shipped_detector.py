@@ -632,18 +632,17 @@ def test_calibration_standardises_each_depth_on_the_images_that_set_the_threshol
     # Back to the auxiliary statistics, from the command line.
     calibration = tmp_path / "clean.npz"
     np.savez(calibration, x=clean.transpose(0, 2, 3, 1), y=np.zeros(len(clean), np.int64))
-    assert dede(["calibrate", "--run", str(run_dir), "--data", str(calibration), "--fpr", "0.05"]) == 0
+    back = ["calibrate", "--run", str(run_dir), "--data", str(calibration), "--fpr", "0.05"]
+    assert dede([*back, "--standardise-on", "auxiliary"]) == 0
     assert f"standardised on the auxiliary images ({auxiliary['n_images']})" in capsys.readouterr().out
     restored = load_run(run_dir).feature_stats
     assert restored == auxiliary
-    # Images far from the auxiliary ones (uniform noise against smooth images): the command says so,
-    # and names the option.
+    # Images far from the auxiliary ones (uniform noise against smooth images), with the auxiliary
+    # statistics named: the command says so, and names the option.
     noise = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "noise.npz", x=noise, y=np.zeros(len(noise), np.int64))
-    assert (
-        dede(["calibrate", "--run", str(run_dir), "--data", str(tmp_path / "noise.npz"), "--fpr", "0.05"])
-        == 0
-    )
+    noise_args = ["calibrate", "--run", str(run_dir), "--data", str(tmp_path / "noise.npz"), "--fpr", "0.05"]
+    assert dede([*noise_args, "--standardise-on", "auxiliary"]) == 0
     out = capsys.readouterr().out
     assert "robust units from the auxiliary images' median" in out and "--standardise-on calibration" in out
 
@@ -697,7 +696,7 @@ def test_auto_standardisation_opens_only_where_the_auxiliary_units_miss_the_cali
     # The auxiliary images themselves (the held-out split alone is under the 100 images needed).
     np.savez(tmp_path / "aux.npz", x=aux.transpose(0, 2, 3, 1), y=np.zeros(len(aux), np.int64))
     near_args = ["calibrate", "--run", str(run_dir), "--data", str(tmp_path / "aux.npz"), "--fpr", "0.05"]
-    assert dede([*near_args, "--standardise-on", "auto"]) == 0
+    assert dede(near_args) == 0  # auto, the default
     out = capsys.readouterr().out
     near = json.loads((run_dir / "calibration.json").read_text())["feature_standardisation"]
     assert near["on"] == "auxiliary" and near["asked"] == "auto"
