@@ -66,10 +66,18 @@ def score_name(run: FittedRun, score_kind: str) -> str:
     return SCORE_NAMES[score_kind]
 
 
-def _feature_spec(run: FittedRun) -> dict:
+def _feature_spec(run: FittedRun, standardised: dict | None) -> dict:
     s = run.feature_stats
     spec = {k: s[k] for k in ("stages", "centre", "scale", "n_images", "source", "rule")}
     spec.update({k: s[k] for k in ("pixel_factors", "depths", "combine", "discrepancy") if k in s})
+    if standardised:
+        # Why the statistics are these images' (`dede calibrate --standardise-on`): the calibration
+        # images' widest depth shift in the auxiliary units is what `auto` decides on.
+        widest = standardised["widest_shift"]
+        spec["standardised_on"] = (
+            f"{standardised['on']} images (asked: {standardised.get('asked', standardised['on'])}; the "
+            f"calibration images' widest depth shift {widest['median_z']:+.2f} auxiliary units, at {widest['depth']})"
+        )
     return spec
 
 
@@ -483,7 +491,7 @@ def export_bundle(
                 "score": score_name(run, score_kind),
                 "visible_patches": run.visible,
                 "num_patches": run.num_cells,
-                "feature": _feature_spec(run) if score_kind == "feature" else None,
+                "feature": _feature_spec(run, standardised) if score_kind == "feature" else None,
             },
             "threshold": threshold,
             "onnx_outputs": [ONNX_SCORE, ONNX_RECONSTRUCTION, *EVIDENCE_OUTPUTS],

@@ -715,6 +715,10 @@ def test_auto_standardisation_opens_only_where_the_auxiliary_units_miss_the_cali
     assert "reaches 1)" in out and "robust units from the auxiliary images' median" not in out
     opened = load_run(run_dir).feature_stats
     assert opened["centre"] != auxiliary["centre"] and opened["auxiliary"]["centre"] == auxiliary["centre"]
+    # The bundle's manifest says whose statistics it carries and why.
+    manifest = export_bundle(load_run(run_dir), tmp_path / "auto")
+    assert manifest.decoder.feature["centre"] == opened["centre"]
+    assert manifest.decoder.feature["standardised_on"].startswith("calibration images (asked: auto;")
     # The same statistics and threshold as asking for the calibration images outright.
     assert dede([*args, "--standardise-on", "calibration"]) == 0
     capsys.readouterr()
