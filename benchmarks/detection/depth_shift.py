@@ -36,19 +36,25 @@ def robust_z(roots: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (roots - centre) / (1.4826 * np.median(np.abs(reference - centre), axis=0))
 
 
+def depth_roots(run, images: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """max_all's per-depth d ** 0.25 of uint8 NCHW images at the encoder's input size under a
+    fitted run (pixels at four scales, then the stages): what every depth's z-score standardises."""
+    d = depth_discrepancies(
+        run.encoder,
+        run.head("sse"),
+        run.feature_stats["stages"],
+        images,
+        torch.device("cpu"),
+        pixel_factors=PIXEL_SCALE_FACTORS,
+    )
+    return np.sqrt(np.sqrt(d))
+
+
 def measure(run_dir: Path, deployment: np.ndarray) -> dict:
     run = load_run(run_dir)
-    encoder = run.encoder
     stages = run.feature_stats["stages"]
-
-    def roots(images: np.ndarray) -> np.ndarray:
-        d = depth_discrepancies(
-            encoder, run.head("sse"), stages, images, torch.device("cpu"), pixel_factors=PIXEL_SCALE_FACTORS
-        )
-        return np.sqrt(np.sqrt(d))
-
-    auxiliary = roots(np.load(run_dir / "holdout_images.npy"))
-    ours = roots(_nchw(deployment, encoder.identity.input_spec()))
+    auxiliary = depth_roots(run, np.load(run_dir / "holdout_images.npy"))  # as the fit resized them
+    ours = depth_roots(run, _nchw(deployment, run.encoder.identity.input_spec()))
     z = robust_z(ours, auxiliary)
     z_own = robust_z(ours, ours)
     depths = [f"pixels/{k}" for k in PIXEL_SCALE_FACTORS] + list(stages)
