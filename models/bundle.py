@@ -119,9 +119,12 @@ class Threshold(_Strict):
     calibration_kind: Literal["clean", "unlabelled_robust"] = "clean"
     n_trimmed: int | None = None  # unlabelled_robust: images set aside as outliers before the quantile
     score_quantiles: dict[str, float]  # "q0.5" -> score, on the calibration split
-    realised_fpr: float | None = None  # on a second clean split
+    realised_fpr: float | None = None  # on a second clean split, or by two folds (below)
     realised_fpr_ci95: tuple[float, float] | None = None
     n_holdout: int | None = None
+    # How realised_fpr was measured where not on a second split: by two folds of the calibration
+    # images, each half's threshold read on the other half (training/calibrate.py).
+    realised_fpr_estimate: str | None = None
 
 
 class ExplainSpec(_Strict):

@@ -183,8 +183,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f"{'clean' if kind == 'clean' else 'inlier'} images"
         + (f" ({t['n_trimmed']} set aside as outliers)" if t["n_trimmed"] else "")
         + "; "
-        f"realised FPR on {t['n_holdout']} held-out clean images: {t['realised_fpr']:.4f} "
-        f"(95% CI {low:.4f}-{high:.4f})"
+        f"realised FPR by two folds ({t['n_holdout']} images, each half's threshold read on the other half): "
+        f"{t['realised_fpr']:.4f} (95% CI {low:.4f}-{high:.4f})"
     )
     above = int(args.fpr * t["n_calibration"])
     if above < ROUGH_THRESHOLD_TAIL:

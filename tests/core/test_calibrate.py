@@ -32,3 +32,29 @@ def test_wilson_interval_known_value() -> None:
     low, high = wilson_interval(10, 100)
     assert low == pytest.approx(0.0552, abs=1e-3) and high == pytest.approx(0.1744, abs=1e-3)
     assert wilson_interval(0, 50)[0] == 0.0
+
+
+def test_two_fold_calibration_thresholds_every_image_and_estimates_its_fpr_by_folds() -> None:
+    """`dede calibrate`'s calibration: the threshold is the quantile of every score, the realised FPR
+    the two folds' pooled false alarms (each half's own threshold read on the other half), exactly."""
+    from training.calibrate import TWO_FOLD_ESTIMATE, calibrate_two_fold
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0, 1, 40_000)
+    order = rng.permutation(len(scores))
+    result = calibrate_two_fold(scores, order, fpr=0.05)
+    assert result["value"] == threshold_for_fpr(scores, 0.05)
+    assert result["value"] == pytest.approx(1.6449, abs=0.02)
+    first, second = scores[order[:20_000]], scores[order[20_000:]]
+    alarms = (second > threshold_for_fpr(first, 0.05)).sum() + (first > threshold_for_fpr(second, 0.05)).sum()
+    assert result["realised_fpr"] == alarms / 40_000 and abs(result["realised_fpr"] - 0.05) < 0.004
+    assert result["n_calibration"] == result["n_holdout"] == 40_000
+    assert result["realised_fpr_estimate"] == TWO_FOLD_ESTIMATE
+
+    # An unlabelled sample with 3% far outliers: they are set aside before the quantile, in every fold.
+    traffic = np.concatenate([rng.normal(0, 1, 9_700), rng.normal(12, 1, 300)])
+    robust = calibrate_two_fold(traffic, rng.permutation(len(traffic)), 0.05, kind="unlabelled_robust")
+    assert robust["n_trimmed"] >= 300 and robust["value"] == pytest.approx(1.6449, abs=0.1)
+    assert abs(robust["realised_fpr"] - 0.05) < 0.01 and robust["n_holdout"] == robust["n_calibration"]
+    with pytest.raises(ValueError, match="at least 4"):
+        calibrate_two_fold(scores[:3], order[:3], 0.05)

@@ -182,7 +182,7 @@ def test_cli_workflow_and_pytorch_equals_dede_score(
 def test_calibrate_holdout_sets_the_threshold_on_the_fits_held_out_images(
     tiny_data: dict[str, Path], tiny_run: Path, tmp_path: Path, capsys
 ) -> None:
-    from training.calibrate import calibrate
+    from training.calibrate import calibrate_two_fold
     from training.data import load_images
     from training.fit import HOLDOUT_IMAGES_FILE, held_out_split
     from training.scoring import score_run
@@ -200,13 +200,13 @@ def test_calibrate_holdout_sets_the_threshold_on_the_fits_held_out_images(
     assert main(["calibrate", "--run", str(run), "--holdout", "--fpr", "0.05"]) == 0
     recorded = json.loads((run / "calibration.json").read_text())["threshold"]
     scores = score_run(fitted, holdout)
-    order = np.random.default_rng(0).permutation(len(holdout))  # the command's split, seed 0
-    half = len(order) // 2
-    expected = calibrate(scores[order[:half]], scores[order[half:]], 0.05)
+    order = np.random.default_rng(0).permutation(len(holdout))  # the command's folds, seed 0
+    expected = calibrate_two_fold(scores, order, 0.05)
     assert recorded["value"] == pytest.approx(expected["value"], rel=1e-6)
-    assert recorded["n_calibration"] + recorded["n_holdout"] == len(val_idx)
+    assert recorded["realised_fpr"] == pytest.approx(expected["realised_fpr"])
+    assert recorded["n_calibration"] == recorded["n_holdout"] == len(val_idx)
     assert "held-out auxiliary images" in recorded["calibration_source"]
-    assert "it is rough" in capsys.readouterr().out  # 20 images for 5%: one lies above
+    assert "it is rough" in capsys.readouterr().out  # too few held-out images for 5%: a handful lie above
     # The export's parity check needs 256 images; a held-out split of 200 (of 2,000) fills the
     # sample with its mirror images, and the export then goes through.
     from training.calibrate import calibrate_run
