@@ -9,7 +9,8 @@ rebuilt. Here, on each family's clean control (runs/shipped, fitted by `shipped.
 threshold is set as `shipped.py` sets it (1% FPR on the first 500 of the cases' 1,000 id images;
 under `max_all`'s auxiliary statistics, and under `dede calibrate --standardise-on auto`'s choice)
 and read on three clean sets: the other 500 id images, the cases' 1,000 other train images (the
-unlabelled-traffic draw) and the 2,000 test images.
+unlabelled-traffic draw) and the 2,000 test images; and, as `dede calibrate` now sets it, on all
+1,000 id images (its two-fold estimate beside), read on the other train and the test images.
 
     python -m benchmarks.detection.train_test_fpr
 """
@@ -24,7 +25,7 @@ import numpy as np
 from benchmarks.detection.depth_shift import RUNS, depth_roots
 from benchmarks.detection.shipped import FPR, _nchw, case_data
 from benchmarks.provenance import run_record
-from training.calibrate import calibrate, wilson_interval
+from training.calibrate import calibrate, calibrate_two_fold, wilson_interval
 from training.fit import SHIFT_NOTE_UNITS, load_run
 
 # A family's clean control: the clean tower or encoder, fitted by shipped.py (any trigger: only its
@@ -67,11 +68,19 @@ def measure(run_dir: Path, data: dict[str, np.ndarray]) -> dict:
     ):
         scores = {name: ((roots - centre) / scale).max(axis=1) for name, roots in sets.items()}
         threshold = calibrate(scores["id"][:500], scores["id"][500:], FPR)["value"]
+        # `dede calibrate` since 258deb2: the threshold from all 1,000 id images (two folds check it).
+        every = calibrate_two_fold(scores["id"], np.arange(len(scores["id"])), FPR)
         out[rule] = {
             "threshold": threshold,
             "id_other_half": _reading(scores["id"][500:], threshold),
             "other_train": _reading(scores["other_train"], threshold),
             "test": _reading(scores["test"], threshold),
+            "threshold_from_all_1000": {
+                "threshold": every["value"],
+                "two_fold_estimate": every["realised_fpr"],
+                "other_train": _reading(scores["other_train"], every["value"]),
+                "test": _reading(scores["test"], every["value"]),
+            },
         }
     return out
 
