@@ -68,7 +68,12 @@ def measure(run_dir: Path, data: dict[str, np.ndarray]) -> dict:
     ):
         scores = {name: ((roots - centre) / scale).max(axis=1) for name, roots in sets.items()}
         threshold = calibrate(scores["id"][:500], scores["id"][500:], FPR)["value"]
-        # `dede calibrate` since 258deb2: the threshold from all 1,000 id images (two folds check it).
+        # `dede calibrate` since 258deb2: the statistics (where the gate opens) and the threshold from
+        # all 1,000 id images, two folds to check it.
+        if rule == "auto" and opened:
+            centre = np.median(sets["id"], axis=0)
+            scale = 1.4826 * np.median(np.abs(sets["id"] - centre), axis=0)
+            scores = {name: ((roots - centre) / scale).max(axis=1) for name, roots in sets.items()}
         every = calibrate_two_fold(scores["id"], np.arange(len(scores["id"])), FPR)
         out[rule] = {
             "threshold": threshold,
