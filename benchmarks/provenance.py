@@ -47,7 +47,9 @@ def run_record(argv: list[str] | None = None, outputs: tuple[Path, ...] = ()) ->
     status = _git("status", "--porcelain", "--untracked-files=no")
     if status:
         own = {str(Path(p).resolve().relative_to(REPO_ROOT)) for p in outputs}
-        status = "\n".join(line for line in status.splitlines() if line[3:] not in own)
+        # Each line is "XY path"; `_git` strips the output, which takes the first line's leading
+        # blank (" M path" -> "M path"), so the path is the line's last field, not line[3:].
+        status = "\n".join(line for line in status.splitlines() if line.split(maxsplit=1)[-1] not in own)
     return {
         "commit": _git("rev-parse", "HEAD"),
         "dirty": bool(status) if status is not None else None,
