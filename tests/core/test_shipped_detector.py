@@ -570,7 +570,7 @@ def test_calibration_standardises_each_depth_on_the_images_that_set_the_threshol
     tiny_data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`dede calibrate --standardise-on calibration`: each depth's median and 1.4826 MAD are those of
-    the half of the calibration images that sets the threshold (checked against numpy on the same
+    the calibration images, which set the threshold (checked against numpy on the same
     images), the auxiliary ones are kept beside and come back on request, the graph exports with
     parity and the same score at any batch size, too few images keep the auxiliary statistics, and
     an export whose statistics changed after calibration is refused."""
