@@ -46,7 +46,12 @@ def run_record(argv: list[str] | None = None, outputs: tuple[Path, ...] = ()) ->
     committed results, run again before the last run's were committed)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
     if status:
-        own = {str(Path(p).resolve().relative_to(REPO_ROOT)) for p in outputs}
+        # Outputs outside the repository (a benchmark told to write elsewhere) are not in its status.
+        own = {
+            str(Path(p).resolve().relative_to(REPO_ROOT))
+            for p in outputs
+            if Path(p).resolve().is_relative_to(REPO_ROOT)
+        }
         # Each line is "XY path"; `_git` strips the output, which takes the first line's leading
         # blank (" M path" -> "M path"), so the path is the line's last field, not line[3:].
         status = "\n".join(line for line in status.splitlines() if line.split(maxsplit=1)[-1] not in own)

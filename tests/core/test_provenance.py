@@ -40,4 +40,7 @@ def test_the_real_git_status_of_a_commands_own_output_is_read_as_clean(
     out.write_text('{"a": 1}\n')
     monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
     assert provenance.run_record([], outputs=(out,))["dirty"] is False
+    # an output outside the repository (a benchmark's --out elsewhere) is no part of its status
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere.json"
+    assert provenance.run_record([], outputs=(out, elsewhere))["dirty"] is False
     assert provenance.run_record([])["dirty"] is True
