@@ -72,11 +72,16 @@ def _feature_spec(run: FittedRun, standardised: dict | None) -> dict:
     spec.update({k: s[k] for k in ("pixel_factors", "depths", "combine", "discrepancy") if k in s})
     if standardised:
         # Why the statistics are these images' (`dede calibrate --standardise-on`): the calibration
-        # images' widest depth shift in the auxiliary units is what `auto` decides on.
-        widest = standardised["widest_shift"]
+        # images' widest depth shift in the auxiliary units is what `auto` decides on (a run
+        # calibrated before the shift was recorded has none).
+        widest = standardised.get("widest_shift")
+        shift = (
+            f"; the calibration images' widest depth shift {widest['median_z']:+.2f} auxiliary units, at {widest['depth']}"
+            if widest
+            else ""
+        )
         spec["standardised_on"] = (
-            f"{standardised['on']} images (asked: {standardised.get('asked', standardised['on'])}; the "
-            f"calibration images' widest depth shift {widest['median_z']:+.2f} auxiliary units, at {widest['depth']})"
+            f"{standardised['on']} images (asked: {standardised.get('asked', standardised['on'])}{shift})"
         )
     return spec
 

@@ -723,3 +723,28 @@ def test_auto_standardisation_opens_only_where_the_auxiliary_units_miss_the_cali
     assert load_run(run_dir).feature_stats == opened
     outright = json.loads((run_dir / "calibration.json").read_text())
     assert outright["threshold"]["value"] == far["threshold"]["value"]
+
+
+def test_the_manifest_says_whose_statistics_and_why_even_for_runs_calibrated_before_the_shift() -> None:
+    """The bundle's feature spec names the images its statistics come from, what was asked and the
+    widest depth shift; a run calibrated before the shift was recorded exports without it."""
+    from types import SimpleNamespace
+
+    from training.export import _feature_spec
+
+    stats = {
+        "stages": ["layer2"],
+        "centre": [1.0],
+        "scale": [0.1],
+        "n_images": 200,
+        "source": "x",
+        "rule": "r",
+    }
+    run = SimpleNamespace(feature_stats=stats)
+    shift = {"depth": "layer3", "median_z": -1.29}
+    spec = _feature_spec(run, {"on": "calibration", "asked": "auto", "widest_shift": shift})
+    assert spec["standardised_on"] == (
+        "calibration images (asked: auto; the calibration images' widest depth shift -1.29 auxiliary units, at layer3)"
+    )
+    assert _feature_spec(run, {"on": "auxiliary"})["standardised_on"] == "auxiliary images (asked: auxiliary)"
+    assert "standardised_on" not in _feature_spec(run, None)
