@@ -448,6 +448,13 @@ def main() -> None:
         help="give every case scored without its CLIP attack's zero-shot figures (a fine-tune the "
         "encoder folders did not name then) those figures, from the CLIP suite's stage cache",
     )
+    parser.add_argument(
+        "--add-missing",
+        action="store_true",
+        help="for a --case already in results.json: score it again from its cached fit and add only the "
+        "method entries it lacks (a variant recorded since), leaving its figures and run record as they "
+        "are; each added entry's run is recorded beside, with any earlier figure that did not come back",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     if args.attach_attacks:
@@ -482,11 +489,33 @@ def main() -> None:
         case_result["run"] = {**run_record(), "commit": started["commit"], "dirty": started["dirty"]}
         # Read again before writing: another run of this script may have added cases meanwhile.
         results = json.loads(results_path.read_text()) if results_path.exists() else {"cases": {}}
+        if args.add_missing and name in results["cases"]:
+            added = add_missing_methods(results["cases"][name], case_result)
+            print(f"[shipped] {name}: added {', '.join(added) or 'nothing'}", flush=True)
+            results_path.write_text(json.dumps(results, indent=1, default=float) + "\n")
+            continue
         results["cases"][name] = case_result
         results.update({**run_record(), "commit": started["commit"], "dirty": started["dirty"]})
         results_path.write_text(json.dumps(results, indent=1, default=float) + "\n")
     (out / "REPORT.md").write_text(report(results))
     print(f"wrote {results_path} and REPORT.md")
+
+
+def add_missing_methods(case: dict, fresh: dict) -> list[str]:
+    """Add to a recorded `case` the method entries of `fresh` (the same case scored again) that it
+    lacks; every other figure and its run record stay. Records, per added entry, the fresh run and
+    the earlier entries whose figures came back different (a rescoring should reproduce them)."""
+    added = [m for m in fresh["methods"] if m not in case["methods"]]
+    changed = [
+        m for m in case["methods"] if m in fresh["methods"] and fresh["methods"][m] != case["methods"][m]
+    ]
+    for method in added:
+        case["methods"][method] = fresh["methods"][method]
+    if added:
+        case.setdefault("added_methods", {}).update(
+            {m: {"run": fresh.get("run"), "earlier_figures_not_reproduced": changed} for m in added}
+        )
+    return added
 
 
 ATTACK_RESULTS = REPO_ROOT / "benchmarks" / "detection" / "attacks" / "results.json"

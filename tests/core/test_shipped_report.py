@@ -493,3 +493,23 @@ def test_the_tenth_test_counts_the_gated_candidate_and_reads_the_fpr_against_its
     new = {name: with_rules((1.0, 1.0, 0.01), (0.9, 0.05, 0.01), asr=0.1) for name in shipped.TENTH_TEST}
     text = "\n".join(shipped.tenth_decision({"cases": new}))
     assert "**Verdict: auxiliary.**" in text and "No counted case" in text
+
+
+def test_add_missing_adds_only_the_entries_a_case_lacks_and_says_what_did_not_come_back() -> None:
+    case = _case("runs/lab-clip/attack_badencoder_blend/encoder.safetensors", 0.9, 0.9, 0.5)
+    case["run"] = {"finished_at": "2026-12-07T17:56:00+00:00"}
+    kept = json.loads(json.dumps(case))
+    fresh = json.loads(json.dumps(case))
+    fresh["run"] = {"finished_at": "2026-12-07T19:30:00+00:00"}
+    fresh["methods"][shipped.MAX_ALL_BOTH_AUTO] = _entry(1.0, 1.0, 0.01, 0.5, 0.01)
+    assert shipped.add_missing_methods(case, fresh) == [shipped.MAX_ALL_BOTH_AUTO]
+    assert case["run"] == kept["run"] and all(case["methods"][m] == v for m, v in kept["methods"].items())
+    record = case["added_methods"][shipped.MAX_ALL_BOTH_AUTO]
+    assert record == {"run": fresh["run"], "earlier_figures_not_reproduced": []}
+    # A rescoring whose earlier figure moved: the figure kept is the recorded one, and the move is said.
+    fresh["methods"]["dede_sse"] = _entry(0.7, 0.2, 0.01, 0.1, 0.0)
+    fresh["methods"]["another"] = _entry(0.6, 0.1, 0.01, 0.1, 0.0)
+    assert shipped.add_missing_methods(case, fresh) == ["another"]
+    assert case["methods"]["dede_sse"] == kept["methods"]["dede_sse"]
+    assert case["added_methods"]["another"]["earlier_figures_not_reproduced"] == ["dede_sse"]
+    assert shipped.add_missing_methods(case, fresh) == []
