@@ -505,9 +505,18 @@ def add_missing_methods(case: dict, fresh: dict) -> list[str]:
     """Add to a recorded `case` the method entries of `fresh` (the same case scored again) that it
     lacks; every other figure and its run record stay. Records, per added entry, the fresh run and
     the earlier entries whose figures came back different (a rescoring should reproduce them)."""
+
+    def reproduced(recorded: object, again: object) -> bool:
+        # Only what was recorded is compared: a field added to an entry since is not a change.
+        if isinstance(recorded, dict) and isinstance(again, dict):
+            return all(k in again and reproduced(v, again[k]) for k, v in recorded.items())
+        return recorded == again
+
     added = [m for m in fresh["methods"] if m not in case["methods"]]
     changed = [
-        m for m in case["methods"] if m in fresh["methods"] and fresh["methods"][m] != case["methods"][m]
+        m
+        for m in case["methods"]
+        if m in fresh["methods"] and not reproduced(case["methods"][m], fresh["methods"][m])
     ]
     for method in added:
         case["methods"][method] = fresh["methods"][method]

@@ -513,3 +513,9 @@ def test_add_missing_adds_only_the_entries_a_case_lacks_and_says_what_did_not_co
     assert case["methods"]["dede_sse"] == kept["methods"]["dede_sse"]
     assert case["added_methods"]["another"]["earlier_figures_not_reproduced"] == ["dede_sse"]
     assert shipped.add_missing_methods(case, fresh) == []
+    # A field added to an entry since it was recorded (a threshold's depth shift) is not a change.
+    sse = kept["methods"]["dede_sse"]
+    fresh["methods"]["dede_sse"] = sse | {"id": {**sse["id"], "widest_shift": -1.3}}
+    fresh["methods"]["newest"] = _entry(0.6, 0.1, 0.01, 0.1, 0.0)
+    assert shipped.add_missing_methods(case, fresh) == ["newest"]
+    assert case["added_methods"]["newest"]["earlier_figures_not_reproduced"] == []
