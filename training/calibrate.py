@@ -75,6 +75,11 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in CALIBRATION_KINDS:
+        raise ValueError(f"calibration kind {kind!r} is not one of {CALIBRATION_KINDS}")
+
+
 def calibrate(
     calibration_scores: np.ndarray,
     holdout_scores: np.ndarray,
@@ -85,8 +90,7 @@ def calibrate(
     """Threshold from one split, realised FPR (with its CI) on another: the manifest's fields. For
     `unlabelled_robust` the outliers of each split are set aside first (the realised FPR is then
     that of the inliers: an estimate of the clean images' false alarms)."""
-    if kind not in CALIBRATION_KINDS:
-        raise ValueError(f"calibration kind {kind!r} is not one of {CALIBRATION_KINDS}")
+    _check_kind(kind)
     calibration_scores = np.asarray(calibration_scores, dtype=np.float64)
     holdout_scores = np.asarray(holdout_scores, dtype=np.float64)
     n_trimmed = None
@@ -122,8 +126,7 @@ def calibrate_two_fold(
     estimated by two folds: the threshold set on the first half of `order` read on the second
     half, and the other way round, the false alarms pooled. The estimate is that of a threshold
     from half the images, so it errs wide; the same fields as `calibrate`."""
-    if kind not in CALIBRATION_KINDS:
-        raise ValueError(f"calibration kind {kind!r} is not one of {CALIBRATION_KINDS}")
+    _check_kind(kind)
     scores = np.asarray(scores, dtype=np.float64)
     if len(scores) < 4:
         raise ValueError(f"two folds need at least 4 scores, got {len(scores)}")

@@ -78,15 +78,20 @@ def measure(run_dir: Path, deployment: np.ndarray) -> dict:
     }
 
 
+def fitted_case(case: str) -> Path:
+    """A shipped case's fit in runs/shipped, or a one-line error naming the command that makes it."""
+    if not (RUNS / case / "decoder.safetensors").is_file():
+        raise SystemExit(
+            f"{RUNS / case} has no fit: run `python -m benchmarks.detection.shipped --case {case}=...`"
+        )
+    return RUNS / case
+
+
 def main() -> None:
     data = case_data()
     results = {}
     for label, case in CASES.items():
-        if not (RUNS / case / "decoder.safetensors").is_file():
-            raise SystemExit(
-                f"{RUNS / case} has no fit: run `python -m benchmarks.detection.shipped --case {case}=...`"
-            )
-        results[label] = {"case": case, **measure(RUNS / case, data["id_cal"])}
+        results[label] = {"case": case, **measure(fitted_case(case), data["id_cal"])}
         print(label, json.dumps(results[label], indent=1))
     OUT.write_text(
         json.dumps(

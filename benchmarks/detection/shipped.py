@@ -1326,13 +1326,11 @@ NINTH_MEAN_TPR_TOLERANCE = 0.01  # mean TPR at 1% FPR over the counted cases at 
 NINTH_GUARD_TPR = 0.02  # no guarded case's TPR at 1% FPR more than this below
 
 
-def ninth_verdict(
-    counted: list[tuple[float, float, float, float]],
-    guarded: list[tuple[str, float, float, float, float, float | None, float | None]],
+def _one_rate_verdict(
+    counted: list[tuple], guarded: list[tuple], fpr_condition: tuple[str, bool], chosen: str
 ) -> tuple[str, list[str]]:
-    """(where the statistics come from, the conditions' lines) from the counted cases' (AUROC
-    calibrated, AUROC max_all, TPR at 1% FPR calibrated, the same max_all) and the guarded cases'
-    (name, the same four, realised FPR at the id threshold calibrated, max_all; None for the demo)."""
+    """The ninth and tenth tests' verdict: `chosen` iff the shared conditions at 1% FPR (the
+    ninth's tolerances) and the test's own FPR condition all hold, else the auxiliary statistics."""
     if not counted:
         return "auxiliary", ["- No counted case: the auxiliary statistics stay."]
     conditions = [
@@ -1343,10 +1341,20 @@ def ninth_verdict(
             mean_tpr_tolerance=NINTH_MEAN_TPR_TOLERANCE,
             guard_tpr=NINTH_GUARD_TPR,
         ),
-        _fpr_bound_condition(guarded),
+        fpr_condition,
     ]
     lines = [f"- {text}: {'met' if ok else '**not met**'}" for text, ok in conditions]
-    return ("calibration" if all(ok for _, ok in conditions) else "auxiliary"), lines
+    return (chosen if all(ok for _, ok in conditions) else "auxiliary"), lines
+
+
+def ninth_verdict(
+    counted: list[tuple[float, float, float, float]],
+    guarded: list[tuple[str, float, float, float, float, float | None, float | None]],
+) -> tuple[str, list[str]]:
+    """(where the statistics come from, the conditions' lines) from the counted cases' (AUROC
+    calibrated, AUROC max_all, TPR at 1% FPR calibrated, the same max_all) and the guarded cases'
+    (name, the same four, realised FPR at the id threshold calibrated, max_all; None for the demo)."""
+    return _one_rate_verdict(counted, guarded, _fpr_bound_condition(guarded), "calibration")
 
 
 def _one_rate_rows(
@@ -1472,20 +1480,7 @@ def tenth_verdict(
     """(`dede calibrate --standardise-on`'s default, the conditions' lines) from the counted cases'
     (AUROC auto, AUROC max_all, TPR at 1% FPR auto, the same max_all) and the guarded cases' (name,
     the same four, realised FPR at the id threshold auto, max_all, clean test images)."""
-    if not counted:
-        return "auxiliary", ["- No counted case: the auxiliary statistics stay."]
-    conditions = [
-        *_flag_more_conditions(
-            counted,
-            guarded,
-            tpr_reading="at 1% FPR",
-            mean_tpr_tolerance=NINTH_MEAN_TPR_TOLERANCE,
-            guard_tpr=NINTH_GUARD_TPR,
-        ),
-        fpr_noise_condition(guarded),
-    ]
-    lines = [f"- {text}: {'met' if ok else '**not met**'}" for text, ok in conditions]
-    return ("auto" if all(ok for _, ok in conditions) else "auxiliary"), lines
+    return _one_rate_verdict(counted, guarded, fpr_noise_condition(guarded), "auto")
 
 
 def tenth_decision(results: dict) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.detection.depth_shift import RUNS, depth_roots
+from benchmarks.detection.depth_shift import depth_roots, fitted_case
 from benchmarks.detection.shipped import FPR, _nchw, case_data
 from benchmarks.provenance import run_record
 from training.calibrate import calibrate, calibrate_two_fold, wilson_interval
@@ -94,11 +94,7 @@ def main() -> None:
     data = case_data()
     results = {}
     for label, case in CASES.items():
-        if not (RUNS / case / "decoder.safetensors").is_file():
-            raise SystemExit(
-                f"{RUNS / case} has no fit: run `python -m benchmarks.detection.shipped --case {case}=...`"
-            )
-        results[label] = {"case": case, **measure(RUNS / case, data)}
+        results[label] = {"case": case, **measure(fitted_case(case), data)}
         print(label, json.dumps(results[label], indent=1))
     OUT.write_text(
         json.dumps(

@@ -38,6 +38,15 @@ def _case(encoder: str, shipped_auroc: float, mean_stages_auroc: float, cue_auro
     }
 
 
+def _demo_measured_under_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo bundle's figures under max_all and the calibrated candidate, the one-rate tests' guard."""
+    demo = {"metrics": {"auroc": 0.98, "tpr_at_1pct_fpr": 0.9}}
+    figures = {"max_all": tmp_path / "max_all.json", "calibrated": tmp_path / "calibrated.json"}
+    for path in figures.values():
+        path.write_text(json.dumps(demo))
+    monkeypatch.setattr(shipped, "EIGHTH_DEMO_FIGURES", figures)
+
+
 @pytest.fixture
 def suite_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Committed probes of two lab-heldout encoders: one attack that took, one that did not."""
@@ -406,11 +415,7 @@ def test_the_ninth_test_reads_tpr_at_one_fpr_counts_in_time_and_guards_every_cas
             case["methods"][name] = {**_entry(auroc, tpr_id, 0.01, 0.5, 0.01), "tpr_at_1pct_fpr": at_1pct}
         return case
 
-    demo = {"metrics": {"auroc": 0.98, "tpr_at_1pct_fpr": 0.9}}
-    figures = {"max_all": tmp_path / "max_all.json", "calibrated": tmp_path / "calibrated.json"}
-    for path in figures.values():
-        path.write_text(json.dumps(demo))
-    monkeypatch.setattr(shipped, "EIGHTH_DEMO_FIGURES", figures)
+    _demo_measured_under_both(tmp_path, monkeypatch)
     # new cases level at 100%; a guarded case 1.5 points below at 1% FPR though 4 below at its id threshold
     cases = {name: with_both((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)) for name in shipped.NINTH_TEST}
     cases["heldout_norm_preserving"] = with_both((0.994, 0.893, 0.866), (0.995, 0.908, 0.906))
@@ -462,11 +467,7 @@ def test_the_tenth_test_counts_the_gated_candidate_and_reads_the_fpr_against_its
                 case["methods"][name] = entry
         return case
 
-    demo = {"metrics": {"auroc": 0.98, "tpr_at_1pct_fpr": 0.9}}
-    figures = {"max_all": tmp_path / "max_all.json", "calibrated": tmp_path / "calibrated.json"}
-    for path in figures.values():
-        path.write_text(json.dumps(demo))
-    monkeypatch.setattr(shipped, "EIGHTH_DEMO_FIGURES", figures)
+    _demo_measured_under_both(tmp_path, monkeypatch)
     new = {
         name: with_rules((1.0, 1.0, 0.012), (0.85, 0.05, 0.011), (1.0, 1.0, 0.012))
         for name in shipped.TENTH_TEST
