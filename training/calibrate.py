@@ -65,6 +65,28 @@ def robust_inliers(scores: np.ndarray, outlier_mads: float = OUTLIER_MADS) -> np
     return t <= centre + outlier_mads * spread
 
 
+def robust_spread(values: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation: the standard deviation for a normal bulk."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+def tail_shape_threshold(scores: np.ndarray, reference: np.ndarray, fpr: float) -> float:
+    """The threshold a clean sample shaped like `reference` would give, placed by `scores`' own
+    median and MAD: med(s) + MAD(s) (q(r) - med(r)) / MAD(r), q the conservative (1 - fpr)
+    quantile. The median and the MAD hold with up to half the sample triggered, a 1% quantile with
+    1%; the clean tail's length in MADs is read on `reference`, images known to be clean."""
+    scores = np.asarray(scores, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if len(scores) == 0 or len(reference) == 0:
+        raise ValueError("the tail's shape needs scores and reference scores")
+    spread, reference_spread = robust_spread(scores), robust_spread(reference)
+    if spread == 0 or reference_spread == 0:
+        raise ValueError("the scores or the reference scores have no spread (MAD 0)")
+    tail = (threshold_for_fpr(reference, fpr) - np.median(reference)) / reference_spread
+    return float(np.median(scores) + spread * tail)
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval for a binomial proportion."""
     if n == 0:
