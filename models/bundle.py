@@ -115,9 +115,17 @@ class Threshold(_Strict):
     calibration_source: str
     # "clean": images known to be clean (out-of-distribution auxiliary or the user's own);
     # "unlabelled_robust": a sample of the user's traffic that may hold a few triggered images,
-    # thresholded by a robust quantile (training/calibrate.py).
+    # thresholded robustly (training/calibrate.py).
     calibration_kind: Literal["clean", "unlabelled_robust"] = "clean"
-    n_trimmed: int | None = None  # unlabelled_robust: images set aside as outliers before the quantile
+    # unlabelled_robust: images set aside as outliers (before the quantile where it is trimmed; from
+    # the realised FPR estimate's count always).
+    n_trimmed: int | None = None
+    # unlabelled_robust: "tail_shape" (the sample's median + MAD x a clean reference's tail length,
+    # `tail_mads`, read on `tail_reference`) or "trimmed_quantile" (no clean reference).
+    unlabelled_method: Literal["tail_shape", "trimmed_quantile"] | None = None
+    tail_reference: str | None = None
+    n_tail_reference: int | None = None
+    tail_mads: float | None = None
     score_quantiles: dict[str, float]  # "q0.5" -> score, on the calibration split
     realised_fpr: float | None = None  # on a second clean split, or by two folds (below)
     realised_fpr_ci95: tuple[float, float] | None = None

@@ -5,11 +5,13 @@ Two kinds:
                      setting, or a few hundred of the user's own): the threshold is the smallest
                      score t such that at most `fpr` of the calibration scores exceed t;
   unlabelled_robust  a sample of the user's own traffic that may hold a few percent of triggered
-                     images: scores far above the bulk (more than OUTLIER_MADS robust deviations
-                     above the median) are set aside first, then the same quantile is taken of the
-                     rest. Triggered images that the score separates sit far above the bulk and
-                     would otherwise drag the quantile up; those it does not separate sit inside
-                     the bulk and barely move it.
+                     images. With a clean reference (the fit's held-out auxiliary images), the
+                     threshold is the sample's median plus its MAD times the reference's clean tail
+                     length in MADs (`tail_shape_threshold`): the median and MAD hold with up to
+                     half the sample triggered, a 1% quantile with 1% (benchmarks/detection/README.md,
+                     "An unlabelled threshold that keeps the clean tail's shape"). Without one, scores
+                     more than OUTLIER_MADS robust deviations above the median are set aside and the
+                     same quantile is taken of the rest (the trimmed quantile).
 `calibrate` sets the threshold on one split and measures the realised FPR on a second, disjoint one
 (the lab's and the benchmarks' fixed splits); `calibrate_two_fold`, what `dede calibrate` ships, sets
 it on every image and estimates its realised FPR by two folds (each half's threshold read on the
@@ -30,6 +32,8 @@ from training import DEFAULT_STANDARDISE_ON, STANDARDISE_ON
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 
 CALIBRATION_KINDS = ("clean", "unlabelled_robust")
+# How `unlabelled_robust` set its threshold: from a clean reference's tail, or trimmed.
+UNLABELLED_METHODS = ("tail_shape", "trimmed_quantile")
 # How far above the median (in 1.4826 x MAD) a score must be to be set aside as an outlier: for a
 # normal bulk, 4.5 deviations leave out 3 in a million clean images.
 OUTLIER_MADS = 4.5
@@ -111,7 +115,8 @@ def calibrate(
 ) -> dict:
     """Threshold from one split, realised FPR (with its CI) on another: the manifest's fields. For
     `unlabelled_robust` the outliers of each split are set aside first (the realised FPR is then
-    that of the inliers: an estimate of the clean images' false alarms)."""
+    that of the inliers: an estimate of the clean images' false alarms): the trimmed quantile, as
+    the lab's recorded cases were read; `dede calibrate` ships `calibrate_two_fold`."""
     _check_kind(kind)
     calibration_scores = np.asarray(calibration_scores, dtype=np.float64)
     holdout_scores = np.asarray(holdout_scores, dtype=np.float64)
@@ -143,38 +148,61 @@ def calibrate_two_fold(
     fpr: float,
     source: str = "",
     kind: str = "clean",
+    reference: np.ndarray | None = None,
+    reference_source: str = "",
 ) -> dict:
-    """The threshold from every score (for `unlabelled_robust`, every inlier), and its realised FPR
-    estimated by two folds: the threshold set on the first half of `order` read on the second
-    half, and the other way round, the false alarms pooled. The estimate is that of a threshold
-    from half the images, so it errs wide; the same fields as `calibrate`."""
+    """The threshold from every score, and its realised FPR estimated by two folds: the threshold
+    set on the first half of `order` read on the second half, and the other way round, the false
+    alarms pooled. The estimate is that of a threshold from half the images, so it errs wide; the
+    same fields as `calibrate`. For `unlabelled_robust` the threshold is `tail_shape_threshold`
+    against `reference` (clean scores) where one is given, else the trimmed quantile; either way
+    the false alarms are counted on the inliers (an estimate of the clean images' rate)."""
     _check_kind(kind)
     scores = np.asarray(scores, dtype=np.float64)
     if len(scores) < 4:
         raise ValueError(f"two folds need at least 4 scores, got {len(scores)}")
-    keep = robust_inliers(scores) if kind == "unlabelled_robust" else np.ones(len(scores), bool)
+    if reference is not None and kind != "unlabelled_robust":
+        raise ValueError("a tail reference applies to unlabelled_robust calibration only")
+    unlabelled = kind == "unlabelled_robust"
+    keep = robust_inliers(scores) if unlabelled else np.ones(len(scores), bool)
+
+    def threshold(subset: np.ndarray) -> float:
+        if unlabelled and reference is not None:
+            return tail_shape_threshold(scores[subset], reference, fpr)
+        return threshold_for_fpr(scores[subset][keep[subset]], fpr)
+
     half = len(order) // 2
     folds = (order[:half], order[half:])
     false_alarms = read = 0
     for setting, rest in (folds, folds[::-1]):
-        fold_threshold = threshold_for_fpr(scores[setting][keep[setting]], fpr)
-        false_alarms += int((scores[rest][keep[rest]] > fold_threshold).sum())
+        false_alarms += int((scores[rest][keep[rest]] > threshold(setting)).sum())
         read += int(keep[rest].sum())
     inliers = scores[keep]
     low, high = wilson_interval(false_alarms, read)
-    return {
-        "value": threshold_for_fpr(inliers, fpr),
+    shaped = unlabelled and reference is not None
+    result = {
+        "value": threshold(np.arange(len(scores))),
         "fpr_target": fpr,
-        "n_calibration": int(len(inliers)),
+        # tail_shape places the threshold by every score's median and MAD; the trimmed quantile
+        # reads the inliers'.
+        "n_calibration": int(len(scores) if shaped else len(inliers)),
         "calibration_source": source,
         "calibration_kind": kind,
-        "n_trimmed": int((~keep).sum()) if kind == "unlabelled_robust" else None,
+        "n_trimmed": int((~keep).sum()) if unlabelled else None,
         "score_quantiles": {f"q{q}": float(np.quantile(inliers, q)) for q in QUANTILES},
         "realised_fpr": false_alarms / read,
         "realised_fpr_ci95": (low, high),
         "n_holdout": read,
         "realised_fpr_estimate": TWO_FOLD_ESTIMATE,
     }
+    if unlabelled:
+        result["unlabelled_method"] = "tail_shape" if shaped else "trimmed_quantile"
+    if shaped:
+        tail = (threshold_for_fpr(reference, fpr) - np.median(reference)) / robust_spread(reference)
+        result["tail_reference"] = reference_source
+        result["n_tail_reference"] = int(len(reference))
+        result["tail_mads"] = float(tail)
+    return result
 
 
 TWO_FOLD_ESTIMATE = "two folds: each half's threshold read on the other half"
@@ -190,6 +218,7 @@ def calibrate_run(
     kind: str = "clean",
     mirror_parity: bool = False,
     standardise_on: str = DEFAULT_STANDARDISE_ON,
+    tail_reference_is_calibration: bool = False,
 ) -> dict:
     """Score images with a fitted run, set the threshold on all of them (its realised FPR by two
     folds, `calibrate_two_fold`), and record the result (and a parity sample for the export check)
@@ -199,9 +228,12 @@ def calibrate_run(
     held-out split: 200 of 2,000), their mirror images fill the parity sample; the threshold is
     still set on the images as given. `standardise_on` "calibration": the feature score's per-depth
     statistics are first set on the images; "auto" (the default): so where they sit a unit or more
-    from the auxiliary images at some depth, else the auxiliary statistics (STANDARDISE_ON)."""
+    from the auxiliary images at some depth, else the auxiliary statistics (STANDARDISE_ON).
+    `unlabelled_robust` reads the clean tail's shape on the fit's held-out auxiliary images, unless
+    `tail_reference_is_calibration` (the images are those held-out images: no clean reference is
+    left, and the trimmed quantile sets the threshold)."""
     from training.export import CALIBRATION_FILE, PARITY_COUNT, PARITY_IMAGES
-    from training.fit import load_run, standardise_feature_score
+    from training.fit import load_holdout_images, load_run, standardise_feature_score
     from training.scoring import score_run
 
     if len(images) < 4:
@@ -216,7 +248,13 @@ def calibrate_run(
         standardisation = standardise_feature_score(run, images, standardise_on, source)
         run = load_run(run_dir)  # the statistics just written
     scores = score_run(run, images, score_kind)
-    threshold = calibrate_two_fold(scores, order, fpr, source, kind)
+    reference, reference_source = None, ""
+    if kind == "unlabelled_robust" and not tail_reference_is_calibration:
+        # The clean tail's shape, read on the fit's held-out auxiliary images under the same
+        # statistics as the sample (a fit that kept none says how to make them).
+        reference = score_run(run, load_holdout_images(run_dir), score_kind)
+        reference_source = "the fit's held-out auxiliary images"
+    threshold = calibrate_two_fold(scores, order, fpr, source, kind, reference, reference_source)
     result = {"score_kind": score_kind, "seed": seed, "threshold": threshold}
     if standardisation is not None:
         result["feature_standardisation"] = standardisation

@@ -150,6 +150,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         kind,
         mirror_parity=args.holdout,
         standardise_on=args.standardise_on,
+        tail_reference_is_calibration=args.holdout,
     )
     standardised = result.get("feature_standardisation")
     if standardised is None and args.standardise_on in ("calibration", "auto"):
@@ -178,14 +179,29 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             )
     t = result["threshold"]
     low, high = t["realised_fpr_ci95"]
+    if t.get("unlabelled_method") == "tail_shape":
+        described = (
+            f"{t['n_calibration']} unlabelled images (their median and MAD, and the clean tail's length "
+            f"{t['tail_mads']:.2f} MADs read on {t['tail_reference']}, {t['n_tail_reference']} of them)"
+        )
+    else:
+        described = f"{t['n_calibration']} {'clean' if kind == 'clean' else 'inlier'} images" + (
+            f" ({t['n_trimmed']} set aside as outliers)" if t["n_trimmed"] else ""
+        )
     print(
-        f"{result['score_kind']} threshold {t['value']:.4f} for FPR {args.fpr} on {t['n_calibration']} "
-        f"{'clean' if kind == 'clean' else 'inlier'} images"
-        + (f" ({t['n_trimmed']} set aside as outliers)" if t["n_trimmed"] else "")
-        + "; "
+        f"{result['score_kind']} threshold {t['value']:.4f} for FPR {args.fpr} on {described}; "
         f"realised FPR by two folds ({t['n_holdout']} images, each half's threshold read on the other half): "
         f"{t['realised_fpr']:.4f} (95% CI {low:.4f}-{high:.4f})"
     )
+    if t.get("n_tail_reference"):  # tail_shape: the quantile read is the reference's
+        above = int(args.fpr * t["n_tail_reference"])
+        if above < ROUGH_THRESHOLD_TAIL:
+            print(
+                f"note: the clean tail's length is read on {t['n_tail_reference']} held-out images, "
+                f"only {above} of them above it, so it is rough; a fit on more auxiliary images "
+                "(it holds 10% out), or a larger --fpr, steadies it"
+            )
+        return 0
     above = int(args.fpr * t["n_calibration"])
     if above < ROUGH_THRESHOLD_TAIL:
         print(
@@ -353,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--unlabelled",
         action="store_true",
         help="--data is an unlabelled sample of your traffic that may hold a few percent of triggered "
-        "images: outliers are set aside before the quantile (robust calibration)",
+        "images: the threshold is its median plus its MAD times the clean tail's length read on the "
+        "fit's held-out images (with --holdout: outliers set aside before the quantile)",
     )
     cal.add_argument("--seed", type=int, default=0, help="seed of the calibration / held-out split")
     cal.add_argument(

@@ -58,3 +58,39 @@ def test_two_fold_calibration_thresholds_every_image_and_estimates_its_fpr_by_fo
     assert abs(robust["realised_fpr"] - 0.05) < 0.01 and robust["n_holdout"] == robust["n_calibration"]
     with pytest.raises(ValueError, match="at least 4"):
         calibrate_two_fold(scores[:3], order[:3], 0.05)
+
+
+def test_tail_shape_threshold_holds_where_triggered_scores_sit_inside_the_trimming_reach() -> None:
+    """A clean bulk N(5, 2) whose tail has the shape of a clean reference N(0, 1): the threshold is
+    5 + 2 x 2.326. With 5% of the sample at 3 deviations above (triggered images the score only
+    half separates: none are trimmed), the trimmed quantile lands among them, while the median and
+    the MAD barely move."""
+    from training.calibrate import calibrate_two_fold, robust_inliers, tail_shape_threshold
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 1, 20_000)
+    clean = rng.normal(5, 2, 9_500)
+    assert tail_shape_threshold(clean, reference, 0.01) == pytest.approx(5 + 2 * 2.3263, abs=0.15)
+    sample = np.concatenate([clean, rng.normal(11, 0.5, 500)])
+    assert robust_inliers(sample).all()
+    test = rng.normal(5, 2, 100_000)
+    shaped = tail_shape_threshold(sample, reference, 0.01)
+    trimmed = threshold_for_fpr(sample[robust_inliers(sample)], 0.01)
+    assert 0.003 < (test > shaped).mean() < 0.015 and (test > trimmed).mean() < 0.002
+    # Location and scale are the sample's own: a reference anywhere, of any spread, reads the same.
+    assert tail_shape_threshold(sample, 7 + 3 * reference, 0.01) == pytest.approx(shaped, rel=1e-9)
+
+    result = calibrate_two_fold(
+        sample, rng.permutation(len(sample)), 0.01, "traffic", "unlabelled_robust", reference, "clean"
+    )
+    assert result["value"] == pytest.approx(shaped) and result["unlabelled_method"] == "tail_shape"
+    assert result["tail_mads"] == pytest.approx(2.3263, abs=0.1) and result["n_tail_reference"] == 20_000
+    assert result["n_calibration"] == len(sample)
+    untouched = calibrate_two_fold(sample, rng.permutation(len(sample)), 0.01, kind="unlabelled_robust")
+    assert untouched["unlabelled_method"] == "trimmed_quantile" and untouched["value"] == pytest.approx(
+        trimmed
+    )
+    with pytest.raises(ValueError, match="unlabelled_robust"):
+        calibrate_two_fold(sample, np.arange(len(sample)), 0.01, kind="clean", reference=reference)
+    with pytest.raises(ValueError, match="no spread"):
+        tail_shape_threshold(sample, np.ones(10), 0.01)

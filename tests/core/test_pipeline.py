@@ -230,6 +230,40 @@ def test_calibrate_holdout_sets_the_threshold_on_the_fits_held_out_images(
     assert "add --unlabelled" in capsys.readouterr().out
     assert main(["calibrate", "--run", str(run), "--holdout", "--unlabelled", "--fpr", "0.05"]) == 0
     assert "add --unlabelled" not in capsys.readouterr().out
+    # The held-out images are the sample here: no clean reference is left, so the quantile is trimmed.
+    assert json.loads((run / "calibration.json").read_text())["threshold"]["unlabelled_method"] == (
+        "trimmed_quantile"
+    )
+    # An unlabelled sample of the user's own: the clean tail's shape is read on the held-out images,
+    # under the statistics the sample set, and the export carries which threshold it is.
+    from training.calibrate import tail_shape_threshold
+    from training.data import load_images
+
+    assert (
+        main(
+            [
+                "calibrate",
+                "--run",
+                str(run),
+                "--data",
+                str(tiny_data["clean"]),
+                "--unlabelled",
+                "--fpr",
+                "0.05",
+            ]
+        )
+        == 0
+    )
+    assert "clean tail's length" in capsys.readouterr().out
+    recorded = json.loads((run / "calibration.json").read_text())["threshold"]
+    assert recorded["unlabelled_method"] == "tail_shape" and recorded["n_tail_reference"] == len(holdout)
+    sample, _ = load_images(tiny_data["clean"], fitted.encoder.identity.input_spec(), None)
+    standardised = load_run(run)
+    expected = tail_shape_threshold(score_run(standardised, sample), score_run(standardised, holdout), 0.05)
+    assert recorded["value"] == pytest.approx(expected, rel=1e-6)
+    manifest = export_bundle(standardised, tmp_path / "bundle-unlabelled")
+    assert manifest.threshold.unlabelled_method == "tail_shape"
+    assert manifest.threshold.tail_mads == pytest.approx(recorded["tail_mads"])
     (run / HOLDOUT_IMAGES_FILE).unlink()  # a run fitted before runs kept them
     capsys.readouterr()
     assert main(["calibrate", "--run", str(run), "--holdout"]) == 2
