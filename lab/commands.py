@@ -179,6 +179,7 @@ LAB_SUITE_NAMES = (
     "lab-heldout-drupe",
     "lab-heldout-hiding",
     "lab-heldout-ninth",
+    "lab-heldout-drupe40",
 )
 CLIP_SUITE_NAMES = ("clip", "clip-colours", "clip-smoke", "clip-ninth", "clip-tenth")
 ATTACK_NAMES = (
