@@ -32,8 +32,6 @@ from training import DEFAULT_STANDARDISE_ON, STANDARDISE_ON
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 
 CALIBRATION_KINDS = ("clean", "unlabelled_robust")
-# How `unlabelled_robust` set its threshold: from a clean reference's tail, or trimmed.
-UNLABELLED_METHODS = ("tail_shape", "trimmed_quantile")
 # How far above the median (in 1.4826 x MAD) a score must be to be set aside as an outlier: for a
 # normal bulk, 4.5 deviations leave out 3 in a million clean images.
 OUTLIER_MADS = 4.5
@@ -156,7 +154,8 @@ def calibrate_two_fold(
     alarms pooled. The estimate is that of a threshold from half the images, so it errs wide; the
     same fields as `calibrate`. For `unlabelled_robust` the threshold is `tail_shape_threshold`
     against `reference` (clean scores) where one is given, else the trimmed quantile; either way
-    the false alarms are counted on the inliers (an estimate of the clean images' rate)."""
+    the false alarms are counted on the inliers (an estimate of the clean images' rate, high by the
+    triggered images that sit within OUTLIER_MADS of the bulk)."""
     _check_kind(kind)
     scores = np.asarray(scores, dtype=np.float64)
     if len(scores) < 4:

@@ -535,6 +535,11 @@ SUITE_RESULTS = {
         "heldout/results.json",
         REPO_ROOT / "benchmarks" / "detection" / "heldout" / "results.json",
     ),
+    # DRUPE-style at 40 attack epochs (README, "DRUPE-style at 40 epochs"): cases heldout_drupe40_*.
+    "lab-heldout-drupe40": (
+        "heldout/drupe40/results.json",
+        REPO_ROOT / "benchmarks" / "detection" / "heldout" / "drupe40" / "results.json",
+    ),
 }
 # Parts of a suite whose report is committed apart from the suite's (lab/runner.py
 # COMMITTED_LAB_REPORTS), read where the suite's own results lack an encoder.
