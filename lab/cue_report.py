@@ -72,6 +72,16 @@ def _figures(lab: Lab, results: dict, out_dir: Path) -> dict[str, list[str]]:
     return made
 
 
+def _overridden_epochs(config: dict) -> str:
+    """The attacks whose own settings change the suite's fine-tune epochs, said after them."""
+    epochs = {
+        name: kv["epochs"] for name, kv in (config.get("attack_settings") or {}).items() if "epochs" in kv
+    }
+    if not epochs:
+        return ""
+    return " (" + ", ".join(f"{name} {n}" for name, n in epochs.items()) + " epochs)"
+
+
 def _ba_asr(entry: dict) -> tuple[float | None, float | None]:
     probe = entry.get("probe", {}).get("cifar10", {})
     return probe.get("ba"), probe.get("asr")
@@ -91,7 +101,7 @@ def _markdown(lab: Lab, results: dict, figures: dict[str, list[str]]) -> str:
         "",
         f"Scale: clean SimCLR encoder {c['arch']} width {c['width']}, {c['simclr_epochs']} epochs on "
         f"{c['simclr_images'] or 'all'} CIFAR-10 train images; fine-tunes {c['attack_epochs']} epochs on "
-        f"{c['shadow_images']} shadow images; probe on {c['probe_train']} labelled images; "
+        f"{c['shadow_images']} shadow images{_overridden_epochs(c)}; probe on {c['probe_train']} labelled images; "
         f"{c['n_test']} CIFAR-10 test images (triggered: the non-target ones). Thresholds are set on "
         f"{c['ood_calibration_sources']} clean Tiny-ImageNet images (x5 views) at FPR {c['fpr_target']}.",
         "",
