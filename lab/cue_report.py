@@ -54,6 +54,12 @@ def _figures(lab: Lab, results: dict, out_dir: Path) -> dict[str, list[str]]:
                 scores.update(
                     {m: v for m, v in lab.load_scores(*key.split("/")).items() if m.startswith("dede")}
                 )
+        if not results["cues"][name]:
+            # A stage marker without its scores (copied from another suite's root, or cleaned away).
+            raise ValueError(
+                f"the cues of {name} have no scores in {lab.root / 'scores' / 'cues'}: remove its "
+                f"stage marker {lab.cache.marker(f'cues_{name}')} and run the suite again to rescore it"
+            )
         roc = f"roc_{name}.png"
         roc_figure(plt, scores, f"ROC {name}", out_dir / roc)
         made[name] = [roc]

@@ -117,3 +117,22 @@ def test_a_suite_part_reports_into_its_own_folder() -> None:
     folders = {default_report_dir(Lab(SUITES[n], progress=False)) for n in parts}
     assert len(folders) == 3 and all(f.parent.name == "lab-heldout" for f in folders)
     assert default_report_dir(Lab(SUITES["smoke"], progress=False)).name == "report"
+
+
+def test_cue_report_names_missing_cue_scores(tmp_path) -> None:
+    """A cue stage marker whose scores file is absent (copied from another suite's root) stops the
+    report with the file's folder and the marker to remove, not a bare max() of nothing."""
+    import pytest
+
+    from lab.cue_report import _figures
+    from lab.suite import StageCache
+
+    class _Lab:
+        root = tmp_path
+        cache = StageCache(tmp_path)
+
+        def load_cues(self, name: str) -> dict:
+            return {}
+
+    with pytest.raises(ValueError, match="cues of clean have no scores .*cues_clean.json"):
+        _figures(_Lab(), {"cues": {"clean": {}}, "detection": {}}, tmp_path)
