@@ -232,7 +232,7 @@ def calibrate_run(
     `tail_reference_is_calibration` (the images are those held-out images: no clean reference is
     left, and the trimmed quantile sets the threshold)."""
     from training.export import CALIBRATION_FILE, PARITY_COUNT, PARITY_IMAGES
-    from training.fit import load_holdout_images, load_run, standardise_feature_score
+    from training.fit import has_holdout_images, load_holdout_images, load_run, standardise_feature_score
     from training.scoring import score_run
 
     if len(images) < 4:
@@ -248,9 +248,10 @@ def calibrate_run(
         run = load_run(run_dir)  # the statistics just written
     scores = score_run(run, images, score_kind)
     reference, reference_source = None, ""
-    if kind == "unlabelled_robust" and not tail_reference_is_calibration:
+    if kind == "unlabelled_robust" and not tail_reference_is_calibration and has_holdout_images(run_dir):
         # The clean tail's shape, read on the fit's held-out auxiliary images under the same
-        # statistics as the sample (a fit that kept none says how to make them).
+        # statistics as the sample. A fit from before runs kept them gets the trimmed quantile,
+        # and the manifest says so (`unlabelled_method`).
         reference = score_run(run, load_holdout_images(run_dir), score_kind)
         reference_source = "the fit's held-out auxiliary images"
     threshold = calibrate_two_fold(scores, order, fpr, source, kind, reference, reference_source)

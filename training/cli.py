@@ -179,6 +179,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             )
     t = result["threshold"]
     low, high = t["realised_fpr_ci95"]
+    if t.get("unlabelled_method") == "trimmed_quantile" and not args.holdout:
+        print(
+            "note: this fit kept no held-out images, so the unlabelled threshold is the trimmed quantile, "
+            "which a few percent of triggered images can drag up; run `dede fit` again with the same "
+            "--out (it resumes and writes them), then calibrate again"
+        )
     if t.get("unlabelled_method") == "tail_shape":
         described = (
             f"{t['n_calibration']} unlabelled images (their median and MAD, and the clean tail's length "

@@ -1010,6 +1010,11 @@ class FittedRun:
         return FeatureStandardiser(s["centre"], s["scale"], s.get("combine", "mean"))
 
 
+def has_holdout_images(run_dir: Path) -> bool:
+    """Whether the fit kept its held-out auxiliary images (fits since they were kept do)."""
+    return (run_dir / HOLDOUT_IMAGES_FILE).is_file()
+
+
 def load_holdout_images(run_dir: Path) -> np.ndarray:
     """The fit's held-out auxiliary images (uint8 NCHW), which its decoder never trained on."""
     path = run_dir / HOLDOUT_IMAGES_FILE

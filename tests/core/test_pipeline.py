@@ -268,6 +268,12 @@ def test_calibrate_holdout_sets_the_threshold_on_the_fits_held_out_images(
     capsys.readouterr()
     assert main(["calibrate", "--run", str(run), "--holdout"]) == 2
     assert "keeps no held-out images" in capsys.readouterr().err
+    # Without them an unlabelled sample still calibrates, by the trimmed quantile, and says why.
+    assert main(["calibrate", "--run", str(run), "--data", str(tiny_data["clean"]), "--unlabelled"]) == 0
+    assert "kept no held-out images" in capsys.readouterr().out
+    assert json.loads((run / "calibration.json").read_text())["threshold"]["unlabelled_method"] == (
+        "trimmed_quantile"
+    )
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
