@@ -384,8 +384,9 @@ SUITES["lab-heldout-ninth"] = _suite_part(
 # DRUPE-style at 40 attack epochs (fixed 2026-12-07, 21:00 UTC, before they were trained, each run
 # once, in this order): the five triggers with which it stayed under the attacks issue's 90% ASR at
 # lab-heldout's 20 epochs (81-87%), with the epochs the cue-hiding attacks needed there. Its own
-# root, since the encoders' names are lab-heldout's; it starts from lab-heldout's clean encoder
-# where that is in the checkout (copied with its stage markers), else trains its own.
+# root, since the encoders' names are lab-heldout's. Its committed run started from lab-heldout's
+# clean encoder, copied by hand with its stage markers and clean cue scores; a checkout without
+# them trains its own.
 DRUPE_40_ATTACKS = (
     ("drupe", "noise"),
     ("drupe", "noise@random"),

@@ -199,21 +199,19 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f"realised FPR by two folds ({t['n_holdout']} images, each half's threshold read on the other half): "
         f"{t['realised_fpr']:.4f} (95% CI {low:.4f}-{high:.4f})"
     )
-    if t.get("n_tail_reference"):  # tail_shape: the quantile read is the reference's
-        above = int(args.fpr * t["n_tail_reference"])
-        if above < ROUGH_THRESHOLD_TAIL:
-            print(
-                f"note: the clean tail's length is read on {t['n_tail_reference']} held-out images, "
-                f"only {above} of them above it, so it is rough; a fit on more auxiliary images "
-                "(it holds 10% out), or a larger --fpr, steadies it"
-            )
-        return 0
-    above = int(args.fpr * t["n_calibration"])
+    # The quantile that sets the threshold is read on the tail reference under tail_shape, else on
+    # the calibration images: a handful above it makes it rough.
+    if t.get("n_tail_reference"):
+        counted, which = t["n_tail_reference"], "held-out images the clean tail's length is read on"
+        remedy = "a fit on more auxiliary images (it holds 10% out), or a larger --fpr, steadies it"
+    else:
+        counted, which = t["n_calibration"], "calibration images"
+        remedy = "more clean images, or a larger --fpr, steady it"
+    above = int(args.fpr * counted)
     if above < ROUGH_THRESHOLD_TAIL:
         print(
-            f"note: only {above} of the {t['n_calibration']} calibration images "
-            f"{'lies' if above == 1 else 'lie'} above this threshold, "
-            "so it is rough (see the interval); more clean images, or a larger --fpr, steady it"
+            f"note: only {above} of the {counted} {which} {'lies' if above == 1 else 'lie'} above "
+            f"its quantile, so the threshold is rough (see the interval); {remedy}"
         )
     return 0
 

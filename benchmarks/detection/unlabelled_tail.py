@@ -136,6 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     cases = args.case or local_cases()
+    unknown = sorted(set(cases) - set(local_cases()))
+    if unknown:
+        raise SystemExit(
+            f"not a shipped case with a fit in runs/shipped: {', '.join(unknown)} "
+            "(score it first: python -m benchmarks.detection.shipped --case NAME=ENCODER@TRIGGER)"
+        )
     data = case_data()
     results = {}
     for name in cases:
