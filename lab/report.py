@@ -16,16 +16,23 @@ from lab.figures import fmt, pct, roc_figure, score_histogram, write_report_file
 if TYPE_CHECKING:
     from lab.suite import Lab
 
-GOALS = {  # from the lab's issue: (metric, minimum) per attack, OOD auxiliary data, default DeDe score
-    "badencoder": {"auroc": 0.99, "calibrated_tpr": 0.95},
-    "drupe": {"auroc": 0.99, "calibrated_tpr": 0.95},
-    "norm_preserving": {"auroc": 0.99},
-    "ctrl": {"auroc": 0.98},
+# The shipped-detector issue's goals on the lab's attacks, OOD auxiliary data, the default score:
+# AUROC, and the TPR at the threshold set on clean OOD images alone, at a realised FPR of at most 2%.
+GOALS = {
+    "badencoder": {"auroc": 0.99, "calibrated_tpr": 0.90},
+    "norm_preserving": {"auroc": 0.99, "calibrated_tpr": 0.90},
+    "drupe": {"auroc": 0.99, "calibrated_tpr": 0.90},
+    "ctrl": {"auroc": 0.99, "calibrated_tpr": 0.90},
 }
+GOAL_MAX_REALISED_FPR = 0.02
+TOOK = 0.40  # probe ASR from which an attack counts (as in benchmarks/detection/shipped.py)
+SHIPPED_METHOD = "dede_shipped"
 
 
 def default_dede_method(lab: Lab) -> str:
-    return f"dede_{lab.config.decoder_preset}_sse"
+    """The score the report is read on: the shipped detector where the suite measures it, else the
+    method's own pixel score of the suite's decoder."""
+    return SHIPPED_METHOD if lab.config.shipped_detections else f"dede_{lab.config.decoder_preset}_sse"
 
 
 def write_report(lab: Lab, results: dict, out_dir: Path) -> None:
@@ -172,6 +179,7 @@ def _markdown(lab: Lab, results: dict, figures: dict[str, list[str]]) -> str:
         lines.append("")
     if "grid" in figures:
         lines += ["### Reconstructions", "", f"![reconstructions]({figures['grid'][0]})", ""]
+    lines += _shipped_lines(lab)
     lines += _variant_lines(results, default)
     lines += _goal_lines(results, default)
     lines += [
@@ -188,17 +196,77 @@ def _markdown(lab: Lab, results: dict, figures: dict[str, list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shipped_lines(lab: Lab) -> list[str]:
+    """What `dede_shipped` is, per (encoder, aux): the fit's stop, the score's rule, the parity."""
+    rows = []
+    for name, aux in lab.config.shipped_detections:
+        stage = lab.cache.load(f"shipped_{name}_{aux}")
+        if stage is None:
+            continue
+        r, fit = stage["result"], stage["result"].get("fit") or {}
+        standardisation = r.get("standardisation") or {}
+        rows.append(
+            f"| {name} / {aux} | {r['preset']} | `{r['score']}` | {r['n_fit_images']} | "
+            f"{fit.get('steps', '-')} | {fit.get('stop_reason', '-')} | {fmt(r['fit_seconds'], 0)} s | "
+            f"{standardisation.get('on', '-')} | {_sci(r['parity'].get('max_relative_diff_ort_vs_torch'))} |"
+        )
+    if not rows:
+        return []
+    return [
+        "## The shipped detector (`dede_shipped`)",
+        "",
+        "`dede fit`, `dede calibrate` and `dede export` with their defaults, as the README runs them: the "
+        f"decoder fitted on the first {lab.config.shipped_fit_images:,} auxiliary source images (all, where "
+        "fewer; each once, no extra views), "
+        "calibrated on the suite's clean calibration images, exported; every `dede_shipped` figure comes "
+        "from the exported ONNX graph (ONNX Runtime, CPU). Its threshold in the tables is set on the same "
+        "calibration images as every other method's.",
+        "",
+        "| encoder / aux | decoder | score | fit images | steps | stopped because | fit wall | "
+        "depth statistics | ONNX vs PyTorch (max relative difference) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
+
+
+def _sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
 def _goal_lines(results: dict, default: str) -> list[str]:
-    lines = ["## Goals (OOD auxiliary data, default score `" + default + "`)", ""]
+    lines = [
+        f"## Goals (OOD auxiliary data, default score `{default}`)",
+        "",
+        "The shipped-detector issue's: AUROC >= 0.99 and, at the threshold set on clean OOD images alone, "
+        f"TPR >= 90% at a realised FPR of at most {GOAL_MAX_REALISED_FPR:.0%}; read where the attack took "
+        f"(probe ASR >= {TOOK:.0%}).",
+        "",
+    ]
     for attack, goals in GOALS.items():
         metrics = results["detection"].get(f"{attack}/ood", {}).get(default)
         if metrics is None:
             lines.append(f"- {attack}: not measured")
             continue
+        asr = results["encoders"].get(attack, {}).get("probe", {}).get("cifar10", {}).get("asr")
+        if asr is not None and asr < TOOK:
+            lines.append(
+                f"- {attack}: the attack did not take (probe ASR {asr:.1%}): no goal read; "
+                f"AUROC {metrics['auroc']:.3f}"
+            )
+            continue
         parts = []
         for goal, minimum in goals.items():
-            value = metrics["auroc"] if goal == "auroc" else metrics["calibrated"]["tpr_triggered_test"]
-            parts.append(f"{goal} {value:.3f} (goal >= {minimum}: {'met' if value >= minimum else 'MISSED'})")
+            cal = metrics["calibrated"]
+            value = metrics["auroc"] if goal == "auroc" else cal["tpr_triggered_test"]
+            met = value >= minimum
+            if goal != "auroc":
+                met = met and cal["realised_fpr_clean_test"] <= GOAL_MAX_REALISED_FPR
+            parts.append(
+                f"{goal} {value:.3f}"
+                + ("" if goal == "auroc" else f" at realised FPR {cal['realised_fpr_clean_test']:.3f}")
+                + f" (goal >= {minimum}: {'met' if met else 'MISSED'})"
+            )
         others = {
             m: v["auroc"]
             for m, v in results["detection"][f"{attack}/ood"].items()
@@ -246,10 +314,16 @@ def _variant_lines(results: dict, default: str) -> list[str]:
     for method in methods:
         cells = [fmt(results["detection"][k].get(method, {}).get("auroc")) for k in keys]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    shipped = (
+        f"Default: `{default}`, the shipped detector (the section above). The `dede_<preset>_*` rows are "
+        "the lab's MAE-style decoders with the method's own pixel score, `sse` (sum of squared errors over "
+        "the rebuilt patches), which `dede fit` shipped before the conv decoder and the feature score. "
+        if default == SHIPPED_METHOD
+        else f"Default: `{default}`, the method's own score (sum of squared errors over the rebuilt patches). "
+    )
     lines += [
         "",
-        f"Default: `{default}`, the method's own score (sum of squared errors over the rebuilt patches) and "
-        "what `dede fit`/`dede export` ship. `max_patch` (the worst patch's error) is kept as a named option "
+        shipped + "`max_patch` (the worst patch's error) is kept as a named option "
         "and shown beside it. `sse_mask90x4` shows the decoder 10% of the patches (the training mask) "
         "instead of none and averages four fixed masks. The `clean/...` column is the control: it uses the same trigger on an encoder "
         "WITHOUT a backdoor, so a high value there means the score reacts to the trigger's pixels, not to the "
@@ -265,9 +339,9 @@ def _variant_lines(results: dict, default: str) -> list[str]:
         "stage. Where the activation norm separates about as well, the attack inflates intermediate "
         "activations on triggered inputs (as the plain BadEncoder inflates the embedding's norm), and most "
         "of the feature score's separation is that cue; what the decoder adds shows in the calibrated TPR, "
-        "the threshold set on clean out-of-distribution images. The feature variant is a lab option: the "
-        "shipped graph (`dede export`) computes the pixel score, which works for any encoder, including "
-        "ONNX black boxes without named stages.",
+        "the threshold set on clean out-of-distribution images. Each row reads one stage alone, from the "
+        "lab's decoder; the shipped score reads the stages and the pixels together, each standardised on "
+        "clean auxiliary images, and takes the max (`dede_shipped`).",
         "",
     ]
     return lines + _trimmed_lines()

@@ -15,6 +15,7 @@ def test_smoke_suite_runs() -> None:
     if missing_data():
         pytest.skip("DEDE_DATA_DIR lacks the lab's data files")
     from lab.runner import run_suite
+    from lab.suite import REPO_ROOT, SUITES
 
     results = run_suite("smoke", progress=False)
     assert "badencoder/ood" in results["detection"]
@@ -23,6 +24,14 @@ def test_smoke_suite_runs() -> None:
     for method in ("dede_tiny_feature_layer3", "activation_norm_layer3"):  # the feature-space stage
         assert results["detection"]["badencoder/ood"][method]["n_clean_test"] == metrics["n_clean_test"]
     assert results["encoders"]["badencoder"]["probe"]["cifar10"]["ba"] > 0
+    # The shipped detector, fitted, calibrated and exported with the product's defaults, scored
+    # through its ONNX graph on the same images; the report is read on it.
+    shipped = results["detection"]["badencoder/ood"]["dede_shipped"]
+    assert shipped["n_clean_test"] == metrics["n_clean_test"] and 0 <= shipped["auroc"] <= 1
+    assert "dede_shipped" not in results["detection"]["drupe/ood"]  # only where the suite asks
+    report = (REPO_ROOT / SUITES["smoke"].root / "report" / "REPORT.md").read_text()
+    assert "## The shipped detector (`dede_shipped`)" in report
+    assert "| **dede_shipped** |" in report and "default score `dede_shipped`" in report
 
 
 @pytest.mark.lab
