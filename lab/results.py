@@ -99,6 +99,10 @@ def collect_results(lab: Lab, session_seconds: float) -> dict:
                         splits["triggered"] > threshold,
                         c.target_class,
                     )
+            if "holdout" in splits:  # the shipped detector's `dede calibrate --holdout` threshold
+                metrics["calibrated_holdout"] = detection_metrics(
+                    splits["holdout"], splits["clean"], splits["triggered"], c.fpr_target
+                )["calibrated"]
             per_method[method] = metrics
         results["detection"][f"{name}/{aux}"] = per_method
     results["cues"] = {}

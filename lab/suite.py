@@ -872,7 +872,7 @@ class Lab:
         from models.bundle import ONNX_INPUT, ONNX_SCORE
         from training.calibrate import calibrate_run
         from training.export import export_bundle
-        from training.fit import FitSettings, fit_decoder, load_run
+        from training.fit import FitSettings, fit_decoder, load_holdout_images, load_run
 
         c = self.config
         stage = f"shipped_{name}_{aux}"
@@ -912,8 +912,16 @@ class Lab:
             session = ort.InferenceSession(
                 str(run_dir / "bundle" / "detector.onnx"), providers=["CPUExecutionProvider"]
             )
+            # `holdout`: the fit's held-out auxiliary images, where `dede calibrate --holdout` (the
+            # paper's setting, no data of the user's own) sets its threshold.
+            sets = (
+                ("calibration", calibration),
+                ("holdout", load_holdout_images(run_dir)),
+                ("clean", clean),
+                ("triggered", triggered),
+            )
             arrays = {}
-            for split, images in (("calibration", calibration), ("clean", clean), ("triggered", triggered)):
+            for split, images in sets:
                 arrays[f"dede_shipped/{split}"] = np.concatenate(
                     [
                         session.run([ONNX_SCORE], {ONNX_INPUT: images[i : i + 256]})[0]

@@ -43,5 +43,16 @@ def test_goals_are_read_on_the_default_score_and_need_both_tpr_and_fpr() -> None
 
 def test_an_attack_that_did_not_take_is_reported_without_a_goal() -> None:
     lines = _goal_lines(_results(ctrl=(0.047, _metrics(0.51, 0.01, 0.01))), "dede_shipped")
+    assert "held-out" not in "\n".join(lines)
     ctrl = next(line for line in lines if line.startswith("- ctrl:"))
     assert ctrl == "- ctrl: the attack did not take (probe ASR 4.7%): no goal read; AUROC 0.510"
+
+
+def test_the_held_out_auxiliary_threshold_is_read_beside_the_calibration_set() -> None:
+    metrics = _metrics(0.999, 0.30, 0.0) | {
+        "calibrated_holdout": {"tpr_triggered_test": 0.96, "realised_fpr_clean_test": 0.011}
+    }
+    lines = _goal_lines(_results(drupe=(0.98, metrics)), "dede_shipped")
+    drupe = next(line for line in lines if line.startswith("- drupe:"))
+    assert "calibrated_tpr 0.300 at realised FPR 0.000 (goal >= 0.9: MISSED)" in drupe
+    assert "at the held-out auxiliary threshold 0.960 at realised FPR 0.011 (met)" in drupe

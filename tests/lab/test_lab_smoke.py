@@ -28,6 +28,8 @@ def test_smoke_suite_runs() -> None:
     # through its ONNX graph on the same images; the report is read on it.
     shipped = results["detection"]["badencoder/ood"]["dede_shipped"]
     assert shipped["n_clean_test"] == metrics["n_clean_test"] and 0 <= shipped["auroc"] <= 1
+    # and at the threshold `dede calibrate --holdout` sets on the fit's held-out auxiliary images
+    assert 0 < shipped["calibrated_holdout"]["n_calibration"] < shipped["calibrated"]["n_calibration"]
     assert "dede_shipped" not in results["detection"]["drupe/ood"]  # only where the suite asks
     report = (REPO_ROOT / SUITES["smoke"].root / "report" / "REPORT.md").read_text()
     assert "## The shipped detector (`dede_shipped`)" in report
