@@ -128,8 +128,9 @@ class SuiteConfig:
     )
     # The shipped detector on these (encoder, aux) pairs: `dede fit`, `dede calibrate` and `dede
     # export` with their defaults, scored through the exported ONNX graph (`Lab.stage_shipped`). It
-    # is fitted as the README's command fits it, on `shipped_fit_images` auxiliary source images
-    # (2,000 Tiny-ImageNet images, no extra views); `shipped_max_steps` None: the product's budget.
+    # is fitted as the README's command fits it, on at most `shipped_fit_images` auxiliary source
+    # images, each once (the lab's Tiny-ImageNet file holds 2,000, 400 of which calibrate: 1,600 are
+    # fitted on); `shipped_max_steps` None: the product's budget. Each pair must be in `detections`.
     shipped_detections: tuple[tuple[str, str], ...] = ()
     shipped_fit_images: int = 2000
     shipped_max_steps: int | None = None
@@ -142,6 +143,11 @@ class SuiteConfig:
     root: str = "runs/lab"
     # BackdoorSettings fields that differ from their defaults, per attack (by encoder name).
     attack_settings: dict[str, dict[str, float | int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        stray = [pair for pair in self.shipped_detections if pair not in self.detections]
+        if stray:
+            raise ValueError(f"suite {self.name!r}: shipped_detections {stray} are not among its detections")
 
 
 def encoder_name(variant: str, trigger: str) -> str:
@@ -428,6 +434,7 @@ SUITES["lab-hard-smoke"] = replace(
     attacks=(("adaptive", "patch"), ("dede_aware", "patch"), ("badencoder", "blend"), ("badencoder", "warp")),
     with_ctrl=False,
     detections=(("adaptive", "ood"),),
+    shipped_detections=(),
     extra_decoders=(),
     cue_encoders=("clean", "adaptive", "dede_aware", "badencoder_blend", "badencoder_warp"),
     root="runs/lab-hard-smoke",
@@ -867,12 +874,10 @@ class Lab:
         `calibrate_run` on the suite's clean calibration images with its defaults, then
         `export_bundle`; every score (method `dede_shipped`) comes from the exported ONNX graph, on
         the same three image sets as stage_scores."""
-        import onnxruntime as ort
-
-        from models.bundle import ONNX_INPUT, ONNX_SCORE
         from training.calibrate import calibrate_run
         from training.export import export_bundle
         from training.fit import FitSettings, fit_decoder, load_holdout_images, load_run
+        from training.offline_score import score_array
 
         c = self.config
         stage = f"shipped_{name}_{aux}"
@@ -909,9 +914,6 @@ class Lab:
             manifest = export_bundle(
                 load_run(run_dir), run_dir / "bundle", model_name=f"lab-{name}-{aux}", overwrite=True
             )
-            session = ort.InferenceSession(
-                str(run_dir / "bundle" / "detector.onnx"), providers=["CPUExecutionProvider"]
-            )
             # `holdout`: the fit's held-out auxiliary images, where `dede calibrate --holdout` (the
             # paper's setting, no data of the user's own) sets its threshold.
             sets = (
@@ -920,14 +922,8 @@ class Lab:
                 ("clean", clean),
                 ("triggered", triggered),
             )
-            arrays = {}
-            for split, images in sets:
-                arrays[f"dede_shipped/{split}"] = np.concatenate(
-                    [
-                        session.run([ONNX_SCORE], {ONNX_INPUT: images[i : i + 256]})[0]
-                        for i in range(0, len(images), 256)
-                    ]
-                )
+            onnx_path = run_dir / "bundle" / "detector.onnx"
+            arrays = {f"dede_shipped/{split}": score_array(onnx_path, images) for split, images in sets}
             fit = json.loads((run_dir / "run.json").read_text()).get("result")
             return {
                 **save_score_table(self.root, out, arrays),

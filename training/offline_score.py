@@ -42,6 +42,21 @@ def expand_paths(paths: Iterable[str]) -> list[Path]:
     return out
 
 
+def score_array(onnx_path: Path, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Scores of images already at the bundle's input (uint8 NCHW), through its ONNX graph on the
+    CPU, in batches (the graph gives the same score at any batch size)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return np.concatenate(
+        [
+            session.run([ONNX_SCORE], {ONNX_INPUT: images[i : i + batch_size]})[0]
+            for i in range(0, len(images), batch_size)
+        ]
+        or [np.zeros(0, np.float32)]
+    )
+
+
 def score_files(
     bundle: Bundle, files: list[Path], batch_size: int = 64, explain_dir: Path | None = None
 ) -> list[FileScore]:

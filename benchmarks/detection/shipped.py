@@ -38,14 +38,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from benchmarks.provenance import REPO_ROOT, run_record
 from lab.attacks.triggers import make_trigger
 from lab.baselines import baseline_scores
 from lab.evaluate import auprc, auroc, tpr_at_fpr
-from models.bundle import ONNX_INPUT, ONNX_SCORE, InputSpec, prepare_array
+from models.bundle import InputSpec, prepare_array
 from models.detector import PIXEL_SCALE_FACTORS
 from models.encoders import load_encoder
 from models.feature_taps import TappedEncoder
@@ -62,6 +61,7 @@ from training.fit import (
     load_holdout_images,
     load_run,
 )
+from training.offline_score import score_array
 from training.scoring import score_run
 
 TARGET_CLASS = 0
@@ -78,10 +78,7 @@ def _nchw(images_nhwc: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 def _bundle_scores(bundle: Path, images: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(bundle / "detector.onnx"), providers=["CPUExecutionProvider"])
-    return np.concatenate(
-        [session.run([ONNX_SCORE], {ONNX_INPUT: images[i : i + 256]})[0] for i in range(0, len(images), 256)]
-    )
+    return score_array(bundle / "detector.onnx", images)
 
 
 @torch.no_grad()

@@ -56,3 +56,14 @@ def test_the_held_out_auxiliary_threshold_is_read_beside_the_calibration_set() -
     drupe = next(line for line in lines if line.startswith("- drupe:"))
     assert "calibrated_tpr 0.300 at realised FPR 0.000 (goal >= 0.9: MISSED)" in drupe
     assert "at the held-out auxiliary threshold 0.960 at realised FPR 0.011 (met)" in drupe
+
+
+def test_a_shipped_detection_outside_the_suites_detections_is_refused() -> None:
+    import dataclasses
+
+    import pytest
+
+    from lab.suite import SUITES
+
+    with pytest.raises(ValueError, match=r"\('drupe', 'id'\).*not among its detections"):
+        dataclasses.replace(SUITES["smoke"], shipped_detections=(("drupe", "id"),))
